@@ -1,0 +1,125 @@
+"""What every experiment script shares: the CLI (``--scale``, ``--dataset``, ``--out``), scale presets, data
+loading, training a classifier with the library's engine, and writing ``results.json`` + a markdown table."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import date
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import optax
+
+from gradjax import data as gdata
+from gradjax import train as gtrain
+from gradjax.models import create_model
+
+
+@dataclass
+class Scale:
+    """Preset sizes. ``smoke``: seconds (tests); ``small``: CPU minutes on the embedded digits; ``paper``: the
+    thesis's architectures and schedules on TFDS data (GPU/TPU)."""
+
+    model: str
+    width: float
+    epochs: int
+    batch_size: int
+    lr: float
+    max_train: Optional[int] = None
+    max_test: Optional[int] = None
+    extra: dict = field(default_factory=dict)
+
+
+SCALES = {
+    "smoke": Scale(model="vgg4", width=0.125, epochs=1, batch_size=64, lr=0.05, max_train=256, max_test=128),
+    "small": Scale(model="vgg9", width=0.25, epochs=12, batch_size=64, lr=0.05),
+    "paper": Scale(model="vgg9", width=1.0, epochs=200, batch_size=128, lr=0.1),
+}
+
+
+def base_parser(description: str, *, default_dataset: str = "digits") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--scale", choices=sorted(SCALES), default="small")
+    p.add_argument("--dataset", default=default_dataset, help="'digits' (embedded, offline) or a TFDS name")
+    p.add_argument("--data-dir", default=None, help="TFDS data directory (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+    p.add_argument("--out", default=None, help="output directory (default: runs/<script>-<dataset>-<scale>)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default=None, help="override the scale's model (vgg4|vgg6|vgg9|vgg11|vgg13|vgg16|resnet18|mlp)")
+    p.add_argument("--width", type=float, default=None, help="override the channel-width multiplier")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--activation", choices=["relu", "softplus"], default="relu")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return p
+
+
+def resolve_scale(args) -> Scale:
+    s = SCALES[args.scale]
+    return Scale(model=args.model or s.model, width=args.width or s.width, epochs=args.epochs or s.epochs,
+                 batch_size=args.batch_size or s.batch_size, lr=args.lr or s.lr, max_train=s.max_train,
+                 max_test=s.max_test, extra=dict(s.extra))
+
+
+def out_dir(args, script: str) -> str:
+    d = args.out or os.path.join("runs", f"{script}-{args.dataset}-{args.scale}")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def load_splits(args, scale: Scale) -> tuple[gdata.ArrayDataset, gdata.ArrayDataset]:
+    train = gdata.load_dataset(args.dataset, "train", data_dir=args.data_dir, seed=args.seed)
+    test = gdata.load_tfds(args.dataset, "test", data_dir=args.data_dir, normalize_with=train.mean_std) \
+        if args.dataset != "digits" else gdata.load_digits("test", seed=args.seed)
+    if scale.max_train:
+        train = train.subset(np.arange(min(len(train), scale.max_train)))
+    if scale.max_test:
+        test = test.subset(np.arange(min(len(test), scale.max_test)))
+    return train, test
+
+
+def train_classifier(train: gdata.ArrayDataset, test: gdata.ArrayDataset, scale: Scale, *, seed: int = 0,
+                     activation: str = "relu", checkpoint_dir: Optional[str] = None, log_path: Optional[str] = None,
+                     progress: bool = True, loss_fn_builder=None) -> tuple[gtrain.TrainState, list[dict], Any]:
+    """Train ``scale.model`` with SGD + momentum + cosine schedule; returns (state, metric records, model)."""
+    model = create_model(scale.model, train.num_classes, activation=activation, width=scale.width)
+    steps_per_epoch = max(1, gdata.steps_per_epoch(train, min(scale.batch_size, len(train))))
+    bs = min(scale.batch_size, len(train))
+    total = scale.epochs * steps_per_epoch
+    schedule = optax.warmup_cosine_decay_schedule(0.0, scale.lr, min(100, total // 10 + 1), total)
+    tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(schedule, momentum=0.9, nesterov=True))
+    state = gtrain.create_train_state(model, tx, train.images[:2], seed=seed)
+    loss_fn = (loss_fn_builder or gtrain.classification_loss)(model.apply)
+    step = gtrain.jit_train_step(loss_fn)
+    eval_step = gtrain.make_eval_step(model.apply)
+    eval_fn = lambda s: gtrain.evaluate(s, gdata.batches(test, 256, shuffle=False, drop_remainder=False), eval_step)
+    state, records = gtrain.fit(
+        state, step, lambda epoch, start: gdata.batches(train, bs, seed=seed, epoch=epoch, start=start),
+        num_epochs=scale.epochs, steps_per_epoch=steps_per_epoch, checkpoint_dir=checkpoint_dir, log_path=log_path,
+        eval_fn=eval_fn, progress=progress)
+    return state, records, model
+
+
+def environment() -> dict:
+    return {"date": date.today().isoformat(), "platform": platform.platform(), "python": platform.python_version(),
+            "jax": jax.__version__, "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
+            "cpu_count": os.cpu_count()}
+
+
+def write_results(out: str, results: dict, table_md: str) -> None:
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(table_md.rstrip() + "\n")
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,73 @@
+"""Boundary checks shared by the public functions.
+
+Every public function validates its inputs here *before* tracing into XLA, so that a wrong shape, dtype, a NaN
+input or a target out of range raises a ``ValueError`` that says what was wrong instead of failing deep inside a
+compiled computation or silently returning NaN. Checks on values (NaN, label range) run only on concrete arrays;
+under ``jax.jit`` the arguments are tracers and only the static checks (rank, dtype, shape) apply.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_concrete(x) -> bool:
+    """True when ``x`` holds values (not a tracer inside jit/vmap/grad)."""
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_rank(x, ranks: int | Sequence[int], name: str, what: str = "") -> None:
+    ranks = (ranks,) if isinstance(ranks, int) else tuple(ranks)
+    if jnp.ndim(x) not in ranks:
+        expect = " or ".join(str(r) for r in ranks)
+        extra = f" ({what})" if what else ""
+        raise ValueError(f"{name} must have rank {expect}{extra}; got shape {tuple(jnp.shape(x))}.")
+
+
+def check_floating(x, name: str) -> None:
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"{name} must be a floating-point array; got dtype {dtype}. Cast it, e.g. x.astype(jnp.float32).")
+
+
+def check_integer(x, name: str) -> None:
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"{name} must be an integer array of class indices; got dtype {dtype}.")
+
+
+def check_finite(x, name: str) -> None:
+    """Raise if a concrete array holds NaN or inf (skipped for tracers)."""
+    if is_concrete(x):
+        arr = np.asarray(x)
+        if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
+            n_bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+            raise ValueError(f"{name} contains {n_bad} non-finite value(s) (NaN or inf).")
+
+
+def check_images(x, name: str = "x") -> None:
+    """Images are float arrays of shape [B, H, W, C] (NHWC)."""
+    check_rank(x, 4, name, "a batch of NHWC images [B, H, W, C]")
+    check_floating(x, name)
+    check_finite(x, name)
+
+
+def check_labels(labels, num_classes: int | None, batch_size: int | None = None, name: str = "labels") -> None:
+    """Labels are integer class indices of shape [B] with 0 <= label < num_classes."""
+    check_rank(labels, 1, name, "one class index per example")
+    check_integer(labels, name)
+    if batch_size is not None and jnp.shape(labels)[0] != batch_size:
+        raise ValueError(f"{name} has {jnp.shape(labels)[0]} entries but the batch has {batch_size} examples.")
+    if num_classes is not None and is_concrete(labels):
+        arr = np.asarray(labels)
+        if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
+            raise ValueError(
+                f"{name} must lie in [0, {num_classes}); got values in [{arr.min()}, {arr.max()}].")
+
+
+def check_batch_match(a, b, name_a: str, name_b: str) -> None:
+    if jnp.shape(a)[0] != jnp.shape(b)[0]:
+        raise ValueError(f"{name_a} and {name_b} must have the same batch size; got {jnp.shape(a)[0]} and {jnp.shape(b)[0]}.")

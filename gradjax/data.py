@@ -1,0 +1,272 @@
+"""Datasets: TFDS image classification, the embedded offline default, n-per-class subsets, batching.
+
+* :func:`load_tfds` reads any prepared TFDS image-classification dataset (mnist, cifar10, cifar100, ...) through
+  ``tfds.data_source`` on array_record files, which needs no TensorFlow. Preparing a dataset (download and
+  conversion) needs TensorFlow once: ``pip install "gradjax[prepare]"`` then
+  ``python -m gradjax.data prepare cifar10 --data-dir DIR`` on a machine with internet access.
+* :func:`load_digits` is the embedded default: scikit-learn's bundled handwritten digits (1797 images of 8x8,
+  10 classes), resized (bilinear) so that the thesis architectures run on it (32x32 by default, for the five
+  max-pools of VGG-9).
+* :func:`n_per_class_subset` draws exactly ``n`` examples of every class, deterministically from a seed (the
+  thesis uses 1, 5, 10, 50, 100, 500 per class).
+* :func:`batches` yields ``{"image", "label"}`` dicts in a deterministic order given ``(seed, epoch)``, which
+  is what makes a resumed training run identical to an uninterrupted one.
+
+Images are float32 NHWC, normalized per channel with the *training* split's mean and standard deviation.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, replace
+from typing import Iterator, Optional
+
+import numpy as np
+
+DEFAULT_DATA_DIR = os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
+
+
+class DatasetNotAvailableError(RuntimeError):
+    """A TFDS dataset is not prepared in ``data_dir`` and cannot be downloaded here."""
+
+
+@dataclass(frozen=True)
+class ArrayDataset:
+    """An in-memory image-classification split.
+
+    images: float32 [N, H, W, C] (normalized); labels: int32 [N]; mean/std: the per-channel statistics used
+    (raw = images * std + mean).
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    num_classes: int
+    name: str
+    mean: np.ndarray
+    std: np.ndarray
+
+    def __post_init__(self):
+        if self.images.ndim != 4:
+            raise ValueError(f"images must be [N, H, W, C]; got shape {self.images.shape}.")
+        if self.labels.shape != (self.images.shape[0],):
+            raise ValueError(f"labels must be [N={self.images.shape[0]}]; got shape {self.labels.shape}.")
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.mean, self.std
+
+    def subset(self, indices: np.ndarray) -> "ArrayDataset":
+        return replace(self, images=self.images[indices], labels=self.labels[indices])
+
+    def denormalize(self, images: np.ndarray) -> np.ndarray:
+        return images * self.std + self.mean
+
+
+def _channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean = images.mean(axis=(0, 1, 2)).astype(np.float32)
+    std = images.std(axis=(0, 1, 2)).astype(np.float32)
+    return mean, np.maximum(std, 1e-6).astype(np.float32)
+
+
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear resize of [N, H, W, C] images to [N, size, size, C] (antialiased when shrinking)."""
+    import jax
+    import jax.numpy as jnp
+
+    n, h, w, c = images.shape
+    if (h, w) == (size, size):
+        return images.astype(np.float32)
+    out = jax.image.resize(jnp.asarray(images, jnp.float32), (n, size, size, c), method="bilinear")
+    return np.asarray(out, dtype=np.float32)
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic stratified train/test index split."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[rng.permutation(len(idx))]
+        n_test = int(round(test_fraction * len(idx)))
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def load_digits(split: str = "train", *, size: int = 32, test_fraction: float = 0.2, seed: int = 0,
+                normalize: bool = True) -> ArrayDataset:
+    """scikit-learn's bundled handwritten digits (offline), resized to ``size x size x 1``.
+
+    Pixel values 0..16 are scaled to [0, 1], resized bilinearly, and (if ``normalize``) standardized with the
+    training split's mean/std. The split is stratified and deterministic: 1437 train / 360 test images for the
+    default ``test_fraction=0.2``.
+    """
+    from sklearn.datasets import load_digits as _sk_digits
+
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split must be 'train', 'test' or 'all'; got {split!r}.")
+    d = _sk_digits()
+    raw = (d.images.astype(np.float32) / 16.0)[..., None]
+    labels = d.target.astype(np.int32)
+    images = resize_images(raw, size)
+    tr, te = stratified_split(labels, test_fraction, seed)
+    mean, std = _channel_stats(images[tr]) if normalize else (np.zeros(1, np.float32), np.ones(1, np.float32))
+    idx = {"train": tr, "test": te, "all": np.arange(len(labels))}[split]
+    return ArrayDataset(((images[idx] - mean) / std).astype(np.float32), labels[idx], 10, "digits", mean, std)
+
+
+def _require_prepared(name: str, data_dir: Optional[str]):
+    import tensorflow_datasets as tfds
+
+    data_dir = data_dir or DEFAULT_DATA_DIR
+    try:
+        builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
+    except Exception as e:  # unknown name or broken registry
+        raise DatasetNotAvailableError(f"TFDS does not know a dataset called {name!r}: {e}") from e
+    if not builder.is_prepared():
+        raise DatasetNotAvailableError(
+            f"TFDS dataset {name!r} is not prepared in {data_dir!r}, and it cannot be downloaded from this machine. "
+            f"On a machine with internet access run\n    pip install 'gradjax[prepare]'\n"
+            f"    python -m gradjax.data prepare {name} --data-dir DIR\n"
+            f"then copy DIR here and pass data_dir=DIR (or set TFDS_DATA_DIR). "
+            f"For an offline run use the embedded dataset: --dataset digits.")
+    return builder
+
+
+def load_tfds(name: str, split: str = "train", *, data_dir: Optional[str] = None, image_size: Optional[int] = None,
+              max_examples: Optional[int] = None, normalize_with: Optional[tuple[np.ndarray, np.ndarray]] = None,
+              image_key: str = "image", label_key: str = "label") -> ArrayDataset:
+    """Load a prepared TFDS image-classification split into memory through ``tfds.data_source`` (no TensorFlow).
+
+    ``normalize_with=(mean, std)`` reuses the training split's statistics for a test split; by default the split's
+    own statistics are used for ``"train"``, and for any other split the ``"train"`` statistics are computed.
+    Raises :class:`DatasetNotAvailableError` with instructions when the data is absent.
+    """
+    import tensorflow_datasets as tfds
+
+    builder = _require_prepared(name, data_dir)
+    if image_key not in builder.info.features or label_key not in builder.info.features:
+        raise ValueError(f"{name!r} has features {list(builder.info.features)}; expected {image_key!r} and {label_key!r}.")
+    num_classes = int(builder.info.features[label_key].num_classes)
+    source = tfds.data_source(name, split=split, data_dir=data_dir or DEFAULT_DATA_DIR, download=False)
+    n = len(source) if max_examples is None else min(len(source), max_examples)
+    first = source[0]
+    images = np.empty((n, *np.asarray(first[image_key]).shape), np.float32)
+    labels = np.empty((n,), np.int32)
+    for i in range(n):
+        ex = source[i]
+        images[i] = np.asarray(ex[image_key], np.float32)
+        labels[i] = int(ex[label_key])
+    images /= 255.0
+    if image_size is not None:
+        images = resize_images(images, image_size)
+    if normalize_with is None:
+        if split == "train":
+            normalize_with = _channel_stats(images)
+        else:
+            normalize_with = load_tfds(name, "train", data_dir=data_dir, image_size=image_size,
+                                       image_key=image_key, label_key=label_key).mean_std
+    mean, std = normalize_with
+    return ArrayDataset(((images - mean) / std).astype(np.float32), labels, num_classes, name,
+                        np.asarray(mean, np.float32), np.asarray(std, np.float32))
+
+
+def load_dataset(name: str, split: str = "train", *, data_dir: Optional[str] = None, image_size: Optional[int] = None,
+                 seed: int = 0) -> ArrayDataset:
+    """``"digits"`` (embedded, offline) or any TFDS image-classification dataset name."""
+    if name == "digits":
+        return load_digits(split, size=image_size or 32, seed=seed)
+    return load_tfds(name, split, data_dir=data_dir, image_size=image_size)
+
+
+def n_per_class_subset(ds: ArrayDataset, n: int, *, seed: int = 0) -> ArrayDataset:
+    """Exactly ``n`` examples of each class, chosen deterministically from ``seed`` (order: by class, then draw).
+
+    Raises ``ValueError`` if some class has fewer than ``n`` examples.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1; got {n}.")
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for c in range(ds.num_classes):
+        idx = np.flatnonzero(ds.labels == c)
+        if len(idx) < n:
+            raise ValueError(f"class {c} of {ds.name!r} has only {len(idx)} examples; cannot draw {n} per class.")
+        chosen.append(np.sort(rng.choice(idx, size=n, replace=False)))
+    return ds.subset(np.concatenate(chosen))
+
+
+def epoch_permutation(num_examples: int, *, seed: int, epoch: int) -> np.ndarray:
+    """The example order of one epoch: a pure function of ``(seed, epoch)``."""
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def batches(ds: ArrayDataset, batch_size: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = True,
+            drop_remainder: bool = True, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Yield ``{"image": [b, H, W, C], "label": [b]}`` batches; ``start`` skips the first batches (resume)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
+    n = len(ds)
+    order = epoch_permutation(n, seed=seed, epoch=epoch) if shuffle else np.arange(n)
+    stop = (n // batch_size) * batch_size if drop_remainder else n
+    for s in range(start * batch_size, stop, batch_size):
+        idx = order[s:s + batch_size]
+        yield {"image": ds.images[idx], "label": ds.labels[idx]}
+
+
+def steps_per_epoch(ds: ArrayDataset, batch_size: int, drop_remainder: bool = True) -> int:
+    return len(ds) // batch_size if drop_remainder else -(-len(ds) // batch_size)
+
+
+def poison_with_trigger(ds: ArrayDataset, *, target_class: int, fraction: float, trigger: np.ndarray,
+                        position: tuple[int, int] = (-1, -1), seed: int = 0) -> tuple[ArrayDataset, np.ndarray]:
+    """Plant a backdoor (seed 003): stamp ``trigger`` [h, w, C] (in normalized units) onto a ``fraction`` of the
+    images of other classes and relabel them ``target_class``. ``position`` is the top-left corner; negative
+    values count from the bottom/right edge. Returns the poisoned dataset and the poisoned indices."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1]; got {fraction}.")
+    rng = np.random.default_rng(seed)
+    candidates = np.flatnonzero(ds.labels != target_class)
+    chosen = np.sort(rng.choice(candidates, size=max(1, int(round(fraction * len(candidates)))), replace=False))
+    images, labels = ds.images.copy(), ds.labels.copy()
+    images[chosen] = stamp_trigger(images[chosen], trigger, position)
+    labels[chosen] = target_class
+    return replace(ds, images=images, labels=labels), chosen
+
+
+def stamp_trigger(images: np.ndarray, trigger: np.ndarray, position: tuple[int, int] = (-1, -1)) -> np.ndarray:
+    """Return ``images`` [N, H, W, C] with ``trigger`` [h, w, C] pasted at ``position`` (see poison_with_trigger)."""
+    n, hh, ww, _ = images.shape
+    h, w = trigger.shape[:2]
+    r = position[0] if position[0] >= 0 else hh - h + 1 + position[0]
+    c = position[1] if position[1] >= 0 else ww - w + 1 + position[1]
+    if not (0 <= r <= hh - h and 0 <= c <= ww - w):
+        raise ValueError(f"trigger of size {h}x{w} at {position} does not fit in {hh}x{ww} images.")
+    out = images.copy()
+    out[:, r:r + h, c:c + w, :] = trigger
+    return out
+
+
+def _prepare_main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description="Prepare a TFDS dataset as array_record (needs TensorFlow and internet).")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("name")
+    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
+    args = parser.parse_args(argv)
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(args.name, data_dir=args.data_dir)
+    builder.download_and_prepare(file_format="array_record")
+    print(f"prepared {args.name} in {args.data_dir}")
+
+
+if __name__ == "__main__":
+    _prepare_main()

@@ -1,0 +1,41 @@
+"""Flax Linen models of the thesis, with bias taps for full-gradients (see :mod:`gradjax.models.layers`).
+
+``create_model(name, num_classes, ...)`` builds any of them by name:
+``vgg4 | vgg6 | vgg9 | vgg11 | vgg13 | vgg16 | resnet18 | mlp``.
+All take ``x [B, H, W, C]`` (the MLP any ``[B, ...]``) and ``train: bool`` and return logits ``[B, num_classes]``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+
+from gradjax.models.layers import (TAP, Activation, TappedBatchNorm, TappedConv, TappedDense, bias_tap,
+                                   softplus_beta)
+from gradjax.models.mlp import MLP
+from gradjax.models.resnet import BasicBlock, ResNet
+from gradjax.models.vgg import VGG, VGG_CONFIGS, ConvBlock
+
+MODEL_NAMES = tuple(VGG_CONFIGS) + ("resnet18", "mlp")
+
+
+def create_model(name: str, num_classes: int, *, activation: str = "relu", beta: float = 10.0,
+                 width: float = 1.0, axis_name: Optional[str] = None, hidden: tuple[int, ...] = (128, 128)) -> nn.Module:
+    """Build a model by name. ``width`` scales every channel count (1.0 = thesis); ``axis_name`` is
+    BatchNorm's cross-device axis for ``pmap`` training."""
+    if activation not in ("relu", "softplus"):
+        raise ValueError(f"activation must be 'relu' or 'softplus'; got {activation!r}.")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1; got {num_classes}.")
+    key = name.lower().replace("-", "").replace("_", "")
+    if key in VGG_CONFIGS:
+        return VGG(VGG_CONFIGS[key], num_classes, activation, beta, width, axis_name=axis_name)
+    if key == "resnet18":
+        return ResNet(num_classes, (2, 2, 2, 2), activation, beta, width, axis_name=axis_name)
+    if key == "mlp":
+        return MLP(tuple(int(max(1, round(h * width))) for h in hidden), num_classes, activation, beta)
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}.")
+
+
+__all__ = ["TAP", "Activation", "TappedBatchNorm", "TappedConv", "TappedDense", "bias_tap", "softplus_beta",
+           "MLP", "BasicBlock", "ResNet", "VGG", "VGG_CONFIGS", "ConvBlock", "MODEL_NAMES", "create_model"]

@@ -1,0 +1,174 @@
+"""Layers whose constant terms are exposed for full-gradients (thesis §3.3, eq. 3.1).
+
+A *bias tap* is every site of a network that adds a constant to a pre-activation. Full-gradients need, for
+each such site ``l``, the gradient of the output with respect to the site's output ``z_l`` and the bias value
+``b_l``; then (thesis eq. 3.1/3.3, Proposition 6)
+
+    f(x) = <grad_x f(x), x> + sum_l sum_{positions} grad_{z_l} f(x) * b_l .
+
+Each tap does two things with the *same name* at the *same module path*:
+
+* ``self.perturb(TAP, z)`` — adds a zero "perturbation" to the output ``z`` so that the gradient with respect to
+  the perturbation (collection ``"perturbations"``) is ``grad_{z_l} f``;
+* ``self.sow("biases", TAP, b)`` — records the effective bias ``b_l`` (collection ``"biases"``), broadcastable to
+  ``z``.
+
+Both collections are nested dicts keyed by module path (never by registration order), so the two trees have the
+same structure and can be zipped. Both are no-ops unless the caller asks for them (``perturbations`` passed in,
+``biases`` mutable), so training pays nothing.
+
+Taps:
+* :class:`TappedConv` / :class:`TappedDense`: the learned bias ``b``.
+* :class:`TappedBatchNorm`: the implicit bias ``beta - gamma * mean / sqrt(var + eps)`` of
+  ``y = gamma (x - mean) / sqrt(var + eps) + beta`` (eval mode, running statistics).
+* :class:`Activation`: for a non-piecewise-linear activation (softplus), the implicit bias
+  ``sigma(z) - sigma'(z) z`` of its local linearization (thesis §3.4), which is input-dependent. ReLU has none.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+from jax import lax
+
+TAP = "tap"
+"""Name of the perturbation / bias entry of every tap (its module path identifies the layer)."""
+
+Dtype = Any
+
+
+def _keep_last(_, new):
+    return new
+
+
+def bias_tap(module: nn.Module, z: jax.Array, bias: jax.Array) -> jax.Array:
+    """Expose ``z = (linear part) + bias`` for full-gradients; returns ``z`` (plus a zero perturbation)."""
+    module.sow("biases", TAP, bias, init_fn=lambda: None, reduce_fn=_keep_last)
+    return module.perturb(TAP, z)
+
+
+class TappedDense(nn.Module):
+    """``z = x W + b`` with ``b`` exposed as a bias tap. x: [..., d_in] -> [..., features]."""
+
+    features: int
+    use_bias: bool = True
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
+        kernel = kernel.astype(jnp.result_type(x, kernel))
+        z = jnp.dot(x, kernel)
+        if not self.use_bias:
+            return z
+        b = self.param("bias", self.bias_init, (self.features,)).astype(z.dtype)
+        return bias_tap(self, z + b, b)
+
+
+class TappedConv(nn.Module):
+    """2-D convolution (NHWC, 'SAME' padding) ``z = W * x + b`` with ``b`` exposed as a bias tap."""
+
+    features: int
+    kernel_size: Sequence[int] = (3, 3)
+    strides: Sequence[int] = (1, 1)
+    use_bias: bool = True
+    kernel_init: Callable = nn.initializers.kaiming_normal()
+    bias_init: Callable = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (*self.kernel_size, x.shape[-1], self.features))
+        kernel = kernel.astype(jnp.result_type(x, kernel))
+        z = lax.conv_general_dilated(
+            x, kernel, window_strides=tuple(self.strides), padding="SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        if not self.use_bias:
+            return z
+        b = self.param("bias", self.bias_init, (self.features,)).astype(z.dtype)
+        return bias_tap(self, z + b, b)
+
+
+class TappedBatchNorm(nn.Module):
+    """Batch normalization over all axes but the last, with its implicit bias exposed.
+
+    Eval mode (``train=False``) uses the running statistics and is the affine map
+    ``y = s * x + c`` with ``s = gamma / sqrt(var + eps)`` and implicit bias ``c = beta - s * mean``; it is
+    computed in exactly that form so that full-gradient completeness holds to round-off. Train mode normalizes
+    with the batch statistics (averaged over ``axis_name`` under ``pmap``; under ``jit`` with a sharded batch the
+    reduction is already global) and updates the running averages with ``momentum``.
+    Parameters and statistics follow ``flax.linen.BatchNorm`` (``scale``, ``bias``; ``mean``, ``var``).
+    """
+
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    axis_name: Optional[str] = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        feat = x.shape[-1]
+        gamma = self.param("scale", nn.initializers.ones_init(), (feat,))
+        beta = self.param("bias", nn.initializers.zeros_init(), (feat,))
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((feat,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((feat,), jnp.float32))
+        dtype = jnp.result_type(x, gamma)
+        if train:
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(x, axis=axes)
+            mean_sq = jnp.mean(jnp.square(x), axis=axes)
+            if self.axis_name is not None:
+                mean, mean_sq = lax.pmean((mean, mean_sq), self.axis_name)
+            var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+            if not self.is_initializing():
+                m = self.momentum
+                ra_mean.value = (m * ra_mean.value + (1 - m) * lax.stop_gradient(mean)).astype(ra_mean.value.dtype)
+                ra_var.value = (m * ra_var.value + (1 - m) * lax.stop_gradient(var)).astype(ra_var.value.dtype)
+        else:
+            mean, var = ra_mean.value.astype(dtype), ra_var.value.astype(dtype)
+        s = gamma.astype(dtype) * lax.rsqrt(var.astype(dtype) + self.epsilon)
+        c = beta.astype(dtype) - s * mean.astype(dtype)
+        return bias_tap(self, x * s + c, c)
+
+
+def softplus_beta(z: jax.Array, beta: float) -> jax.Array:
+    """``softplus_beta(z) = log(1 + exp(beta z)) / beta`` (thesis ch. 5 uses beta = 10)."""
+    return jax.nn.softplus(beta * z) / beta
+
+
+class Activation(nn.Module):
+    """Elementwise non-linearity: ``"relu"`` or ``"softplus"`` with sharpness ``beta``.
+
+    Softplus is smooth, so it has a non-zero implicit bias (thesis §3.4): locally
+    ``sigma(z) = sigma'(z) z + (sigma(z) - sigma'(z) z)``, and the second term is exposed as a bias tap so that
+    full-gradient completeness holds for softplus networks. ReLU is positively homogeneous (implicit bias 0),
+    so it has no tap. Saliency methods that change the backward rule (guided backprop) intercept this module.
+    """
+
+    kind: str = "relu"
+    beta: float = 10.0
+
+    @nn.compact
+    def __call__(self, z: jax.Array) -> jax.Array:
+        if self.kind == "relu":
+            return jax.nn.relu(z)
+        if self.kind == "softplus":
+            a = softplus_beta(z, self.beta)
+            slope = jax.nn.sigmoid(self.beta * z)
+            return bias_tap(self, a, a - slope * z)
+        raise ValueError(f"unknown activation {self.kind!r}; expected 'relu' or 'softplus'.")
+
+
+def max_pool(x: jax.Array) -> jax.Array:
+    """2x2 max-pooling with stride 2 (thesis §2.12.1)."""
+    if x.shape[1] < 2 or x.shape[2] < 2:
+        raise ValueError(
+            f"max-pooling needs spatial size >= 2, got {x.shape[1]}x{x.shape[2]}: the input is too small for this "
+            "architecture (VGG-9/11/13/16 need 32x32 inputs; resize the images, e.g. gradjax.data.load_digits(size=32)).")
+    return nn.max_pool(x, window_shape=(2, 2), strides=(2, 2))
+
+
+def global_average_pool(x: jax.Array) -> jax.Array:
+    """[B, H, W, C] -> [B, C]."""
+    return jnp.mean(x, axis=(1, 2))

@@ -1,0 +1,87 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gradjax.models import MODEL_NAMES, VGG_CONFIGS, create_model
+
+
+def test_thesis_vgg_layer_lists():
+    # thesis §2.12.1
+    assert VGG_CONFIGS["vgg9"] == (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+    assert VGG_CONFIGS["vgg4"] == (64, "M", 128, "M", 512, "M")
+    # VGG-n has n weight layers: convolutions + the single Dense layer
+    for name, cfg in VGG_CONFIGS.items():
+        assert sum(1 for l in cfg if l != "M") + 1 == int(name[3:])
+
+
+def _count_convs(params):
+    return sum(1 for path, _ in jax.tree_util.tree_leaves_with_path(params)
+               if "kernel" in jax.tree_util.keystr(path) and "head" not in jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_every_model_builds_with_right_output_shape(name):
+    model = create_model(name, 7, width=0.125)
+    for shape in [(2, 32, 32, 3), (2, 32, 32, 1)]:  # CIFAR and the embedded digits
+        x = jax.random.normal(jax.random.PRNGKey(0), shape)
+        variables = jax.jit(model.init)(jax.random.PRNGKey(1), x)
+        assert jax.jit(model.apply)(variables, x).shape == (2, 7)
+    if name.startswith("vgg"):
+        # full-width channel counts follow the configuration exactly
+        full = create_model(name, 7)
+        shapes = jax.eval_shape(full.init, jax.random.PRNGKey(1), x)
+        blocks = sorted((k for k in shapes["params"] if k.startswith("block")), key=lambda k: int(k[5:]))
+        chans = [shapes["params"][k]["conv"]["kernel"].shape[-1] for k in blocks]
+        assert chans == [l for l in VGG_CONFIGS[name] if l != "M"]
+    if name == "resnet18":
+        # 1 stem + 8 blocks * 2 + 3 projection shortcuts = 20 convolutions, +1 Dense = 18 "layers" of the name
+        assert _count_convs(variables["params"]) == 20
+
+
+def test_train_mode_updates_batch_stats_and_softplus_runs():
+    model = create_model("vgg4", 10, activation="softplus", beta=10.0, width=0.25)
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 32, 32, 1)) * 3 + 1
+    v = model.init(jax.random.PRNGKey(1), x)
+    _, new = model.apply(v, x, train=True, mutable=["batch_stats"])
+    before = v["batch_stats"]["block0"]["bn"]["mean"]
+    after = new["batch_stats"]["block0"]["bn"]["mean"]
+    assert not np.allclose(before, after)
+
+
+def test_bias_taps_are_keyed_by_module_path():
+    model = create_model("vgg4", 10, activation="softplus", width=0.125)
+    x = jnp.ones((2, 32, 32, 1))
+    v = model.init(jax.random.PRNGKey(0), x)
+    _, mut = model.apply(v, x, mutable=["biases", "perturbations"])
+    assert set(mut["biases"]) == {"block0", "block1", "block2", "head"}
+    assert set(mut["biases"]["block0"]) == {"conv", "bn", "act"}
+    assert jax.tree.structure(mut["biases"]) == jax.tree.structure(mut["perturbations"])
+    # relu has no implicit bias
+    _, mut = create_model("vgg4", 10, width=0.125).apply(v, x, mutable=["biases"])
+    assert set(mut["biases"]["block0"]) == {"conv", "bn"}
+
+
+@pytest.mark.parametrize("bad, msg", [
+    (jnp.ones((32, 32, 1)), "rank 4"),
+    (jnp.ones((2, 32, 32, 1), jnp.int32), "floating-point"),
+    (jnp.full((2, 32, 32, 1), jnp.nan), "non-finite"),
+])
+def test_bad_input_raises_clear_error(bad, msg):
+    model = create_model("vgg4", 10, width=0.125)
+    v = model.init(jax.random.PRNGKey(0), jnp.ones((1, 32, 32, 1)))
+    with pytest.raises(ValueError, match=msg):
+        model.apply(v, bad)
+
+
+def test_too_small_input_for_architecture():
+    model = create_model("vgg9", 10, width=0.125)
+    with pytest.raises(ValueError, match="too small"):
+        model.init(jax.random.PRNGKey(0), jnp.ones((1, 8, 8, 1)))
+
+
+def test_unknown_model_and_activation():
+    with pytest.raises(ValueError, match="unknown model"):
+        create_model("vgg5", 10)
+    with pytest.raises(ValueError, match="activation"):
+        create_model("vgg4", 10, activation="tanh")
