@@ -151,11 +151,17 @@ def load_tfds(name: str, split: str = "train", *, data_dir: Optional[str] = None
     """
     import tensorflow_datasets as tfds
 
-    builder = _require_prepared(name, data_dir)
+    data_dir = data_dir or DEFAULT_DATA_DIR
+    try:
+        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except Exception as e:
+        _require_prepared(name, data_dir)  # raises the actionable DatasetNotAvailableError if not prepared
+        raise RuntimeError(f"could not read TFDS dataset {name!r} split {split!r} from {data_dir!r} with "
+                           f"tfds.data_source (it must be prepared with file_format='array_record'): {e}") from e
+    builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
     if image_key not in builder.info.features or label_key not in builder.info.features:
         raise ValueError(f"{name!r} has features {list(builder.info.features)}; expected {image_key!r} and {label_key!r}.")
     num_classes = int(builder.info.features[label_key].num_classes)
-    source = tfds.data_source(name, split=split, data_dir=data_dir or DEFAULT_DATA_DIR, download=False)
     n = len(source) if max_examples is None else min(len(source), max_examples)
     first = source[0]
     images = np.empty((n, *np.asarray(first[image_key]).shape), np.float32)

@@ -243,8 +243,10 @@ def sharded_train_step(loss_fn: LossFn, mesh: Mesh, *, axis: str = "data", num_c
 
 def replicate(tree: PyTree, devices=None) -> PyTree:
     """Copy a pytree to every local device (leading device axis), for ``pmap``."""
-    devices = devices or jax.local_devices()
-    return jax.device_put_replicated(tree, devices)
+    devices = list(devices or jax.local_devices())
+    stack = lambda x: jnp.broadcast_to(jnp.asarray(x), (len(devices),) + jnp.shape(x))
+    # (jax.device_put_replicated is deprecated since JAX 0.8: stack, then let an identity pmap place the copies)
+    return jax.pmap(lambda t: t, devices=devices)(jax.tree.map(stack, tree))
 
 
 def unreplicate(tree: PyTree) -> PyTree:

@@ -44,7 +44,12 @@ def _keep_last(_, new):
 
 
 def bias_tap(module: nn.Module, z: jax.Array, bias: jax.Array) -> jax.Array:
-    """Expose ``z = (linear part) + bias`` for full-gradients; returns ``z`` (plus a zero perturbation)."""
+    """Expose ``z = (linear part) + bias`` for full-gradients; returns ``z`` (plus a zero perturbation).
+
+    Skipped while the model is initializing, so ``model.init`` returns only ``params`` (and ``batch_stats``).
+    """
+    if module.is_initializing():
+        return z
     module.sow("biases", TAP, bias, init_fn=lambda: None, reduce_fn=_keep_last)
     return module.perturb(TAP, z)
 
