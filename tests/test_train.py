@@ -12,11 +12,26 @@ from gradjax.models import create_model
 N_DEV = 8
 
 
+_CACHE = {}
+
+
 def _setup(axis_name=None, width=0.125):
-    model = create_model("vgg4", 10, width=width, axis_name=axis_name)
-    tx = optax.sgd(0.1, momentum=0.9)
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 1))
-    return model, gtrain.create_train_state(model, tx, x, seed=0)
+    """Model and initial state, built once per configuration (states are immutable; steps below don't donate),
+    so that compiled functions are reused across tests: compilation dominates this file's time."""
+    key = (axis_name, width)
+    if key not in _CACHE:
+        model = create_model("vgg4", 10, width=width, axis_name=axis_name)
+        tx = optax.sgd(0.1, momentum=0.9)
+        x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 1))
+        _CACHE[key] = (model, gtrain.create_train_state(model, tx, x, seed=0))
+    return _CACHE[key]
+
+
+def _step():
+    if "step" not in _CACHE:
+        model, _ = _setup()
+        _CACHE["step"] = gtrain.jit_train_step(gtrain.classification_loss(model.apply), num_classes=10, donate=False)
+    return _CACHE["step"]
 
 
 def _batches(n_steps, bs=16):
@@ -34,7 +49,7 @@ def _assert_trees_close(a, b, atol=2e-5, rtol=2e-4):
 def reference():
     assert jax.device_count() >= N_DEV, "conftest should give 8 fake CPU devices"
     model, state = _setup()
-    step = gtrain.jit_train_step(gtrain.classification_loss(model.apply), donate=False)
+    step = _step()
     for b in _batches(3):
         state, _ = step(state, b)
     return state
@@ -43,7 +58,7 @@ def reference():
 def test_pmap_step_equals_single_device(reference):
     model, state = _setup(axis_name="batch")
     step = gtrain.pmap_train_step(gtrain.classification_loss(model.apply), axis_name="batch", num_classes=10,
-                                  devices=jax.devices()[:N_DEV])
+                                  devices=jax.devices()[:N_DEV], donate=False)
     state = gtrain.replicate(state, jax.devices()[:N_DEV])
     for b in _batches(3):
         state, metrics = step(state, gtrain.shard_batch(b, N_DEV))
@@ -58,7 +73,7 @@ def test_pmap_step_equals_single_device(reference):
 def test_sharded_step_equals_single_device(reference):
     model, state = _setup()
     mesh = gtrain.data_mesh(jax.devices()[:N_DEV])
-    step = gtrain.sharded_train_step(gtrain.classification_loss(model.apply), mesh, num_classes=10)
+    step = gtrain.sharded_train_step(gtrain.classification_loss(model.apply), mesh, num_classes=10, donate=False)
     state = gtrain.put_replicated(state, mesh)
     for b in _batches(3):
         state, _ = step(state, gtrain.put_sharded(b, mesh))
@@ -70,13 +85,13 @@ def test_sharded_step_equals_single_device(reference):
 def test_single_device_pmap_and_mesh_also_work():
     """Colab's TPU runtime is one chip: both data-parallel forms must run on a single device."""
     model, state = _setup(axis_name="batch")
-    step = gtrain.pmap_train_step(gtrain.classification_loss(model.apply), devices=jax.devices()[:1])
+    step = gtrain.pmap_train_step(gtrain.classification_loss(model.apply), devices=jax.devices()[:1], donate=False)
     st = gtrain.replicate(state, jax.devices()[:1])
     st, m = step(st, gtrain.shard_batch(_batches(1)[0], 1))
     assert int(gtrain.unreplicate(st).step) == 1
     model, state = _setup()
     mesh = gtrain.data_mesh(jax.devices()[:1])
-    st, m = gtrain.sharded_train_step(gtrain.classification_loss(model.apply), mesh)(state, _batches(1)[0])
+    st, m = gtrain.sharded_train_step(gtrain.classification_loss(model.apply), mesh, donate=False)(state, _batches(1)[0])
     assert int(st.step) == 1
 
 
@@ -86,7 +101,7 @@ def _digits_subset():
 
 
 def _run_fit(state, model, ds, ckpt_dir=None, max_steps=None, num_epochs=2):
-    step = gtrain.jit_train_step(gtrain.classification_loss(model.apply), num_classes=10)
+    step = _step()
     return gtrain.fit(state, step, lambda e, s: gdata.batches(ds, 32, seed=5, epoch=e, start=s),
                       num_epochs=num_epochs, steps_per_epoch=3, checkpoint_dir=ckpt_dir, checkpoint_every=1,
                       max_steps=max_steps, progress=False, log_every=2)
@@ -113,16 +128,15 @@ def test_divergence_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
     good = _batches(4)
     bad = dict(good[2], image=np.full_like(good[2]["image"], np.nan))
     stream = [good[0], good[1], bad, good[3]]
-    step = gtrain.jit_train_step(gtrain.classification_loss(model.apply), num_classes=10, donate=False)
+    step = _step()
     ckpt = str(tmp_path / "ckpt")
     with pytest.raises(gtrain.TrainingDivergedError, match="non-finite"):
         gtrain.fit(state, step, lambda e, s: iter(stream[s:]), num_epochs=1, steps_per_epoch=4,
                    checkpoint_dir=ckpt, log_every=4, progress=False)
     # reference: the two good steps only
     ref = state
-    ref_step = gtrain.jit_train_step(gtrain.classification_loss(model.apply), donate=False)
     for b in good[:2]:
-        ref, _ = ref_step(ref, b)
+        ref, _ = step(ref, b)
     mgr = gtrain.Checkpointer(ckpt)
     assert mgr.latest_step() == 2
     restored = mgr.restore(state)
@@ -134,7 +148,7 @@ def test_divergence_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
 def test_metrics_jsonl_and_eval(tmp_path):
     ds = _digits_subset()
     model, state = _setup()
-    step = gtrain.jit_train_step(gtrain.classification_loss(model.apply), num_classes=10)
+    step = _step()
     log = tmp_path / "m.jsonl"
     state, records = gtrain.fit(state, step, lambda e, s: gdata.batches(ds, 32, epoch=e, start=s), num_epochs=1,
                                 steps_per_epoch=3, log_path=str(log), log_every=1, progress=False,
@@ -154,7 +168,8 @@ def test_metrics_jsonl_and_eval(tmp_path):
 ])
 def test_bad_batches_raise_clear_errors(batch, msg):
     model, state = _setup()
-    step = gtrain.jit_train_step(gtrain.classification_loss(model.apply), num_classes=10)
+    # a fresh step: validation runs (and fails) on the host before anything is compiled
+    step = gtrain.jit_train_step(gtrain.classification_loss(model.apply), num_classes=10, donate=False)
     with pytest.raises(ValueError, match=msg):
         step(state, batch)
 
