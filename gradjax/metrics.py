@@ -1,0 +1,567 @@
+"""Saliency evaluation (thesis §3.5, §3.10, §5.5.2): pixel perturbation, remove-and-retrain (ROAR), digit flipping
+and the model-randomization sanity check.
+
+Conventions: images ``x`` are ``[B, H, W, C]``; saliency maps are ``[B, H, W]`` (one score per pixel, as
+returned by every method of :mod:`gradjax.saliency`); a *pixel* is a spatial location with all its channels.
+``logits_fn`` is a plain ``logits_fn(x) -> [B, K]`` callable (or a :class:`gradjax.saliency.ModelHandle`).
+The masking and scoring functions are pure and jittable (the removal ``fraction`` may be a traced scalar); the
+experiment drivers (:func:`roar`, :func:`sanity_check`) are plain Python loops around them.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from gradjax import _validation as V
+from gradjax.gradients import PREDICTED, resolve_target, select
+from gradjax.saliency import ModelHandle, _logits_fn
+
+Array = jax.Array
+Fill = Union[str, float, Array]
+
+__all__ = [
+    "FILLS", "OUTPUTS", "removal_mask", "remove_pixels", "random_saliency_like",
+    "PerturbationCurve", "perturbation_scores", "pixel_perturbation",
+    "RoarResult", "roar", "roar_random_baseline",
+    "DigitFlipResult", "digit_flip", "digit_flip_with_method",
+    "module_order", "cascading_randomization", "rank_correlation", "ssim", "SanityCheckResult", "sanity_check",
+]
+
+FILLS = ("mean", "zero", "black")
+"""Named fills for removed pixels: ``"mean"`` = the image's own per-channel mean; ``"zero"``/``"black"`` = 0.
+A float or an array broadcastable to ``[B, 1, 1, C]`` (e.g. a dataset's per-channel mean, or the normalized value
+of a black pixel ``-mean/std``) is used as given."""
+
+OUTPUTS = ("logit", "probability", "accuracy")
+"""What :func:`pixel_perturbation` measures."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Boundary checks
+# ----------------------------------------------------------------------------------------------------------------
+
+def _check_maps(x, saliency, name: str = "saliency") -> Array:
+    V.check_images(x, "x")
+    if not hasattr(saliency, "shape"):
+        saliency = jnp.asarray(saliency)
+    V.check_rank(saliency, 3, name, "one score per pixel [B, H, W]")
+    V.check_floating(saliency, name)
+    V.check_finite(saliency, name)
+    if tuple(saliency.shape) != tuple(x.shape[:3]):
+        raise ValueError(f"{name} must have shape [B, H, W] = {tuple(x.shape[:3])} to match x {tuple(x.shape)}; "
+                         f"got {tuple(saliency.shape)}.")
+    return saliency
+
+
+def _check_fraction(fraction, name: str = "fraction"):
+    if V.is_concrete(fraction):
+        arr = np.asarray(fraction, dtype=np.float64)
+        if arr.size == 0 or not np.all(np.isfinite(arr)) or arr.min() < 0 or arr.max() > 1:
+            raise ValueError(f"{name} must lie in [0, 1]; got {arr.tolist() if arr.size < 20 else arr}.")
+
+
+def _fill_value(x: Array, fill: Fill) -> Array:
+    if isinstance(fill, str):
+        if fill == "mean":
+            return jnp.mean(x, axis=(1, 2), keepdims=True)
+        if fill in ("zero", "black"):
+            return jnp.zeros((1, 1, 1, x.shape[-1]), x.dtype)
+        raise ValueError(f"fill must be one of {FILLS}, a number or an array broadcastable to [B, 1, 1, C]; "
+                         f"got {fill!r}.")
+    f = jnp.asarray(fill, x.dtype)
+    if f.ndim == 1:
+        f = f.reshape(1, 1, 1, -1)
+    target = (x.shape[0], 1, 1, x.shape[-1])
+    try:
+        ok = f.ndim <= 4 and jnp.broadcast_shapes(f.shape, target) == target
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"fill of shape {f.shape} must broadcast to [B, 1, 1, C] = {target}.")
+    V.check_finite(f, "fill")
+    return f
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pixel removal
+# ----------------------------------------------------------------------------------------------------------------
+
+def removal_mask(saliency: Array, fraction, *, most_salient: bool = True) -> Array:
+    """Boolean mask ``[B, H, W]`` of the ``n = round(fraction * H * W)`` most (or least) salient pixels of each
+    map. Ties are broken by position (row-major, earlier first) in both orders. ``fraction`` may be traced."""
+    if jnp.ndim(saliency) != 3:
+        raise ValueError(f"saliency must be [B, H, W]; got shape {tuple(jnp.shape(saliency))}.")
+    _check_fraction(fraction)
+    B, H, W = saliency.shape
+    n = jnp.round(jnp.asarray(fraction, jnp.float32) * (H * W)).astype(jnp.int32)
+    s = saliency.reshape(B, H * W)
+    order = jnp.argsort(-s if most_salient else s, axis=1, stable=True)
+    ranks = jnp.argsort(order, axis=1)
+    return (ranks < n).reshape(B, H, W)
+
+
+def remove_pixels(x: Array, saliency: Array, fraction, *, most_salient: bool = True, fill: Fill = "mean") -> Array:
+    """Replace the ``fraction`` most (``most_salient=True``, ROAR §3.5.2) or least (pixel perturbation §3.5.1)
+    salient pixels of each image by ``fill`` (all channels of a pixel together).
+
+    Args:
+      x: ``[B, H, W, C]``. saliency: ``[B, H, W]``. fraction: scalar in [0, 1] (may be traced).
+      fill: ``"mean"`` (the image's per-channel mean over all its pixels, Hooker et al.'s ROAR and thesis
+        §5.5.2), ``"zero"``/``"black"`` (thesis §3.5.1: "black pixels" — 0 in raw [0, 1] pixel space; for
+        normalized data pass the normalized black value ``-mean/std``), a number, or an array broadcastable to
+        ``[B, 1, 1, C]``.
+
+    Returns ``x'`` with the shape of ``x``.
+    """
+    saliency = _check_maps(x, saliency)
+    mask = removal_mask(saliency, fraction, most_salient=most_salient)
+    return jnp.where(mask[..., None], _fill_value(x, fill), x)
+
+
+def random_saliency_like(key, x: Array) -> Array:
+    """i.i.d. ``U(0, 1)`` scores ``[B, H, W]``: ranking by them removes pixels uniformly at random (the random
+    baseline of §3.5.1 / §3.5.2)."""
+    V.check_images(x, "x")
+    return jax.random.uniform(key, x.shape[:3], dtype=x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pixel perturbation (§3.5.1, §3.10.2, §5.5.2)
+# ----------------------------------------------------------------------------------------------------------------
+
+class PerturbationCurve(NamedTuple):
+    """Per-example scores for each removal fraction.
+
+    Attributes:
+      fractions: ``[F]``.
+      values: ``[F, B]`` — ``|g(x') - g(x)| / |g(x)|`` (``output="logit"`` / ``"probability"``) or 0/1 correctness
+        (``output="accuracy"``).
+    """
+
+    fractions: Array
+    values: Array
+
+    @property
+    def mean(self) -> Array:
+        """``[F]`` mean over examples (for ``"accuracy"``: the accuracy)."""
+        return jnp.mean(self.values, axis=1)
+
+    @property
+    def std(self) -> Array:
+        """``[F]`` standard deviation over examples (as the ± of thesis Table 3.2)."""
+        return jnp.std(self.values, axis=1)
+
+
+def _check_output(output: str):
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}; got {output!r}.")
+
+
+def perturbation_scores(logits_fn, x: Array, saliency: Array, fraction, *, most_salient: bool = False,
+                        fill: Fill = 0.0, output: str = "logit", target=PREDICTED, labels=None,
+                        floor: Optional[float] = None) -> Array:
+    """Scores ``[B]`` of one pixel-perturbation step (thesis §3.5.1): remove the ``fraction`` least salient
+    pixels (``most_salient=True``: most salient) and compare the model before and after.
+
+    * ``output="logit"``: ``|f_t(x') - f_t(x)| / |f_t(x)|``, the absolute fractional output change of the
+      target class ``t`` (default :data:`PREDICTED`: "the most confident class" at ``x``). Lower is better when
+      removing the least salient pixels.
+    * ``output="probability"``: the same with ``softmax(f)_t``.
+    * ``output="accuracy"``: ``1[argmax f(x') == labels]`` (the *discriminative pixel perturbation* of §5.5.2;
+      ``labels`` default to the predictions at ``x``, measuring agreement).
+
+    ``|f_t(x)|`` is floored at ``floor`` (default: the dtype's smallest normal) so a zero output does not give NaN.
+    Jittable, ``fraction`` may be traced.
+    """
+    _check_output(output)
+    saliency = _check_maps(x, saliency)
+    f = _logits_fn(logits_fn)
+    x_rm = remove_pixels(x, saliency, fraction, most_salient=most_salient, fill=fill)
+    logits = f(x)
+    if jnp.ndim(logits) != 2 or logits.shape[0] != x.shape[0]:
+        raise ValueError(f"logits_fn must return [B, K] logits; got shape {tuple(jnp.shape(logits))}.")
+    logits_rm = f(x_rm)
+    if output == "accuracy":
+        ref = jnp.argmax(logits, axis=-1) if labels is None else jnp.asarray(labels)
+        if labels is not None:
+            V.check_labels(ref, logits.shape[1], x.shape[0], "labels")
+        return (jnp.argmax(logits_rm, axis=-1) == ref).astype(x.dtype)
+    if not isinstance(target, str):
+        target = jnp.asarray(target)
+        if target.ndim == 0:
+            target = jnp.broadcast_to(target, (x.shape[0],))
+        V.check_labels(target, logits.shape[1], x.shape[0], "target")
+    t = resolve_target(logits, target)
+    if output == "probability":
+        logits, logits_rm = jax.nn.softmax(logits, -1), jax.nn.softmax(logits_rm, -1)
+    before, after = select(logits, t), select(logits_rm, t)
+    floor = float(jnp.finfo(before.dtype).tiny) if floor is None else floor
+    return jnp.abs(after - before) / jnp.maximum(jnp.abs(before), floor)
+
+
+def pixel_perturbation(logits_fn, x: Array, saliency: Array, fractions: Sequence[float], *,
+                       most_salient: bool = False, fill: Fill = 0.0, output: str = "logit", target=PREDICTED,
+                       labels=None) -> PerturbationCurve:
+    """The pixel-perturbation curve over removal fractions (thesis §3.5.1 / Fig. 3.2a, Table 3.2 (RF = removal
+    fraction), §5.5.2): :func:`perturbation_scores` for every ``k`` in ``fractions``, evaluated with
+    :func:`jax.lax.map` (one compiled step, memory of one fraction at a time). Jittable.
+
+    Defaults follow §3.5.1: remove the *least* salient pixels, fill with black (0), measure the absolute
+    fractional change of the top-class logit. For the random baseline pass
+    ``saliency=random_saliency_like(key, x)``.
+    """
+    saliency = _check_maps(x, saliency)
+    fr = jnp.atleast_1d(jnp.asarray(fractions, jnp.float32))
+    if fr.ndim != 1:
+        raise ValueError(f"fractions must be a 1-D sequence; got shape {fr.shape}.")
+    _check_fraction(fr, "fractions")
+    _check_output(output)
+
+    def one(k):
+        return perturbation_scores(logits_fn, x, saliency, k, most_salient=most_salient, fill=fill,
+                                   output=output, target=target, labels=labels)
+
+    return PerturbationCurve(fr, lax.map(one, fr))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ROAR (§3.5.2)
+# ----------------------------------------------------------------------------------------------------------------
+
+class RoarResult(NamedTuple):
+    """``fractions [F]`` and the retrained model's test ``accuracies [F]`` (Python floats)."""
+
+    fractions: tuple
+    accuracies: tuple
+
+
+def _remove_in_batches(images, maps, fraction, most_salient, fill, batch_size):
+    fn = jax.jit(lambda a, s, k: remove_pixels(a, s, k, most_salient=most_salient, fill=fill))
+    out = [np.asarray(fn(jnp.asarray(images[i:i + batch_size]), jnp.asarray(maps[i:i + batch_size]),
+                         jnp.float32(fraction)))
+           for i in range(0, images.shape[0], batch_size)]
+    return np.concatenate(out, axis=0)
+
+
+def roar(train_and_evaluate: Callable[[Any, Any, Any, Any], float], train_images, train_labels, test_images,
+         test_labels, train_saliency, test_saliency, fractions: Sequence[float], *, most_salient: bool = True,
+         fill: Fill = "mean", batch_size: int = 1024) -> RoarResult:
+    """RemOve And Retrain (Hooker et al. 2019; thesis §3.5.2, Fig. 3.2b).
+
+    For every ``k`` in ``fractions``: replace the top-``k`` most salient pixels of *every* train and test image
+    (saliency of the original model, computed once by the caller) by ``fill`` (default: the image's per-channel
+    mean), call ``train_and_evaluate(train_images', train_labels, test_images', test_labels) -> accuracy`` to
+    retrain a fresh model on the modified train set and measure its accuracy on the modified test set. Lower is
+    better (the map found the important pixels). ``k = 0`` gives the unmodified baseline. The training engine is
+    the caller's (e.g. a closure over :mod:`gradjax.train`).
+
+    Args:
+      train_saliency / test_saliency: ``[N, H, W]`` maps of the train / test images.
+      batch_size: images masked per jitted call (memory bound for large datasets).
+
+    Returns :class:`RoarResult`. For the random baseline use :func:`roar_random_baseline`.
+    """
+    train_images, test_images = np.asarray(train_images), np.asarray(test_images)
+    for imgs, maps, name in ((train_images, train_saliency, "train_saliency"),
+                             (test_images, test_saliency, "test_saliency")):
+        _check_maps(imgs[:1], np.asarray(maps)[:1], name)
+        if np.shape(maps)[0] != imgs.shape[0]:
+            raise ValueError(f"{name} has {np.shape(maps)[0]} maps for {imgs.shape[0]} images.")
+        V.check_finite(np.asarray(maps), name)
+    V.check_finite(train_images, "train_images")
+    V.check_finite(test_images, "test_images")
+    fr = [float(k) for k in fractions]
+    _check_fraction(np.asarray(fr), "fractions")
+    batch_size = int(batch_size)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
+    accs = []
+    for k in fr:
+        tr = _remove_in_batches(train_images, np.asarray(train_saliency), k, most_salient, fill, batch_size)
+        te = _remove_in_batches(test_images, np.asarray(test_saliency), k, most_salient, fill, batch_size)
+        accs.append(float(train_and_evaluate(tr, train_labels, te, test_labels)))
+    return RoarResult(tuple(fr), tuple(accs))
+
+
+def roar_random_baseline(train_and_evaluate, train_images, train_labels, test_images, test_labels,
+                         fractions: Sequence[float], *, key, fill: Fill = "mean",
+                         batch_size: int = 1024) -> RoarResult:
+    """ROAR with pixels removed uniformly at random (the random baseline of §3.5.2)."""
+    k1, k2 = jax.random.split(key)
+    train_images, test_images = np.asarray(train_images), np.asarray(test_images)
+    V.check_images(train_images[:1], "train_images")
+    V.check_images(test_images[:1], "test_images")
+    s_tr = np.asarray(jax.random.uniform(k1, train_images.shape[:3]))
+    s_te = np.asarray(jax.random.uniform(k2, test_images.shape[:3]))
+    return roar(train_and_evaluate, train_images, train_labels, test_images, test_labels, s_tr, s_te, fractions,
+                most_salient=True, fill=fill, batch_size=batch_size)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Digit flipping (§3.10.1, Table 3.1; Shrikumar et al. 2017)
+# ----------------------------------------------------------------------------------------------------------------
+
+class DigitFlipResult(NamedTuple):
+    """Attributes (``[B]`` unless noted):
+
+      delta_log_odds: ``log_odds_before - log_odds_after`` — the drop of ``log p_source / p_target`` caused by the
+        erasure; larger is better (thesis Table 3.1).
+      log_odds_before, log_odds_after: ``f_source - f_target`` (= ``log p_s / p_t`` under softmax).
+      flipped: ``[B, H, W, C]`` the erased images.
+      mask: ``[B, H, W]`` the erased pixels.
+    """
+
+    delta_log_odds: Array
+    log_odds_before: Array
+    log_odds_after: Array
+    flipped: Array
+    mask: Array
+
+
+def digit_flip(logits_fn, x: Array, saliency_source: Array, saliency_target: Array, *, source: int = 8,
+               target: int = 3, budget: float = 0.2, fill: Fill = 0.0, positive_only: bool = True) -> DigitFlipResult:
+    """Digit flipping ``source -> target`` (Shrikumar et al. 2017, DeepLIFT §4.2; thesis §3.10.1, Table 3.1).
+
+    With ``S_diff = S_source - S_target`` (saliency maps of the source and the target class for the same image),
+    erase (set to ``fill``, default 0 = background) the pixels with the largest ``S_diff`` — the evidence for
+    ``source`` over ``target`` — up to ``round(budget * H * W)`` pixels (20 %: 157 of MNIST's 784, as DeepLIFT),
+    and only pixels with ``S_diff > 0`` when ``positive_only``. Report the change of the log-odds
+    ``log p_source/p_target = f_source - f_target``: ``delta = before - after`` (larger is better).
+
+    Signed maps matter here (thesis §3.6): use ``fullgrad_noabs`` and ``reduce="sum"`` for gradient methods.
+    Pure and jittable.
+    """
+    s_src = _check_maps(x, saliency_source, "saliency_source")
+    s_tgt = _check_maps(x, saliency_target, "saliency_target")
+    _check_fraction(budget, "budget")
+    f = _logits_fn(logits_fn)
+    diff = s_src - s_tgt
+    mask = removal_mask(diff, budget, most_salient=True)
+    if positive_only:
+        mask = mask & (diff > 0)
+    flipped = jnp.where(mask[..., None], _fill_value(x, fill), x)
+    lb, la = f(x), f(flipped)
+    K = lb.shape[-1]
+    for c, name in ((source, "source"), (target, "target")):
+        if not isinstance(c, (int, np.integer)) or not 0 <= c < K:
+            raise ValueError(f"{name} must be a class index in [0, {K}); got {c!r}.")
+    before = lb[:, source] - lb[:, target]
+    after = la[:, source] - la[:, target]
+    return DigitFlipResult(before - after, before, after, flipped, mask)
+
+
+def digit_flip_with_method(method: Union[str, Callable], model, x: Array, *, key=None, source: int = 8,
+                           target: int = 3, budget: float = 0.2, fill: Fill = 0.0, positive_only: bool = True,
+                           **options) -> DigitFlipResult:
+    """:func:`digit_flip` with the maps of a :mod:`gradjax.saliency` method (name or function) for the classes
+    ``source`` and ``target`` (the same ``key`` for both, so noise methods see the same noise)."""
+    from gradjax.saliency import get_method
+    fn = get_method(method) if isinstance(method, str) else method
+    B = jnp.shape(x)[0]
+    s_src = fn(model, x, jnp.full((B,), source, jnp.int32), key=key, **options)
+    s_tgt = fn(model, x, jnp.full((B,), target, jnp.int32), key=key, **options)
+    return digit_flip(model, x, s_src, s_tgt, source=source, target=target, budget=budget, fill=fill,
+                      positive_only=positive_only)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model-randomization sanity check (Adebayo et al. 2018; thesis §3.4.1 "full sensitivity to function mapping")
+# ----------------------------------------------------------------------------------------------------------------
+
+def module_order(model: ModelHandle, x: Array) -> list[str]:
+    """Top-level modules that own parameters, in the order the forward pass calls them (e.g.
+    ``["block0", "block1", "block2", "head"]``). Computed by tracing shapes only."""
+    if not isinstance(model, ModelHandle):
+        raise ValueError("module_order needs a gradjax.saliency.ModelHandle(model.apply, variables).")
+    params = model.variables.get("params", {})
+    order: list[str] = []
+
+    def ic(next_fun, args, kwargs, context):
+        path = tuple(context.module.path)
+        if context.method_name == "__call__" and path and path[0] in params and path[0] not in order:
+            order.append(path[0])
+        return next_fun(*args, **kwargs)
+
+    jax.eval_shape(lambda v, z: model.replace(variables=v).logits(z, interceptor=ic), model.variables,
+                   jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)))
+    return order
+
+
+def _get_path(tree, path: str):
+    node = tree
+    for p in path.split("/"):
+        if not isinstance(node, Mapping) or p not in node:
+            raise ValueError(f"no parameters at module path {path!r}.")
+        node = node[p]
+    return node
+
+
+def _set_path(tree, path: str, value):
+    parts = path.split("/")
+    new = dict(tree)
+    if len(parts) == 1:
+        new[parts[0]] = value
+    else:
+        new[parts[0]] = _set_path(tree[parts[0]], "/".join(parts[1:]), value)
+    return new
+
+
+def _reinit_leaf(z, leaf):
+    """Re-draw one leaf from standard normal draws ``z`` (same shape)."""
+    if leaf.ndim >= 2:  # kernels: LeCun normal, fan-in = all axes but the last
+        fan_in = int(np.prod(leaf.shape[:-1]))
+        return (z / np.sqrt(max(fan_in, 1))).astype(leaf.dtype)
+    # vectors (biases, BatchNorm scale/shift): a Gaussian with the leaf's own mean and std
+    return (jnp.mean(leaf) + jnp.std(leaf) * z).astype(leaf.dtype)
+
+
+@jax.jit
+def _reinit_tree(key, tree):
+    """Every leaf of ``tree`` re-drawn (one normal draw for the whole subtree, sliced per leaf)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    sizes = [int(np.size(l)) for l in leaves]
+    z = jax.random.normal(key, (max(sum(sizes), 1),), jnp.float32)
+    offsets = np.cumsum([0] + sizes)
+    new = [_reinit_leaf(z[o:o + n].reshape(jnp.shape(l)), jnp.asarray(l)) for o, n, l in zip(offsets, sizes, leaves)]
+    return jax.tree.unflatten(treedef, new)
+
+
+def cascading_randomization(params, key, *, layers: Sequence[str],
+                            init_fn: Optional[Callable[[Any], Any]] = None) -> list[tuple[str, Any]]:
+    """Cascading parameter randomization (Adebayo et al. 2018): re-initialize the layers one after another
+    **from the output backwards**, keeping earlier re-initializations.
+
+    Args:
+      params: the ``'params'`` tree.
+      key: ``jax.random`` key.
+      layers: module paths (``"/"``-joined, e.g. ``"head"``, ``"block3"``, ``"block3/conv"``) in *forward* order,
+        e.g. :func:`module_order`; they are randomized last-to-first.
+      init_fn: optional ``key -> fresh params tree`` (e.g. ``lambda k: model.init(k, x)['params']``) whose
+        subtrees replace the layers: the model's own initializers. Default: every leaf re-drawn independently —
+        kernels (rank >= 2) from LeCun normal ``N(0, 1/fan_in)``, vectors from a Gaussian with the leaf's own
+        mean and standard deviation.
+
+    Returns ``[("original", params), (layers[-1], p_1), (layers[-2], p_2), ...]``: stage ``i`` has the last
+    ``i`` layers randomized.
+    """
+    layers = list(layers)
+    if not layers:
+        raise ValueError("layers must name at least one module path.")
+    fresh = init_fn(key) if init_fn is not None else None
+    stages = [("original", params)]
+    current = params
+    for i, path in enumerate(reversed(layers)):
+        old = _get_path(current, path)
+        if fresh is not None:
+            new = _get_path(fresh, path)
+        else:
+            new = _reinit_tree(jax.random.fold_in(key, i), old)
+        current = _set_path(current, path, new)
+        stages.append((path, current))
+    return stages
+
+
+def _average_ranks(v: Array) -> Array:
+    """Ranks 0..n-1 of a vector with ties given their average rank (as scipy.stats.rankdata, minus 1)."""
+    s = jnp.sort(v)
+    lo = jnp.searchsorted(s, v, side="left")
+    hi = jnp.searchsorted(s, v, side="right")
+    return (lo + hi - 1).astype(jnp.float32) / 2
+
+
+def rank_correlation(a: Array, b: Array, *, absolute: bool = False) -> Array:
+    """Spearman rank correlation per example of two map batches ``[B, ...]`` -> ``[B]`` (average ranks for ties,
+    as :func:`scipy.stats.spearmanr`; ``absolute=True`` ranks ``|a|`` and ``|b|``). A constant map has correlation
+    0 (scipy returns NaN). Jittable."""
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    if a.shape != b.shape or a.ndim < 2:
+        raise ValueError(f"a and b must be map batches of the same shape [B, ...]; got {a.shape} and {b.shape}.")
+    return _spearman(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1), absolute)
+
+
+@partial(jax.jit, static_argnums=2)
+def _spearman(a, b, absolute):
+    if absolute:
+        a, b = jnp.abs(a), jnp.abs(b)
+    ra, rb = jax.vmap(_average_ranks)(a), jax.vmap(_average_ranks)(b)
+    ra = ra - ra.mean(axis=1, keepdims=True)
+    rb = rb - rb.mean(axis=1, keepdims=True)
+    den = jnp.sqrt(jnp.sum(ra * ra, axis=1) * jnp.sum(rb * rb, axis=1))
+    return jnp.where(den > 0, jnp.sum(ra * rb, axis=1) / jnp.where(den > 0, den, 1), 0.0)
+
+
+def ssim(a: Array, b: Array, *, window: int = 7, sigma: float = 1.5) -> Array:
+    """Structural similarity (Wang et al. 2004) per example of two map batches ``[B, H, W]`` -> ``[B]``.
+
+    Each map is first min-max normalized to [0, 1] (data range 1, ``C1 = 0.01^2``, ``C2 = 0.03^2``); local
+    statistics use a Gaussian window of size ``min(window, H, W)`` (made odd) with std ``sigma``, valid
+    positions only; the result is the mean SSIM over positions. Jittable.
+    """
+    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    if a.shape != b.shape or a.ndim != 3:
+        raise ValueError(f"a and b must be map batches [B, H, W] of the same shape; got {a.shape} and {b.shape}.")
+    return _ssim(a, b, int(window), float(sigma))
+
+
+@partial(jax.jit, static_argnums=(2, 3))
+def _ssim(a, b, window, sigma):
+
+    def norm(m):
+        lo = m.min(axis=(1, 2), keepdims=True)
+        rng = m.max(axis=(1, 2), keepdims=True) - lo
+        return jnp.where(rng > 0, (m - lo) / jnp.where(rng > 0, rng, 1), 0.0)
+
+    a, b = norm(a), norm(b)
+    w = min(int(window), a.shape[1], a.shape[2])
+    w = w if w % 2 == 1 else w - 1
+    g = np.exp(-0.5 * ((np.arange(w) - (w - 1) / 2) / sigma) ** 2)
+    k2 = jnp.asarray(np.outer(g, g) / np.outer(g, g).sum(), jnp.float32)[:, :, None, None]
+
+    def filt(m):
+        return lax.conv_general_dilated(m[..., None], k2, (1, 1), "VALID",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))[..., 0]
+
+    mu_a, mu_b = filt(a), filt(b)
+    saa = filt(a * a) - mu_a ** 2
+    sbb = filt(b * b) - mu_b ** 2
+    sab = filt(a * b) - mu_a * mu_b
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = ((2 * mu_a * mu_b + c1) * (2 * sab + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (saa + sbb + c2))
+    return s.mean(axis=(1, 2))
+
+
+class SanityCheckResult(NamedTuple):
+    """Attributes: ``stages`` (names, ``"original"`` first), ``spearman [S, B]``, ``ssim [S, B]`` or ``None``,
+    ``maps [S, B, H, W]``."""
+
+    stages: tuple
+    spearman: Array
+    ssim: Optional[Array]
+    maps: Array
+
+
+def sanity_check(saliency_fn: Callable[[Any, Array], Array], params, key, x: Array, *, layers: Sequence[str],
+                 init_fn: Optional[Callable] = None, absolute: bool = False,
+                 with_ssim: bool = False) -> SanityCheckResult:
+    """Model-randomization sanity check (Adebayo et al. 2018; thesis §3.4.1).
+
+    ``saliency_fn(params, x) -> [B, H, W]`` computes the maps for a parameter tree (e.g.
+    ``lambda p, x: fullgrad(ModelHandle(model.apply, {**variables, "params": p}), x, target)`` — fix ``target``
+    so every stage explains the same class). For each stage of :func:`cascading_randomization` the maps are
+    compared with the original maps by Spearman rank correlation (and SSIM with ``with_ssim``). A method that
+    depends on the model shows correlation falling towards 0 as layers are randomized; stage 0 has correlation 1.
+    """
+    V.check_images(x, "x")
+    stages = cascading_randomization(params, key, layers=layers, init_fn=init_fn)
+    maps = [jnp.asarray(saliency_fn(p, x)) for _, p in stages]
+    for m in maps:
+        V.check_finite(m, "saliency")
+    ref = maps[0]
+    rho = jnp.stack([rank_correlation(ref, m, absolute=absolute) for m in maps])
+    s = jnp.stack([ssim(ref, m) for m in maps]) if with_ssim else None
+    return SanityCheckResult(tuple(n for n, _ in stages), rho, s, jnp.stack(maps))

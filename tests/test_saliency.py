@@ -1,0 +1,441 @@
+"""Tests of gradjax.saliency: completeness of FullGrad's parts, IG convergence, guided backprop's backward rule,
+Grad-CAM against a hand computation, jit == eager for every registered method, boundary errors."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gradjax import saliency as S
+from gradjax.models import create_model
+from gradjax.models.layers import (Activation, TappedBatchNorm, TappedConv, TappedDense, global_average_pool,
+                                   max_pool)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compilation():
+    """XLA with most optimizations off compiles ~2x faster on CPU; these tests check math, not speed. Restored
+    afterwards, so other test modules are unaffected."""
+    old = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", old)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# fixtures
+# ------------------------------------------------------------------------------------------------------------
+
+def randomize(variables, seed, scale=0.2):
+    """Give every bias / BatchNorm statistic a non-zero value so that bias-gradients are non-trivial
+    (numpy randomness: no per-shape compilation)."""
+    rng = np.random.default_rng(seed)
+
+    def perturb(path, leaf):
+        name = jax.tree_util.keystr(path)
+        leaf = np.asarray(leaf)
+        if "var" in name:
+            return jnp.asarray(rng.uniform(0.5, 1.5, leaf.shape), leaf.dtype)
+        if "mean" in name:
+            return jnp.asarray(0.3 * rng.standard_normal(leaf.shape), leaf.dtype)
+        if leaf.ndim == 1:
+            return jnp.asarray(leaf + scale * rng.standard_normal(leaf.shape), leaf.dtype)
+        return jnp.asarray(leaf * (1 + 0.5 * rng.standard_normal(leaf.shape)), leaf.dtype)
+
+    return {k: jax.tree_util.tree_map_with_path(perturb, variables[k])
+            for k in ("params", "batch_stats") if k in variables}
+
+
+def rbg_key(seed):
+    """Stochastic tests use RBG keys: their random bits compile ~5x faster on CPU than threefry's (one test
+    uses a threefry ``PRNGKey`` to cover raw uint32 keys)."""
+    return jax.random.key(seed, impl="rbg")
+
+
+def init(model, x, seed):
+    """Variables at their usual initial values (He-normal kernels, zero biases, unit BatchNorm scale and
+    variance), drawn with numpy from the shapes of ``model.init``: nothing is compiled."""
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+    rng = np.random.default_rng(seed)
+
+    def fill(path, s):
+        name = jax.tree_util.keystr(path)
+        if "kernel" in name:
+            return jnp.asarray(rng.standard_normal(s.shape) * np.sqrt(2.0 / np.prod(s.shape[:-1])), s.dtype)
+        if "scale" in name or "var" in name:
+            return jnp.ones(s.shape, s.dtype)
+        return jnp.zeros(s.shape, s.dtype)
+
+    return {k: jax.tree_util.tree_map_with_path(fill, shapes[k]) for k in ("params", "batch_stats") if k in shapes}
+
+
+def make_vgg(size, activation="relu", seed=0, random_biases=True, batch=2):
+    model = create_model("vgg4", 10, activation=activation, width=0.125)
+    x = jnp.asarray(np.random.default_rng(seed + 100).standard_normal((batch, size, size, 1)), jnp.float32)
+    v = init(model, x, seed)
+    if random_biases:
+        v = randomize(v, seed + 1)
+    return model, S.ModelHandle(model.apply, v), x
+
+
+@pytest.fixture(scope="module")
+def vgg8px():
+    return make_vgg(8, seed=3)
+
+
+class NoPoolNet(nn.Module):
+    """conv-bn-act, conv-bn-act at full resolution, global average pool, dense: every map is input-sized.
+    A tiny model (cheap to compile) with every kind of bias tap."""
+
+    activation: str = "relu"
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        for i, c in enumerate((3, 4)):
+            x = TappedConv(c, name=f"conv{i}")(x)
+            x = TappedBatchNorm(name=f"bn{i}")(x, train=train)
+            x = Activation(self.activation, 4.0, name=f"act{i}")(x)
+        return TappedDense(5, name="head")(global_average_pool(x))
+
+
+def make_nopool(activation="relu", seed=7):
+    m = NoPoolNet(activation)
+    x = jnp.asarray(np.random.default_rng(seed).standard_normal((2, 6, 6, 2)), jnp.float32)
+    v = randomize(init(m, x, seed + 1), seed + 2)
+    return m, S.ModelHandle(m.apply, v), x
+
+
+@pytest.fixture(scope="module")
+def nopool():
+    return make_nopool()
+
+
+SMALL_OPTIONS = {
+    "integrated_gradients": dict(steps=3, chunk=2),
+    "smoothgrad": dict(samples=3, chunk=2),
+    "smoothgrad_sq": dict(samples=3, chunk=2),
+    "vargrad": dict(samples=3, chunk=2),
+    "smooth_fullgrad": dict(samples=2, chunk=1),
+}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# every method: call shape, jit == eager
+# ------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(S.SALIENCY_METHODS))
+def test_every_method_jit_matches_eager(name, nopool):
+    _, h, x = nopool
+    fn = S.SALIENCY_METHODS[name]
+    key = rbg_key(5)
+    t = jnp.array([1, 4])
+    opts = SMALL_OPTIONS.get(name, {})
+    with jax.disable_jit():  # truly op by op (also switches off the internal jit of eager calls, and scans)
+        eager = fn(h, x, t, key=key, **opts)
+    jitted = jax.jit(lambda x_, t_, k_: fn(h, x_, t_, key=k_, **opts))(x, t, key)
+    assert eager.shape == x.shape[:3]
+    assert bool(jnp.all(jnp.isfinite(eager)))
+    np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), rtol=1e-4, atol=1e-5 * float(jnp.abs(eager).max() + 1e-12))
+    # a nonzero map (the model is random, but not degenerate)
+    assert float(jnp.abs(eager).max()) > 0
+
+
+def test_model_handle_is_a_pytree_through_jit(nopool):
+    _, h, x = nopool
+    a = S.fullgrad(h, x)  # an eager call with a handle: compiled once internally (cached)
+    with jax.disable_jit():
+        c = S.fullgrad(h, x)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-5, atol=1e-6)
+    b = jax.jit(S.fullgrad)(h, x)  # the handle is an argument: variables traced, apply_fn static
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    assert "perturbations" not in h.variables and "biases" not in h.variables
+
+
+def test_gradient_methods_accept_a_plain_logits_callable(nopool):
+    _, h, x = nopool
+    f = lambda z: h.logits(z)  # noqa: E731
+    np.testing.assert_allclose(np.asarray(S.input_gradient(f, x)), np.asarray(S.input_gradient(h, x)), rtol=1e-6)
+    with pytest.raises(ValueError, match="ModelHandle"):
+        S.fullgrad(f, x)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# FullGrad
+# ------------------------------------------------------------------------------------------------------------
+
+def test_fullgrad_pre_psi_parts_sum_to_output_vgg32():
+    model, h, x = make_vgg(32)
+    t = jnp.array([2, 7])
+    fm, logits = jax.jit(lambda x_: (S.fullgrad_maps(h, x_, t), model.apply(h.variables, x_)))(x)
+    dec = fm.decomposition
+    total = (dec.input_gradient * x).reshape(2, -1).sum(1)
+    for m in dec.bias_gradients.values():
+        total = total + m.reshape(2, -1).sum(1)
+    out = logits[jnp.arange(2), t]
+    np.testing.assert_allclose(np.asarray(total), np.asarray(out), rtol=2e-4, atol=2e-4)
+    # the bias part is not negligible, so this checks more than the input term
+    assert float(jnp.min(jnp.abs(out - (dec.input_gradient * x).reshape(2, -1).sum(1)))) > 1e-2
+    # maps for every spatial (conv / bn) site, none for the dense head
+    assert set(fm.layer_maps) == {f"block{i}/{s}" for i in range(3) for s in ("conv", "bn")}
+    assert fm.saliency.shape == (2, 32, 32)
+    np.testing.assert_allclose(np.asarray(fm.saliency),
+                               np.asarray(fm.input_map + sum(fm.layer_maps.values())), rtol=1e-6, atol=1e-6)
+
+
+def test_fullgrad_noabs_map_sums_to_output_minus_dense_terms(nopool):
+    model, h, x = nopool
+    t = jnp.array([0, 3])
+    dec = S.fullgrad_maps(h, x, t).decomposition
+    noabs = S.fullgrad_noabs(h, x, t)  # psi_m = bilinearUpsample = identity at full resolution
+    out = model.apply(h.variables, x)[jnp.arange(2), t]
+    head = dec.bias_gradients["head"].sum(1)
+    np.testing.assert_allclose(np.asarray(noabs.reshape(2, -1).sum(1)), np.asarray(out - head), rtol=1e-4, atol=1e-4)
+
+
+def test_fullgrad_psi_matches_manual_rescale(nopool):
+    _, h, x = nopool
+    fm = S.fullgrad_maps(h, x, jnp.array([1, 2]))
+    dec = fm.decomposition
+
+    def psi(m, axes):
+        a = np.abs(np.asarray(m, np.float64))
+        lo, hi = a.min(axis=axes, keepdims=True), a.max(axis=axes, keepdims=True)
+        return ((a - lo) / (hi - lo)).sum(-1)
+
+    np.testing.assert_allclose(np.asarray(fm.input_map), psi(dec.input_gradient * x, (1, 2, 3)), rtol=1e-5, atol=1e-6)
+    for k, m in dec.bias_gradients.items():
+        if m.ndim == 4:
+            np.testing.assert_allclose(np.asarray(fm.layer_maps[k]), psi(m, (1, 2, 3)), rtol=1e-5, atol=1e-6)
+    # per-channel rescaling (literal eq. 3.2): every channel of every layer reaches exactly 1
+    per_ch = S.fullgrad_maps(h, x, jnp.array([1, 2]), rescale="channel")
+    np.testing.assert_allclose(np.asarray(per_ch.layer_maps["bn1"]),
+                               psi(dec.bias_gradients["bn1"], (1, 2)), rtol=1e-5, atol=1e-6)
+
+
+def test_tap_gradients_times_bias_are_the_bias_gradients(nopool):
+    from gradjax.fullgrad import flatten_taps
+    _, h, x = nopool
+
+    def everything(x):
+        dec = S.fullgrad_maps(h, x).decomposition
+        gx, gz = S.tap_gradients(h, x)
+        _, state = h.apply_fn(h.variables, x, mutable=["biases"])
+        simple = S.fullgrad_simple(h, x)
+        # simple FullGrad = the same aggregation of |grad_z f|
+        manual = S.postprocess_map(gx * x, x.shape[1:3]) + sum(S.postprocess_map(v, x.shape[1:3])
+                                                                 for v in gz.values() if v.ndim == 4)
+        return dec, gx, gz, flatten_taps(state["biases"]), simple, manual
+
+    dec, gx, gz, b, simple, manual = jax.jit(everything)(x)
+    np.testing.assert_allclose(np.asarray(gx), np.asarray(dec.input_gradient), rtol=1e-5, atol=1e-6)
+    for k in dec.bias_gradients:
+        np.testing.assert_allclose(np.asarray(gz[k] * b[k]), np.asarray(dec.bias_gradients[k]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(simple), np.asarray(manual), rtol=1e-5, atol=1e-6)
+
+
+def test_smooth_fullgrad_without_noise_is_fullgrad(nopool):
+    _, h, x = nopool
+    key = rbg_key(0)
+    ref = S.fullgrad(h, x)
+    for average in ("raw", "saliency"):
+        sm = S.smooth_fullgrad(h, x, key=key, samples=2, chunk=2, noise_level=0.0, average=average)
+        np.testing.assert_allclose(np.asarray(sm), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_bilinear_upsample_align_corners_and_half_pixel():
+    m = jnp.arange(6.0).reshape(1, 2, 3)
+    up = S.bilinear_upsample(m, (3, 5), align_corners=True)
+    # corners preserved, midpoints averaged
+    np.testing.assert_allclose(np.asarray(up[0, [0, 0, -1, -1], [0, -1, 0, -1]]), [0, 2, 3, 5])
+    np.testing.assert_allclose(float(up[0, 1, 1]), (0 + 1 + 3 + 4) / 4)
+    half = S.bilinear_upsample(m, (4, 6), align_corners=False)
+    ref = jax.image.resize(m, (1, 4, 6), "bilinear", antialias=False)
+    np.testing.assert_allclose(np.asarray(half), np.asarray(ref), rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# integrated gradients, SmoothGrad family
+# ------------------------------------------------------------------------------------------------------------
+
+def test_ig_completeness_delta_shrinks_with_steps_softplus():
+    _, h, x = make_nopool("softplus", seed=11)
+    t = jnp.array([3, 4])
+    deltas, maps = [], {}
+    for steps in (2, 16):
+        maps[steps], d = S.integrated_gradients_with_delta(h, x, t, steps=steps, chunk=8, baseline=0.0, reduce=None)
+        deltas.append(np.abs(np.asarray(d)))
+    assert np.all(deltas[1] < 0.2 * deltas[0])  # midpoint rule: error O(steps^-2)
+    out = h.logits(x)[jnp.arange(2), t] - h.logits(jnp.zeros_like(x))[jnp.arange(2), t]
+    assert np.all(deltas[1] < 0.02 * np.abs(np.asarray(out)) + 1e-4)
+    # the trapezoid rule converges too
+    _, dt = S.integrated_gradients_with_delta(h, x, t, steps=16, chunk=5, rule="trapezoid")  # 17 nodes, padded
+    assert np.all(np.abs(np.asarray(dt)) < 0.2 * deltas[0])
+
+
+def test_ig_equals_grad_times_input_for_bias_free_relu_net():
+    # positively homogeneous network: the gradient is constant along the ray from 0, so IG = x * grad (Prop. 8)
+    model = NoPoolNet()
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 6, 6, 2)), jnp.float32)
+    v = init(model, x, 4)  # zero biases, BatchNorm at its initial statistics: no constant terms
+    h = S.ModelHandle(model.apply, v)
+    ig = S.integrated_gradients(h, x, steps=3, reduce=None)
+    gxi = S.gradient_x_input(h, x, reduce=None)
+    np.testing.assert_allclose(np.asarray(ig), np.asarray(gxi), rtol=1e-4, atol=1e-6)
+
+
+def test_noise_methods_noise_scale_per_example_and_chunking():
+    # f(x) = 0.5 ||x||^2 - g = x + n: VarGrad = sigma_b^2 exactly in expectation, SmoothGrad = x.
+    def logits_fn(x):
+        s = 0.5 * jnp.sum(x.reshape(x.shape[0], -1) ** 2, axis=1)
+        return jnp.stack([s, -s], axis=1)
+
+    x = jnp.stack([jnp.linspace(0, 1, 16).reshape(4, 4, 1), jnp.linspace(-5, 5, 16).reshape(4, 4, 1)])
+    key = rbg_key(0)
+    t = jnp.zeros(2, jnp.int32)
+    m1, m2 = S.noise_gradient_moments(logits_fn, x, t, key=key, samples=128, chunk=128, noise_level=0.1)
+    var = m2 - m1 ** 2  # what vargrad reduces
+    expected = (0.1 * np.array([1.0, 10.0])) ** 2
+    np.testing.assert_allclose(np.asarray(var.mean(axis=(1, 2, 3))), expected, rtol=0.1)
+    np.testing.assert_allclose(np.asarray(m1), np.asarray(x), atol=0.05 * 10)  # SmoothGrad's mean gradient
+    # draw i uses split(key, samples)[i]: chunking (with a padded last chunk) does not change the estimate
+    a = S.noise_gradient_moments(logits_fn, x, t, key=key, samples=5, chunk=2)
+    np.testing.assert_allclose(np.asarray(a[1]), np.asarray(
+        S.noise_gradient_moments(logits_fn, x, t, key=key, samples=5, chunk=5)[1]), rtol=1e-5)
+
+
+def test_smoothgrad_without_noise_is_the_gradient(nopool):
+    _, h, x = nopool
+    key = rbg_key(1)
+    g = S.input_gradient(h, x, reduce=None)
+    m1, m2 = S.noise_gradient_moments(h, x, key=key, samples=2, noise_level=0.0)
+    np.testing.assert_allclose(np.asarray(m1), np.asarray(g), rtol=1e-5, atol=1e-7)  # SmoothGrad
+    np.testing.assert_allclose(np.asarray(m2), np.asarray(g ** 2), rtol=1e-5, atol=1e-10)  # SmoothGrad^2
+    assert float(jnp.abs(m2 - m1 ** 2).max()) < 1e-8  # VarGrad
+
+
+def test_reductions(nopool):
+    _, h3, x = nopool  # 2 input channels
+    g = S.input_gradient(h3, x, reduce=None)
+    np.testing.assert_allclose(np.asarray(S.input_gradient(h3, x, reduce="abs_max")), np.asarray(jnp.abs(g).max(-1)))
+    np.testing.assert_allclose(np.asarray(S.input_gradient(h3, x, reduce="sum")), np.asarray(g.sum(-1)), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(S.gradient_x_input(h3, x, reduce="abs_sum")),
+                               np.asarray(jnp.abs(g * x).sum(-1)), rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# guided backprop
+# ------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mlp():
+    model = create_model("mlp", 4, hidden=(6, 5))
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((3, 7)), jnp.float32)
+    v = randomize(init(model, x, 3), 4)
+    return model, v, x
+
+
+def test_guided_backprop_matches_manual_rule(mlp):
+    model, v, x = mlp
+    p = v["params"]
+    t = jnp.array([0, 2, 3])
+    W0, b0 = p["dense0"]["kernel"], p["dense0"]["bias"]
+    W1, b1 = p["dense1"]["kernel"], p["dense1"]["bias"]
+    Wh = p["head"]["kernel"]
+    z0 = x @ W0 + b0
+    z1 = jax.nn.relu(z0) @ W1 + b1
+    g = Wh[:, t].T                                   # d f_t / d a1   [B, 5]
+    g = g * (z1 > 0) * (g > 0)                       # guided ReLU rule
+    g = g @ W1.T                                     # d / d a0
+    g = g * (z0 > 0) * (g > 0)
+    manual = g @ W0.T
+    gb = S.guided_backprop(S.ModelHandle(model.apply, v), x, t, reduce=None)
+    np.testing.assert_allclose(np.asarray(gb), np.asarray(manual), rtol=1e-5, atol=1e-6)
+    grad = S.input_gradient(S.ModelHandle(model.apply, v), x, t, reduce=None)
+    assert float(jnp.abs(gb - grad).max()) > 1e-3  # generic network: the rule matters
+
+
+def test_guided_backprop_equals_gradient_when_no_relu_sees_a_negative_gradient(mlp):
+    model, v, x = mlp
+    p = jax.tree.map(lambda a: a, v["params"])
+    p["dense1"] = dict(p["dense1"], kernel=jnp.abs(p["dense1"]["kernel"]))
+    p["head"] = dict(p["head"], kernel=jnp.abs(p["head"]["kernel"]))
+    h = S.ModelHandle(model.apply, {"params": p})
+    gb = S.guided_backprop(h, x, reduce=None)
+    grad = S.input_gradient(h, x, reduce=None)
+    np.testing.assert_allclose(np.asarray(gb), np.asarray(grad), rtol=1e-6, atol=1e-7)
+    # ...and the forward pass is untouched
+    logits_guided = h.logits(x, interceptor=S._guided_interceptor)
+    np.testing.assert_allclose(np.asarray(logits_guided), np.asarray(h.logits(x)), rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Grad-CAM
+# ------------------------------------------------------------------------------------------------------------
+
+def test_gradcam_matches_manual_computation(vgg8px):
+    model, h, x = vgg8px
+    t = jnp.array([4, 9])
+    _, inter = jax.jit(lambda v, x_: model.apply(v, x_, capture_intermediates=lambda mdl, _: mdl.path == ("block2",),
+                                                  mutable=["intermediates"]))(h.variables, x)
+    A = inter["intermediates"]["block2"]["__call__"][0]  # [B, 2, 2, c]
+    p = h.variables["params"]["head"]
+
+    def head(a):
+        return global_average_pool(max_pool(a)) @ p["kernel"] + p["bias"]
+
+    dA = jax.grad(lambda a: head(a)[jnp.arange(2), t].sum())(A)
+    manual = jax.nn.relu(jnp.einsum("bhwc,bc->bhw", A, dA.mean(axis=(1, 2))))
+    cam_small, cam, mid = jax.jit(lambda x_: (
+        S.gradcam(h, x_, t, layer="block2", upsample=False),
+        S.gradcam(h, x_, t),  # default layer = last spatial module = block2
+        S.gradcam(h, x_, t, layer="block1")))(x)
+    np.testing.assert_allclose(np.asarray(cam_small), np.asarray(manual), rtol=1e-4, atol=1e-6)
+    assert cam.shape == (2, 8, 8) and float(cam.min()) >= 0
+    np.testing.assert_allclose(np.asarray(cam), np.asarray(S.bilinear_upsample(manual, (8, 8))), rtol=1e-4,
+                               atol=1e-6)
+    assert mid.shape == (2, 8, 8) and float(mid.min()) >= 0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# errors
+# ------------------------------------------------------------------------------------------------------------
+
+def test_bad_inputs_raise(nopool):
+    _, h, x = nopool
+    key = rbg_key(0)
+    with pytest.raises(ValueError, match="non-finite"):
+        S.input_gradient(h, x.at[0, 0, 0, 0].set(jnp.nan))
+    with pytest.raises(ValueError, match="rank 4"):
+        S.fullgrad(h, x[0])
+    with pytest.raises(ValueError, match="floating"):
+        S.gradcam(h, x.astype(jnp.int32))
+    with pytest.raises(ValueError, match=r"\[0, 5\)"):
+        S.fullgrad(h, x, jnp.array([0, 5]))
+    with pytest.raises(ValueError, match=r"\[0, 5\)"):
+        S.input_gradient(h, x, jnp.array([-1, 0]))
+    with pytest.raises(ValueError, match="entries but the batch has"):
+        S.integrated_gradients(h, x, jnp.array([0, 1, 2]))
+    with pytest.raises(ValueError, match="PREDICTED|predicted"):
+        S.input_gradient(h, x, "top")
+    with pytest.raises(ValueError, match="key"):
+        S.smoothgrad(h, x)
+    with pytest.raises(ValueError, match="reduce"):
+        S.input_gradient(h, x, reduce="mean")
+    with pytest.raises(ValueError, match="postprocess"):
+        S.fullgrad(h, x, postprocess="sqrt")
+    with pytest.raises(ValueError, match="steps"):
+        S.integrated_gradients(h, x, steps=0)
+    with pytest.raises(ValueError, match="rule"):
+        S.integrated_gradients(h, x, rule="simpson")
+    with pytest.raises(ValueError, match="no module at path"):
+        S.gradcam(h, x, layer="conv9")
+    with pytest.raises(ValueError, match="not a spatial map"):
+        S.gradcam(h, x, layer="head")
+    with pytest.raises(ValueError, match="unknown saliency method"):
+        S.compute_saliency("lrp", h, x)
+    # raw uint32 (threefry) keys work as well as typed keys
+    r = S.random_saliency(h, x, key=jax.random.PRNGKey(0))
+    assert r.shape == x.shape[:3] and float(r.min()) >= 0 and float(r.max()) <= 1
+    # scalar targets broadcast
+    np.testing.assert_allclose(np.asarray(S.input_gradient(h, x, 3)),
+                               np.asarray(S.input_gradient(h, x, jnp.array([3, 3]))))
