@@ -29,6 +29,7 @@ interval, saves the frozen (last good) state, and raises :class:`TrainingDiverge
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -90,10 +91,17 @@ class TrainState(struct.PyTreeNode):
         return lambda x: self.apply_fn(variables, x, train=False)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_init(model, key: jax.Array, sample_input: jax.Array) -> PyTree:
+    """``model.init`` as one compiled program, cached per (hashable, equal-by-value) Linen module and input shape,
+    so re-initializing the same architecture (retraining, seeds) does not recompile."""
+    return model.init(key, sample_input, train=False)
+
+
 def create_train_state(model, tx: optax.GradientTransformation, sample_input: jax.Array, *, seed: int = 0) -> TrainState:
     """Initialize ``model`` (a Flax Linen module) on ``sample_input`` [B, ...] and wrap it in a TrainState."""
     init_key, state_key = jax.random.split(jax.random.PRNGKey(seed))
-    variables = jax.jit(lambda k, x: model.init(k, x, train=False))(init_key, jnp.asarray(sample_input))
+    variables = _jit_init(model, init_key, jnp.asarray(sample_input))
     return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                              batch_stats=variables.get("batch_stats", {}), rng=state_key)
 
