@@ -3,15 +3,17 @@ loading, training a classifier with the library's engine, and writing ``results.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import date
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -36,7 +38,10 @@ class Scale:
 
 
 SCALES = {
-    "smoke": Scale(model="vgg4", width=0.125, epochs=1, batch_size=64, lr=0.05, max_train=256, max_test=128),
+    "smoke": Scale(model="vgg4", width=0.125, epochs=1, batch_size=64, lr=0.05, max_train=256, max_test=128,
+                   extra={"saliency_options": {"integrated_gradients": {"steps": 8}, "smoothgrad": {"samples": 4},
+                                               "smoothgrad_sq": {"samples": 4}, "vargrad": {"samples": 4},
+                                               "smooth_fullgrad": {"samples": 4}}}),
     "small": Scale(model="vgg9", width=0.25, epochs=12, batch_size=64, lr=0.05),
     "paper": Scale(model="vgg9", width=1.0, epochs=200, batch_size=128, lr=0.1),
 }
@@ -83,26 +88,49 @@ def load_splits(args, scale: Scale) -> tuple[gdata.ArrayDataset, gdata.ArrayData
     return train, test
 
 
+@functools.lru_cache(maxsize=16)
+def _training_setup(model_name: str, width: float, activation: str, num_classes: int, lr: float, total_steps: int,
+                    loss_fn_builder) -> tuple[Any, optax.GradientTransformation, Any, Any]:
+    """(model, optimizer, compiled train step, eval step) for one configuration, built once per process.
+
+    The optimizer is static in :class:`~gradjax.train.TrainState` and the loss closes over ``model.apply``, so
+    rebuilding them would make every retraining (ROAR trains one model per removal fraction) recompile."""
+    model = create_model(model_name, num_classes, activation=activation, width=width)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(100, total_steps // 10 + 1), total_steps)
+    tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(schedule, momentum=0.9, nesterov=True))
+    step = gtrain.jit_train_step(loss_fn_builder(model.apply), num_classes=num_classes)
+    return model, tx, step, gtrain.make_eval_step(model.apply)
+
+
 def train_classifier(train: gdata.ArrayDataset, test: gdata.ArrayDataset, scale: Scale, *, seed: int = 0,
                      activation: str = "relu", checkpoint_dir: Optional[str] = None, log_path: Optional[str] = None,
                      progress: bool = True, loss_fn_builder=None) -> tuple[gtrain.TrainState, list[dict], Any]:
-    """Train ``scale.model`` with SGD + momentum + cosine schedule; returns (state, metric records, model)."""
-    model = create_model(scale.model, train.num_classes, activation=activation, width=scale.width)
-    steps_per_epoch = max(1, gdata.steps_per_epoch(train, min(scale.batch_size, len(train))))
+    """Train ``scale.model`` with SGD + momentum + cosine schedule; returns (state, metric records, model).
+
+    Calls with the same model, data size and schedule reuse one compiled train step."""
     bs = min(scale.batch_size, len(train))
-    total = scale.epochs * steps_per_epoch
-    schedule = optax.warmup_cosine_decay_schedule(0.0, scale.lr, min(100, total // 10 + 1), total)
-    tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(schedule, momentum=0.9, nesterov=True))
+    steps_per_epoch = max(1, gdata.steps_per_epoch(train, bs))
+    model, tx, step, eval_step = _training_setup(scale.model, scale.width, activation, train.num_classes, scale.lr,
+                                                 scale.epochs * steps_per_epoch,
+                                                 loss_fn_builder or gtrain.classification_loss)
     state = gtrain.create_train_state(model, tx, train.images[:2], seed=seed)
-    loss_fn = (loss_fn_builder or gtrain.classification_loss)(model.apply)
-    step = gtrain.jit_train_step(loss_fn)
-    eval_step = gtrain.make_eval_step(model.apply)
     eval_fn = lambda s: gtrain.evaluate(s, gdata.batches(test, 256, shuffle=False, drop_remainder=False), eval_step)
     state, records = gtrain.fit(
         state, step, lambda epoch, start: gdata.batches(train, bs, seed=seed, epoch=epoch, start=start),
         num_epochs=scale.epochs, steps_per_epoch=steps_per_epoch, checkpoint_dir=checkpoint_dir, log_path=log_path,
         eval_fn=eval_fn, progress=progress)
     return state, records, model
+
+
+def saliency_options(scale: Scale, name: str) -> dict:
+    """The scale's options for saliency method ``name`` (fewer IG steps / noise samples at ``smoke``); empty
+    means the library defaults."""
+    return dict(scale.extra.get("saliency_options", {}).get(name, {}))
+
+
+def in_batches(fn: Callable[[Any], Any], x, batch_size: int = 128) -> np.ndarray:
+    """``fn`` applied to ``x`` in slices of ``batch_size`` (bounded memory), results concatenated on the host."""
+    return np.concatenate([np.asarray(fn(jnp.asarray(x[i:i + batch_size]))) for i in range(0, len(x), batch_size)])
 
 
 def environment() -> dict:

@@ -41,10 +41,6 @@ TABLE_FRACTIONS = (0.5, 0.7, 0.9)
 SIGNED_OPTIONS = {"gradient": {"reduce": "sum"}, "integrated_gradients": {"reduce": "sum"}}
 
 
-def _in_batches(fn, x, batch_size=64):
-    return jnp.concatenate([fn(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)])
-
-
 def main(argv=None) -> dict:
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--num-images", type=int, default=None, help="test images to explain (default by scale)")
@@ -71,7 +67,8 @@ def main(argv=None) -> dict:
     for (name, fn), key in tqdm(list(zip(saliency.SALIENCY_METHODS.items(), keys)), desc="saliency methods",
                                 disable=args.no_progress):
         t0 = time.time()
-        maps[name] = np.asarray(_in_batches(lambda xb: fn(handle, xb, key=key), x))
+        opts = common.saliency_options(scale, name)
+        maps[name] = common.in_batches(lambda xb: fn(handle, xb, key=key, **opts), x, 64)
         timings[name] = time.time() - t0
 
     # --- pixel perturbation (thesis §3.5.1, Fig. 3.2a, Table 3.2): least salient first, black fill
@@ -97,7 +94,7 @@ def main(argv=None) -> dict:
                                    metrics.random_saliency_like(k3, eights), fill=black)
         else:
             r = metrics.digit_flip_with_method(name, handle, eights, key=keys[i], fill=black,
-                                               **SIGNED_OPTIONS.get(name, {}))
+                                               **common.saliency_options(scale, name), **SIGNED_OPTIONS.get(name, {}))
         table31[name] = (float(jnp.mean(r.delta_log_odds)), float(jnp.std(r.delta_log_odds)))
 
     rows32 = [[n] + [f"{m:.3f} ± {s:.3f}" for m, s in table32[n]] + [" / ".join(THESIS_TABLE_3_2[n])] for n in TABLE_METHODS]

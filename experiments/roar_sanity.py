@@ -13,6 +13,8 @@ Writes ``roar.png``, ``sanity_check.png``, ``results.md``, ``results.json`` to `
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import os
 import sys
 
@@ -22,22 +24,17 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from experiments import common
-from gradjax import data as gdata
 from gradjax import metrics, saliency, viz
-from gradjax import train as gtrain
 
-ROAR_METHODS = ("gradient", "integrated_gradients", "fullgrad")
-SANITY_METHODS = ("gradient", "fullgrad")
-
-
-def _maps(fn, handle, images, key, batch_size=128):
-    return np.concatenate([np.asarray(fn(handle, jnp.asarray(images[i:i + batch_size]), key=key))
-                           for i in range(0, len(images), batch_size)])
+ROAR_METHODS = ("gradient", "integrated_gradients", "smoothgrad_sq", "gradcam", "fullgrad")  # thesis Fig. 3.2b
+SANITY_METHODS = ("gradient", "integrated_gradients", "guided_backprop", "gradcam", "fullgrad")
 
 
 def main(argv=None) -> dict:
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--fractions", type=float, nargs="+", default=None)
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="ROAR retraining seeds to average (default: 1, 3 at paper scale as the thesis)")
     parser.add_argument("--retrain-epochs", type=int, default=None, help="epochs of each ROAR retraining")
     args = parser.parse_args(argv)
     scale = common.resolve_scale(args)
@@ -53,24 +50,39 @@ def main(argv=None) -> dict:
     handle = saliency.ModelHandle(model.apply, state.variables)
     key = jax.random.PRNGKey(args.seed)
 
-    def train_and_evaluate(tr_x, tr_y, te_x, te_y) -> float:
-        tr = dataclasses.replace(train, images=np.asarray(tr_x, np.float32), labels=np.asarray(tr_y))
-        te = dataclasses.replace(test, images=np.asarray(te_x, np.float32), labels=np.asarray(te_y))
-        s, _, _ = common.train_classifier(tr, te, retrain_scale, seed=args.seed + 1, activation=args.activation,
-                                          progress=False)
-        return gtrain.evaluate(s, gdata.batches(te, 256, shuffle=False, drop_remainder=False))["accuracy"]
+    repeats = args.repeats or (3 if args.scale == "paper" else 1)
+    retrained: dict[tuple, float] = {}  # every method's 0 % point retrains on the same (unmodified) data
 
-    roar_curves, roar_rows = {}, []
-    for name in tqdm(ROAR_METHODS, desc="ROAR methods", disable=args.no_progress):
-        fn = saliency.SALIENCY_METHODS[name]
-        r = metrics.roar(train_and_evaluate, train.images, train.labels, test.images, test.labels,
-                         _maps(fn, handle, train.images, key), _maps(fn, handle, test.images, key), fractions)
-        roar_curves[name] = (np.asarray(r.fractions), np.asarray(r.accuracies))
-        roar_rows.append([name] + [f"{a:.3f}" for a in r.accuracies])
-    r = metrics.roar_random_baseline(train_and_evaluate, train.images, train.labels, test.images, test.labels,
-                                     fractions, key=key)
-    roar_curves["random"] = (np.asarray(r.fractions), np.asarray(r.accuracies))
-    roar_rows.append(["random"] + [f"{a:.3f}" for a in r.accuracies])
+    def train_and_evaluate(seed: int, tr_x, tr_y, te_x, te_y) -> float:
+        arrays = (tr_x, tr_y, te_x, te_y)
+        digest = (seed, hashlib.sha1(b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)).hexdigest())
+        if digest not in retrained:
+            tr = dataclasses.replace(train, images=np.asarray(tr_x, np.float32), labels=np.asarray(tr_y))
+            te = dataclasses.replace(test, images=np.asarray(te_x, np.float32), labels=np.asarray(te_y))
+            _, records, _ = common.train_classifier(tr, te, retrain_scale, seed=seed, activation=args.activation,
+                                                    progress=False)
+            retrained[digest] = [r for r in records if "eval_accuracy" in r][-1]["eval_accuracy"]  # final model's
+        return retrained[digest]
+
+    def roar_over_seeds(run_roar) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(fractions, mean accuracy, std over ``repeats`` retraining seeds)."""
+        accs = np.array([run_roar(functools.partial(train_and_evaluate, args.seed + 1 + r)).accuracies
+                         for r in range(repeats)])
+        return np.asarray(fractions), accs.mean(axis=0), accs.std(axis=0)
+
+    roar_curves = {}
+    for name in tqdm(ROAR_METHODS + ("random",), desc="ROAR methods", disable=args.no_progress):
+        if name == "random":
+            roar_curves[name] = roar_over_seeds(lambda te: metrics.roar_random_baseline(
+                te, train.images, train.labels, test.images, test.labels, fractions, key=key))
+            continue
+        maps_of = functools.partial(saliency.SALIENCY_METHODS[name], handle, key=key,
+                                    **common.saliency_options(scale, name))
+        train_maps, test_maps = common.in_batches(maps_of, train.images), common.in_batches(maps_of, test.images)
+        roar_curves[name] = roar_over_seeds(lambda te: metrics.roar(
+            te, train.images, train.labels, test.images, test.labels, train_maps, test_maps, fractions))
+    roar_rows = [[name] + [f"{m:.3f} ± {sd:.3f}" if repeats > 1 else f"{m:.3f}" for m, sd in zip(c[1], c[2])]
+                 for name, c in roar_curves.items()]
     viz.roar_curves(roar_curves, os.path.join(out, "roar.png"), title=f"ROAR ({args.dataset}, {scale.model})")
 
     # model-randomization sanity check on a few test images, maps of the true class
@@ -79,23 +91,24 @@ def main(argv=None) -> dict:
     layers = metrics.module_order(handle, x)  # forward order; cascading_randomization starts at the output
     sanity = {}
     for name in SANITY_METHODS:
-        fn = saliency.SALIENCY_METHODS[name]
+        fn = functools.partial(saliency.SALIENCY_METHODS[name], key=key, **common.saliency_options(scale, name))
         res = metrics.sanity_check(lambda p, xb: fn(handle.replace(variables={**state.variables, "params": p}), xb,
-                                                    target, key=key), state.params, key, x, layers=layers)
+                                                    target), state.params, key, x, layers=layers)
         sanity[name] = np.asarray(res.spearman)
         stages = res.stages
     viz.sanity_check_plot(stages, sanity, os.path.join(out, "sanity_check.png"),
                           title="Cascading randomization (output layer first)")
 
     md = (f"ROAR (thesis §3.5.2): test accuracy after removing the most salient pixels (mean fill) and "
-          f"retraining for {retrain_scale.epochs} epochs (lower is better):\n\n"
+          f"retraining for {retrain_scale.epochs} epochs, mean over {repeats} seed(s) (lower is better):\n\n"
           + common.markdown_table(["method"] + [f"{f:.0%}" for f in fractions], roar_rows)
           + "\n\nSanity check: mean Spearman rank correlation with the original maps after randomizing layers "
             "(cumulatively, from the output):\n\n"
           + common.markdown_table(["method"] + list(stages),
                                   [[n] + [f"{v:.3f}" for v in sanity[n].mean(axis=1)] for n in SANITY_METHODS]))
     results = {"dataset": args.dataset, "scale": args.scale, "model": scale.model, "fractions": fractions,
-               "roar": {k: [list(map(float, a)) for a in v] for k, v in roar_curves.items()},
+               "roar_repeats": repeats,
+               "roar": {k: {"mean": v[1].tolist(), "std": v[2].tolist()} for k, v in roar_curves.items()},
                "sanity_stages": list(stages), "sanity_spearman_mean": {k: v.mean(axis=1).tolist() for k, v in sanity.items()},
                "environment": common.environment()}
     common.write_results(out, results, md)
