@@ -28,29 +28,22 @@ from gradjax import metrics, saliency, viz
 
 ROAR_METHODS = ("gradient", "integrated_gradients", "smoothgrad_sq", "gradcam", "fullgrad")  # thesis Fig. 3.2b
 SANITY_METHODS = ("gradient", "integrated_gradients", "guided_backprop", "gradcam", "fullgrad")
+# FullGrad's two parts (thesis eq. 3.2), to see which one carries the model-independent structure
+FULLGRAD_PARTS = {
+    "fullgrad_input_term": lambda h, x, t: saliency.fullgrad_maps(h, x, t).input_map,
+    "fullgrad_bias_terms": lambda h, x, t: (lambda m: m.saliency - m.input_map)(saliency.fullgrad_maps(h, x, t)),
+}
 
 
-def main(argv=None) -> dict:
-    parser = common.base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--fractions", type=float, nargs="+", default=None)
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="ROAR retraining seeds to average (default: 1, 3 at paper scale as the thesis)")
-    parser.add_argument("--retrain-epochs", type=int, default=None, help="epochs of each ROAR retraining")
-    args = parser.parse_args(argv)
-    scale = common.resolve_scale(args)
-    out = common.out_dir(args, "roar_sanity")
-    fractions = args.fractions or {"smoke": [0.0, 0.5], "small": [0.0, 0.1, 0.3, 0.5, 0.7, 0.9],
-                                   "paper": [0.0, 0.1, 0.3, 0.5, 0.7, 0.9]}[args.scale]
+def centre_prior(height: int, width: int) -> np.ndarray:
+    """``-(Chebyshev distance from the image centre)``: a weight-independent map, high in the middle."""
+    dy, dx = np.abs(np.arange(height) - (height - 1) / 2), np.abs(np.arange(width) - (width - 1) / 2)
+    return -np.maximum(dy[:, None], dx[None, :]).astype(np.float32)
+
+
+def run_roar(args, scale, train, test, handle, key, fractions, repeats: int, out: str) -> tuple[dict, str]:
+    """ROAR curves ``{method: (fractions, mean accuracy, std)}`` (random baseline included) and their table."""
     retrain_scale = dataclasses.replace(scale, epochs=args.retrain_epochs or max(1, scale.epochs // 2))
-
-    train, test = common.load_splits(args, scale)
-    state, _, model = common.train_classifier(train, test, scale, seed=args.seed, activation=args.activation,
-                                              checkpoint_dir=os.path.join(out, "checkpoints"),
-                                              progress=not args.no_progress)
-    handle = saliency.ModelHandle(model.apply, state.variables)
-    key = jax.random.PRNGKey(args.seed)
-
-    repeats = args.repeats or (3 if args.scale == "paper" else 1)
     retrained: dict[tuple, float] = {}  # every method's 0 % point retrains on the same (unmodified) data
 
     def train_and_evaluate(seed: int, tr_x, tr_y, te_x, te_y) -> float:
@@ -64,9 +57,9 @@ def main(argv=None) -> dict:
             retrained[digest] = [r for r in records if "eval_accuracy" in r][-1]["eval_accuracy"]  # final model's
         return retrained[digest]
 
-    def roar_over_seeds(run_roar) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def roar_over_seeds(roar_fn) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(fractions, mean accuracy, std over ``repeats`` retraining seeds)."""
-        accs = np.array([run_roar(functools.partial(train_and_evaluate, args.seed + 1 + r)).accuracies
+        accs = np.array([roar_fn(functools.partial(train_and_evaluate, args.seed + 1 + r)).accuracies
                          for r in range(repeats)])
         return np.asarray(fractions), accs.mean(axis=0), accs.std(axis=0)
 
@@ -84,32 +77,65 @@ def main(argv=None) -> dict:
     roar_rows = [[name] + [f"{m:.3f} ± {sd:.3f}" if repeats > 1 else f"{m:.3f}" for m, sd in zip(c[1], c[2])]
                  for name, c in roar_curves.items()]
     viz.roar_curves(roar_curves, os.path.join(out, "roar.png"), title=f"ROAR ({args.dataset}, {scale.model})")
+    roar_md = (f"ROAR (thesis §3.5.2): test accuracy after removing the most salient pixels (mean fill) and "
+               f"retraining for {retrain_scale.epochs} epochs, mean over {repeats} seed(s) (lower is better):\n\n"
+               + common.markdown_table(["method"] + [f"{f:.0%}" for f in fractions], roar_rows) + "\n\n")
+    return roar_curves, roar_md
+
+
+def main(argv=None) -> dict:
+    parser = common.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--fractions", type=float, nargs="+", default=None)
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="ROAR retraining seeds to average (default: 1, 3 at paper scale as the thesis)")
+    parser.add_argument("--skip-roar", action="store_true", help="only the sanity check (minutes, not tens)")
+    parser.add_argument("--retrain-epochs", type=int, default=None, help="epochs of each ROAR retraining")
+    args = parser.parse_args(argv)
+    scale = common.resolve_scale(args)
+    out = common.out_dir(args, "roar_sanity")
+    fractions = args.fractions or {"smoke": [0.0, 0.5], "small": [0.0, 0.1, 0.3, 0.5, 0.7, 0.9],
+                                   "paper": [0.0, 0.1, 0.3, 0.5, 0.7, 0.9]}[args.scale]
+    train, test = common.load_splits(args, scale)
+    state, _, model = common.train_classifier(train, test, scale, seed=args.seed, activation=args.activation,
+                                              checkpoint_dir=os.path.join(out, "checkpoints"),
+                                              progress=not args.no_progress)
+    handle = saliency.ModelHandle(model.apply, state.variables)
+    key = jax.random.PRNGKey(args.seed)
+
+    repeats = args.repeats or (3 if args.scale == "paper" else 1)
+    roar_curves, roar_md = ({}, "") if args.skip_roar else run_roar(args, scale, train, test, handle, key, fractions,
+                                                                    repeats, out)
 
     # model-randomization sanity check on a few test images, maps of the true class
     x = jnp.asarray(test.images[:16])
     target = jnp.asarray(test.labels[:16])
     layers = metrics.module_order(handle, x)  # forward order; cascading_randomization starts at the output
-    sanity = {}
-    for name in SANITY_METHODS:
-        fn = functools.partial(saliency.SALIENCY_METHODS[name], key=key, **common.saliency_options(scale, name))
+    prior = jnp.broadcast_to(jnp.asarray(centre_prior(*x.shape[1:3])), x.shape[:3])
+    variants = {name: functools.partial(saliency.SALIENCY_METHODS[name], key=key,
+                                        **common.saliency_options(scale, name)) for name in SANITY_METHODS}
+    variants.update(FULLGRAD_PARTS)
+    sanity, prior_rho = {}, {}
+    for name, fn in tqdm(variants.items(), desc="sanity check", disable=args.no_progress):
         res = metrics.sanity_check(lambda p, xb: fn(handle.replace(variables={**state.variables, "params": p}), xb,
                                                     target), state.params, key, x, layers=layers)
         sanity[name] = np.asarray(res.spearman)
+        prior_rho[name] = [float(jnp.mean(metrics.rank_correlation(res.maps[i], prior))) for i in (0, -1)]
         stages = res.stages
     viz.sanity_check_plot(stages, sanity, os.path.join(out, "sanity_check.png"),
                           title="Cascading randomization (output layer first)")
-
-    md = (f"ROAR (thesis §3.5.2): test accuracy after removing the most salient pixels (mean fill) and "
-          f"retraining for {retrain_scale.epochs} epochs, mean over {repeats} seed(s) (lower is better):\n\n"
-          + common.markdown_table(["method"] + [f"{f:.0%}" for f in fractions], roar_rows)
-          + "\n\nSanity check: mean Spearman rank correlation with the original maps after randomizing layers "
-            "(cumulatively, from the output):\n\n"
-          + common.markdown_table(["method"] + list(stages),
-                                  [[n] + [f"{v:.3f}" for v in sanity[n].mean(axis=1)] for n in SANITY_METHODS]))
+    sanity_md = ("Sanity check: mean Spearman rank correlation with the original maps after randomizing layers "
+                 "(cumulatively, from the output); last two columns: rank correlation with a weight-independent "
+                 "centre prior (minus the distance from the image centre) for the trained and the fully random "
+                 "model:\n\n"
+                 + common.markdown_table(["method"] + list(stages) + ["prior (trained)", "prior (random)"],
+                                         [[n] + [f"{v:.3f}" for v in sanity[n].mean(axis=1)]
+                                          + [f"{v:.3f}" for v in prior_rho[n]] for n in variants]))
+    md = roar_md + sanity_md
     results = {"dataset": args.dataset, "scale": args.scale, "model": scale.model, "fractions": fractions,
                "roar_repeats": repeats,
                "roar": {k: {"mean": v[1].tolist(), "std": v[2].tolist()} for k, v in roar_curves.items()},
                "sanity_stages": list(stages), "sanity_spearman_mean": {k: v.mean(axis=1).tolist() for k, v in sanity.items()},
+               "sanity_centre_prior_rho": prior_rho,
                "environment": common.environment()}
     common.write_results(out, results, md)
     print(md)

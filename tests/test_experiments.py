@@ -32,3 +32,4 @@ def test_roar_sanity_smoke(tmp_path):
     assert stages[0] == "original" and len(stages) > 2
     for name, corr in res["sanity_spearman_mean"].items():
         assert abs(corr[0] - 1.0) < 1e-6, name  # the unrandomized model's maps equal themselves
+    assert set(res["sanity_centre_prior_rho"]) == set(res["sanity_spearman_mean"])
