@@ -1,0 +1,211 @@
+"""gradjax vs PyTorch + Captum on the same network, in one run: speed ratios and agreement of the maps.
+
+The Flax VGG's weights (with non-trivial BatchNorm statistics) are copied into an equivalent PyTorch module, so
+both frameworks explain the same function. For each method both sides compute raw (channel-unreduced)
+attributions of the predicted class on the same batch:
+
+* input-gradient — ``captum.attr.Saliency(abs=False)``;
+* integrated gradients, 32 midpoint steps, zero baseline — ``captum.attr.IntegratedGradients(method="riemann_middle")``;
+* SmoothGrad², 16 samples — ``captum.attr.NoiseTunnel(Saliency, nt_type="smoothgrad_sq")`` (different noise
+  draws: no agreement check);
+* guided backprop — ``captum.attr.GuidedBackprop``;
+* Grad-CAM on the last convolutional block — ``captum.attr.LayerGradCam`` + ``LayerAttribution.interpolate``
+  (half-pixel bilinear upsampling on both sides);
+* FullGrad (thesis eq. 3.2) — Captum has none; the peer is a PyTorch implementation written here in the style
+  of the reference code (forward hooks on every Conv2d / BatchNorm2d output, one ``torch.autograd.grad`` call for
+  the input- and all bias-gradients, ``psi = upsample o rescale o abs``).
+
+Timing: median of ``--repeats`` calls after a warm-up (gradjax compiled once, excluded), both on the CPU with
+all cores. ``ratio = peer time / gradjax time`` (> 1: gradjax is faster). ``max |diff| / max |ref|`` compares the
+two attributions.
+
+    pip install torch==2.13.0 captum   # (or: pip install -e ".[bench]")
+    python -m benchmarks.peers_captum  # ~2 minutes on 2 CPU cores
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gradjax import saliency
+from gradjax.models import create_model
+from gradjax.models.vgg import VGG_CONFIGS
+
+try:
+    import torch
+    from captum.attr import GuidedBackprop, IntegratedGradients, LayerAttribution, LayerGradCam, NoiseTunnel, Saliency
+except ImportError as e:  # pragma: no cover - optional dependency
+    raise SystemExit(f"this benchmark needs PyTorch and Captum ({e}); pip install torch==2.13.0 captum") from e
+
+
+def torch_vgg(model_name: str, width: float, in_channels: int, num_classes: int, variables) -> "torch.nn.Module":
+    """The PyTorch twin of :class:`gradjax.models.vgg.VGG` (eval mode) carrying the Flax weights."""
+    params, stats = variables["params"], variables["batch_stats"]
+    tensor = lambda a: torch.tensor(np.asarray(a))
+    layers, c_in, i = [], in_channels, 0
+    for layer in VGG_CONFIGS[model_name]:
+        if layer == "M":
+            layers.append(torch.nn.MaxPool2d(2, 2))
+            continue
+        c_out = max(1, int(round(layer * width)))
+        conv = torch.nn.Conv2d(c_in, c_out, 3, padding=1)
+        bn = torch.nn.BatchNorm2d(c_out, eps=1e-5)
+        p, s = params[f"block{i}"], stats[f"block{i}"]
+        with torch.no_grad():
+            conv.weight.copy_(tensor(np.asarray(p["conv"]["kernel"]).transpose(3, 2, 0, 1)))
+            conv.bias.copy_(tensor(p["conv"]["bias"]))
+            bn.weight.copy_(tensor(p["bn"]["scale"]))
+            bn.bias.copy_(tensor(p["bn"]["bias"]))
+            bn.running_mean.copy_(tensor(s["bn"]["mean"]))
+            bn.running_var.copy_(tensor(s["bn"]["var"]))
+        layers += [conv, bn, torch.nn.ReLU()]
+        c_in, i = c_out, i + 1
+    head = torch.nn.Linear(c_in, num_classes)
+    with torch.no_grad():
+        head.weight.copy_(tensor(np.asarray(params["head"]["kernel"]).T))
+        head.bias.copy_(tensor(params["head"]["bias"]))
+    return torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), head).eval()
+
+
+def torch_fullgrad(model: "torch.nn.Module", x: "torch.Tensor", target: "torch.Tensor") -> "torch.Tensor":
+    """FullGrad (thesis eq. 3.2) in PyTorch: ``psi(grad_x f * x) + sum_l psi(grad_{z_l} f * b_l)`` with
+    ``psi = bilinear upsample (align_corners) o per-example min-max rescale o abs``, channels summed."""
+    feats, biases = [], []
+
+    def hook(module, inputs, output):
+        feats.append(output)
+        if isinstance(module, torch.nn.Conv2d):
+            biases.append(module.bias)
+        else:  # eval BatchNorm's implicit bias beta - gamma * mean / sqrt(var + eps)
+            biases.append(module.bias - module.weight * module.running_mean / torch.sqrt(module.running_var + module.eps))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (torch.nn.Conv2d, torch.nn.BatchNorm2d))]
+    try:
+        x = x.clone().requires_grad_(True)
+        out = model(x)
+        grads = torch.autograd.grad(out.gather(1, target[:, None]).sum(), [x] + feats)
+    finally:
+        for h in handles:
+            h.remove()
+
+    def psi(m):
+        m = m.abs()
+        flat = m.reshape(m.shape[0], -1)
+        lo, hi = flat.min(1)[0][:, None, None, None], flat.max(1)[0][:, None, None, None]
+        m = torch.where(hi > lo, (m - lo) / (hi - lo).clamp_min(1e-30), torch.zeros_like(m)).sum(1, keepdim=True)
+        return torch.nn.functional.interpolate(m, size=x.shape[2:], mode="bilinear", align_corners=True)[:, 0]
+
+    total = psi(grads[0] * x)
+    for g, b in zip(grads[1:], biases):
+        total = total + psi(g * b[None, :, None, None])
+    return total.detach()
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, sync: Callable[[object], object]) -> float:
+    sync(fn())  # warm-up (compilation for gradjax)
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sync(fn())
+        runs.append(time.perf_counter() - t0)
+    return statistics.median(runs)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="vgg9", choices=sorted(VGG_CONFIGS))
+    p.add_argument("--width", type=float, default=0.25)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--channels", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", default=os.path.join("benchmarks", "results"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    model = create_model(args.model, 10, width=args.width)
+    x = jax.random.normal(jax.random.PRNGKey(0), (args.batch_size, args.image_size, args.image_size, args.channels))
+    variables = model.init(jax.random.PRNGKey(1), x[:1], train=False)
+    # Non-trivial BatchNorm statistics (so the implicit BN biases and their FullGrad maps are not zero): the running
+    # statistics of one train-mode pass over the batch, perturbed a little.
+    _, updated = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    stats = jax.tree_util.tree_map(lambda new: new * 1.05, updated["batch_stats"])
+    variables = {"params": variables["params"], "batch_stats": stats}
+    handle = saliency.ModelHandle(model.apply, variables)
+    tmodel = torch_vgg(args.model, args.width, args.channels, 10, variables)
+    xt = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
+
+    logits = np.asarray(handle.logits(x))
+    with torch.no_grad():
+        tlogits = tmodel(xt).numpy()
+    if not (np.all(np.isfinite(logits)) and np.ptp(logits) > 0):
+        raise SystemExit(f"degenerate network for the comparison (logits {logits[:2]})")
+    logit_diff = float(np.max(np.abs(logits - tlogits)) / np.max(np.abs(logits)))
+    target = jnp.argmax(logits, -1)
+    tt = torch.from_numpy(np.asarray(target)).long()
+    key = jax.random.PRNGKey(3)
+    last_relu = [m for m in tmodel if isinstance(m, torch.nn.ReLU)][-1]
+    n_blocks = sum(1 for layer in VGG_CONFIGS[args.model] if layer != "M")
+
+    nhwc = lambda a: np.asarray(a).transpose(0, 2, 3, 1) if np.ndim(a) == 4 else np.asarray(a)
+    cases = {
+        "gradient": (lambda: saliency.input_gradient(handle, x, target, reduce=None),
+                     lambda: Saliency(tmodel).attribute(xt, target=tt, abs=False)),
+        "integrated_gradients (32 steps)": (
+            lambda: saliency.integrated_gradients(handle, x, target, steps=32, reduce=None),
+            lambda: IntegratedGradients(tmodel).attribute(xt, target=tt, n_steps=32, method="riemann_middle",
+                                                          internal_batch_size=8 * args.batch_size)),
+        "smoothgrad_sq (16 samples)": (
+            lambda: saliency.smoothgrad_squared(handle, x, target, key=key, samples=16, reduce=None),
+            lambda: NoiseTunnel(Saliency(tmodel)).attribute(xt, target=tt, nt_type="smoothgrad_sq", nt_samples=16,
+                                                           nt_samples_batch_size=8, stdevs=0.15, abs=False)),
+        "guided_backprop": (lambda: saliency.guided_backprop(handle, x, target, reduce=None),
+                            lambda: GuidedBackprop(tmodel).attribute(xt, target=tt)),
+        "gradcam (last block)": (
+            lambda: saliency.gradcam(handle, x, target, layer=f"block{n_blocks - 1}", align_corners=False),
+            lambda: LayerAttribution.interpolate(
+                LayerGradCam(tmodel, last_relu).attribute(xt, target=tt, relu_attributions=True),
+                (args.image_size, args.image_size), "bilinear")[:, 0]),
+        "fullgrad": (lambda: saliency.fullgrad(handle, x, target), lambda: torch_fullgrad(tmodel, xt, tt)),
+    }
+    compare = {"gradient", "integrated_gradients (32 steps)", "guided_backprop", "gradcam (last block)", "fullgrad"}
+
+    rows = {}
+    for name, (ours, peer) in cases.items():
+        t_ours = median_seconds(ours, args.repeats, jax.block_until_ready)
+        t_peer = median_seconds(peer, args.repeats, lambda a: a)
+        diff = None
+        if name in compare:
+            a, b = np.asarray(ours()), nhwc(peer().detach().numpy())
+            diff = float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+        rows[name] = {"gradjax_s": t_ours, "peer_s": t_peer, "ratio": t_peer / t_ours, "rel_max_diff": diff}
+
+    lines = [f"{args.model} width {args.width}, batch {args.batch_size}x{args.image_size}x{args.image_size}x"
+             f"{args.channels}, CPU ({os.cpu_count()} cores), median of {args.repeats}; jax {jax.__version__}, "
+             f"torch {torch.__version__}; logits agree to {logit_diff:.1e} (relative).", "",
+             "| method | gradjax ms | PyTorch/Captum ms | peer / gradjax | max abs diff / max abs |",
+             "|---|---|---|---|---|"]
+    for name, r in rows.items():
+        d = "—" if r["rel_max_diff"] is None else f"{r['rel_max_diff']:.1e}"
+        lines.append(f"| {name} | {1e3 * r['gradjax_s']:.1f} | {1e3 * r['peer_s']:.1f} | {r['ratio']:.2f} | {d} |")
+    table = "\n".join(lines)
+    print(table)
+    result = {"args": vars(args), "jax": jax.__version__, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+              "logit_rel_diff": logit_diff, "rows": rows, "table": table}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "peers_captum-cpu.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
