@@ -71,3 +71,29 @@ def check_labels(labels, num_classes: int | None, batch_size: int | None = None,
 def check_batch_match(a, b, name_a: str, name_b: str) -> None:
     if jnp.shape(a)[0] != jnp.shape(b)[0]:
         raise ValueError(f"{name_a} and {name_b} must have the same batch size; got {jnp.shape(a)[0]} and {jnp.shape(b)[0]}.")
+
+
+PREDICTED = "predicted"
+"""Target sentinel: explain / differentiate the arg-max class of each example (re-exported by
+:mod:`gradjax.gradients` and :mod:`gradjax.fullgrad`)."""
+
+
+def normalize_target(target, batch: int, num_classes: int | None = None, name: str = "target"):
+    """``PREDICTED`` or an int array ``[batch]`` of class indices: Python ints / lists become arrays (int64 -> int32
+    unless x64 is on), a scalar is broadcast to the batch; rank, dtype, batch size and (with ``num_classes``, on
+    concrete values) range are checked."""
+    if isinstance(target, str):
+        if target != PREDICTED:
+            raise ValueError(f"{name} must be an int array [B] of class indices or {PREDICTED!r}; got {target!r}.")
+        return target
+    if target is None:
+        raise ValueError(f"{name} must be an int array [B] of class indices or {PREDICTED!r}; got None.")
+    if not hasattr(target, "dtype"):
+        target = np.asarray(target)
+        if target.dtype == np.int64 and not jax.config.jax_enable_x64:
+            target = target.astype(np.int32)
+    check_integer(target, name)
+    if jnp.ndim(target) == 0:
+        target = jnp.broadcast_to(target, (batch,))
+    check_labels(target, num_classes, batch, name)
+    return target

@@ -37,15 +37,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradjax._validation import (check_finite, check_floating, check_images, check_labels, check_rank,
-                                 is_concrete)
+from gradjax._validation import (PREDICTED, check_finite, check_floating, check_images, is_concrete,
+                                 normalize_target)
 from gradjax.models.layers import TAP
 
 Array = jax.Array
-
-PREDICTED = "predicted"
-"""Target sentinel: explain the predicted (arg-max) class of each example. Same string as
-``gradjax.gradients.PREDICTED``, so either constant can be passed."""
 
 MERGE_MODES = ("none", "conv_bn", "block")
 """How bias-gradient maps are grouped into layers; see :func:`full_gradients`."""
@@ -171,35 +167,10 @@ def flatten_taps(tree: Mapping) -> dict[str, Any]:
     return out
 
 
-def _is_predicted_sentinel(target) -> bool:
-    """``gradjax.gradients.PREDICTED`` is accepted too, whatever object it is (imported lazily: no cycle)."""
-    try:
-        from gradjax import gradients as _gradients
-    except Exception:  # pragma: no cover - gradients.py absent or broken
-        return False
-    other = getattr(_gradients, "PREDICTED", PREDICTED)
-    return other is not PREDICTED and target is other
-
-
 def _select_target(target, batch: int, num_classes: Optional[int]):
     """Return ``None`` for :data:`PREDICTED`, else an int array ``[B]`` (scalars are broadcast)."""
-    if not isinstance(target, str) and not hasattr(target, "shape") and _is_predicted_sentinel(target):
-        return None
-    if isinstance(target, str):
-        if target != PREDICTED:
-            raise ValueError(f"target must be an int array [B] of class indices or {PREDICTED!r}; got {target!r}.")
-        return None
-    if target is None:
-        raise ValueError(f"target must be an int array [B] of class indices or {PREDICTED!r}; got None.")
-    if not hasattr(target, "dtype"):
-        target = np.asarray(target)
-        if target.dtype == np.int64 and not jax.config.jax_enable_x64:
-            target = target.astype(np.int32)
-    if jnp.ndim(target) == 0:
-        check_labels(jnp.reshape(target, (1,)), num_classes, None, "target")
-        target = jnp.broadcast_to(target, (batch,))
-    check_labels(target, num_classes, batch, "target")
-    return target
+    target = normalize_target(target, batch, num_classes)
+    return None if isinstance(target, str) else target
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -409,7 +380,7 @@ def full_gradients_fn(apply_fn: Callable, *, merge: str = "none", dtype=None,
     def fn(variables, x, target=PREDICTED):
         x = _check_x(x)
         variables = _clean_variables(variables)
-        if isinstance(target, str) or (not hasattr(target, "shape") and _is_predicted_sentinel(target)):
+        if isinstance(target, str):
             _select_target(target, x.shape[0], None)
             return predicted_c(variables, x)
         if is_concrete(target) and is_concrete(x) and all(is_concrete(a) for a in jax.tree.leaves(variables)):

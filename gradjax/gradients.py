@@ -52,8 +52,9 @@ __all__ = [
     "value_and_input_gradient",
 ]
 
-PREDICTED = "predicted"
-"""Target sentinel: use the arg-max (top) class of the logits at ``x`` (thesis §2.4.1)."""
+PREDICTED = V.PREDICTED
+"""Target sentinel: use the arg-max (top) class of the logits at ``x`` (thesis §2.4.1). The same object as
+``gradjax.fullgrad.PREDICTED``."""
 
 Target = Union[jax.Array, str]
 LogitsFn = Callable[[jax.Array], jax.Array]

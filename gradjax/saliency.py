@@ -173,21 +173,7 @@ def _check_x(x, *, images: bool = True) -> Array:
 
 def _check_target(target, batch: int):
     """Static target checks; returns ``PREDICTED`` or an int array ``[B]`` (scalars broadcast)."""
-    if isinstance(target, str):
-        if target != PREDICTED:
-            raise ValueError(f"target must be an int array [B] of class indices or {PREDICTED!r}; got {target!r}.")
-        return target
-    if target is None:
-        raise ValueError(f"target must be an int array [B] of class indices or {PREDICTED!r}; got None.")
-    if not hasattr(target, "dtype"):
-        target = np.asarray(target)
-        if target.dtype == np.int64:
-            target = target.astype(np.int32)
-    V.check_integer(target, "target")
-    if jnp.ndim(target) == 0:
-        target = jnp.broadcast_to(target, (batch,))
-    V.check_labels(target, None, batch, "target")
-    return target
+    return V.normalize_target(target, batch)
 
 
 def _resolve(logits: Array, target) -> Array:
