@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradjax import _validation as V
+from gradjax import gradients as _gradients
 
 __all__ = [
     "hvp",
@@ -112,22 +113,9 @@ def _feature_sum(a: jax.Array) -> jax.Array:
 # gradient / HVP machinery
 # ----------------------------------------------------------------------------------------------------------
 def _value_and_grad_fn(f: ScalarFn, batch_mode: str) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
-    """``x -> (f(x) [B], ∇_{x_b} f(x)_b [B, ...])`` (the sum trick or vmap over batches of one)."""
-    if batch_mode == "sum":
-        def vg(x):
-            fx, pullback = jax.vjp(f, x)
-            _check_fx(fx, x.shape[0])
-            (g,) = pullback(jnp.ones_like(fx))
-            return fx, g
-        return vg
-
-    def one(xi):
-        fi, pullback = jax.vjp(lambda z: f(z[None])[0], xi)
-        if jnp.shape(fi) != ():
-            raise ValueError(f"f must return one value per example; got per-example shape {jnp.shape(fi)}.")
-        (gi,) = pullback(jnp.ones_like(fi))
-        return fi, gi
-    return jax.vmap(one)
+    """``x -> (f(x) [B], ∇_{x_b} f(x)_b [B, ...])`` (the sum trick or vmap over batches of one; see
+    :func:`gradjax.gradients.value_and_input_gradient`)."""
+    return lambda x: _gradients._value_and_grad(f, x, batch_mode)
 
 
 def _linearized_hessian(f: ScalarFn, x: jax.Array, batch_mode: str):
