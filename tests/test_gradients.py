@@ -11,14 +11,6 @@ import pytest
 from gradjax import gradients as G
 
 
-@pytest.fixture
-def x64():
-    prev = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", prev)
-
-
 def init_mlp(rng, sizes, dtype=jnp.float32):
     """Tiny MLP parameters from a NumPy generator (fixed seed; cheap: no per-op compilation of jax.random)."""
     return [(jnp.asarray(rng.normal(size=(m, n)) / np.sqrt(m), dtype), jnp.asarray(0.1 * rng.normal(size=n), dtype))

@@ -14,14 +14,7 @@ from gradjax import viz
 from gradjax.models import create_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compilation():
-    """XLA with most optimizations off compiles ~2x faster on CPU; these tests check math, not speed. Restored
-    afterwards, so other test modules are unaffected."""
-    old = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compilation")
 
 
 def linear_logits(W):

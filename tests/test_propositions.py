@@ -32,14 +32,6 @@ from gradjax import trace as T
 B, D, K, N = 2, 4, 3, 4000
 
 
-@pytest.fixture
-def x64():
-    prev = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", prev)
-
-
 def tanh_net_params(seed, width=8):
     rng = np.random.default_rng(seed)
     return (jnp.asarray(1.5 * rng.normal(size=(D, width)) / np.sqrt(D)), jnp.asarray(0.3 * rng.normal(size=width)),

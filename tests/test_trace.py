@@ -12,14 +12,6 @@ import pytest
 from gradjax import trace as T
 
 
-@pytest.fixture
-def x64():
-    prev = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", prev)
-
-
 def softplus_net(dtype=jnp.float32, shape=(3, 2, 2, 2), width=16, K=3, seed=0, scale=1.0):
     """f(x) = logsumexp(logits(x)) of a tiny softplus MLP (the implicit log-density of thesis §5.3), x [B, ...]."""
     rng = np.random.default_rng(seed)
