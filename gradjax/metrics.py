@@ -3,7 +3,7 @@ and the model-randomization sanity check.
 
 Conventions: images ``x`` are ``[B, H, W, C]``; saliency maps are ``[B, H, W]`` (one score per pixel, as
 returned by every method of :mod:`gradjax.saliency`); a *pixel* is a spatial location with all its channels.
-``logits_fn`` is a plain ``logits_fn(x) -> [B, K]`` callable (or a :class:`gradjax.saliency.ModelHandle`).
+``logits_fn`` is a plain ``logits_fn(x) -> [B, K]`` callable (or a :class:`gradjax.model.ModelHandle`).
 The masking and scoring functions are pure and jittable (the removal ``fraction`` may be a traced scalar); the
 experiment drivers (:func:`roar`, :func:`sanity_check`) are plain Python loops around them.
 """
@@ -19,7 +19,7 @@ from jax import lax
 
 from gradjax import _validation as V
 from gradjax.gradients import PREDICTED, resolve_target, select
-from gradjax.saliency import ModelHandle, _logits_fn
+from gradjax.model import ModelHandle, as_logits_fn as _logits_fn
 
 Array = jax.Array
 Fill = Union[str, float, Array]
@@ -377,7 +377,7 @@ def module_order(model: ModelHandle, x: Array) -> list[str]:
     """Top-level modules that own parameters, in the order the forward pass calls them (e.g.
     ``["block0", "block1", "block2", "head"]``). Computed by tracing shapes only."""
     if not isinstance(model, ModelHandle):
-        raise ValueError("module_order needs a gradjax.saliency.ModelHandle(model.apply, variables).")
+        raise ValueError("module_order needs a gradjax.model.ModelHandle(model.apply, variables).")
     params = model.variables.get("params", {})
     order: list[str] = []
 

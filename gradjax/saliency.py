@@ -37,7 +37,6 @@ Value checks (NaN input, target range) run on concrete arguments only; under ``j
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
@@ -51,6 +50,7 @@ from gradjax import _validation as V
 from gradjax import fullgrad as _fg
 from gradjax.gradients import PREDICTED, resolve_target, select
 from gradjax.models.layers import Activation
+from gradjax.model import ModelHandle, as_logits_fn as _logits_fn, require_handle as _need_handle
 
 Array = jax.Array
 Target = Union[Array, int, str]
@@ -73,85 +73,6 @@ POSTPROCESS = ("abs_rescale", "abs", "rescale", "none")
 ``"abs_rescale"`` = ``rescale(abs(.))`` (eq. 3.2, the thesis default), ``"abs"`` (``psi_mnist``, §3.6),
 ``"rescale"`` (min-max rescale of the signed map), ``"none"`` (``psi_m``, the minimal post-processing of §3.6 /
 §3.10.1: bilinear upsampling only, signed)."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The model handle
-# ----------------------------------------------------------------------------------------------------------------
-
-@jax.tree_util.register_pytree_node_class
-@dataclasses.dataclass(frozen=True)
-class ModelHandle:
-    """A Linen model bound to its variables: ``ModelHandle(model.apply, variables)``.
-
-    Attributes:
-      apply_fn: ``model.apply`` (any callable ``apply_fn(variables, x, **apply_kwargs, [mutable=...])``
-        following the Linen ``apply`` convention). Static under ``jit`` (pytree auxiliary data).
-      variables: ``{'params': ..., 'batch_stats': ...}``; the ``'perturbations'``/``'biases'`` collections that
-        ``model.init`` returns are dropped (they are rebuilt per batch when needed). The pytree leaves.
-      apply_kwargs: extra keyword arguments of ``apply_fn`` as a tuple of ``(name, value)`` pairs (hashable);
-        default ``(("train", False),)`` — eval mode, so that examples are independent.
-
-    ``handle.logits(x)`` is the plain ``logits_fn`` the gradient-only methods need.
-    """
-
-    apply_fn: Callable
-    variables: Any
-    apply_kwargs: tuple = (("train", False),)
-
-    def __post_init__(self):
-        if not callable(self.apply_fn):
-            raise ValueError(f"ModelHandle.apply_fn must be callable (e.g. model.apply); got {type(self.apply_fn)}.")
-        if isinstance(self.apply_kwargs, Mapping):
-            object.__setattr__(self, "apply_kwargs", tuple(sorted(self.apply_kwargs.items())))
-        if isinstance(self.variables, Mapping):
-            object.__setattr__(self, "variables",
-                               {k: v for k, v in self.variables.items() if k not in ("perturbations", "biases")})
-
-    def tree_flatten(self):
-        return (self.variables,), (self.apply_fn, self.apply_kwargs)
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        obj = object.__new__(cls)
-        object.__setattr__(obj, "apply_fn", aux[0])
-        object.__setattr__(obj, "variables", children[0])
-        object.__setattr__(obj, "apply_kwargs", aux[1])
-        return obj
-
-    @property
-    def kwargs(self) -> dict:
-        return dict(self.apply_kwargs)
-
-    def logits(self, x: Array, *, interceptor: Optional[Callable] = None) -> Array:
-        """``apply_fn(variables, x, **apply_kwargs) -> logits [B, K]``, optionally under a Linen method
-        interceptor (:func:`flax.linen.intercept_methods`)."""
-        if interceptor is None:
-            return self.apply_fn(self.variables, x, **self.kwargs)
-        with nn.intercept_methods(interceptor):
-            return self.apply_fn(self.variables, x, **self.kwargs)
-
-    def replace(self, **changes) -> "ModelHandle":
-        """A copy with some fields replaced, e.g. ``handle.replace(variables=new)``."""
-        return dataclasses.replace(self, **changes)
-
-    __call__ = logits
-
-
-def _logits_fn(model) -> Callable[[Array], Array]:
-    if isinstance(model, ModelHandle):
-        return model.logits
-    if callable(model):
-        return model
-    raise ValueError(f"model must be a logits callable or a gradjax.saliency.ModelHandle; got {type(model).__name__}.")
-
-
-def _need_handle(model, method: str) -> ModelHandle:
-    if not isinstance(model, ModelHandle):
-        raise ValueError(
-            f"{method} needs the model's internals: pass gradjax.saliency.ModelHandle(model.apply, variables) "
-            f"instead of a logits callable (got {type(model).__name__}).")
-    return model
 
 
 # ----------------------------------------------------------------------------------------------------------------
