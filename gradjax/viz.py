@@ -4,19 +4,23 @@
 * :func:`perturbation_curves` — pixel perturbation: % pixels removed vs fractional output change (Fig. 3.2a).
 * :func:`roar_curves` — ROAR: % pixels removed vs retrained test accuracy (Fig. 3.2b).
 * :func:`sanity_check_plot` — rank correlation with the original maps per randomization stage (Adebayo et al.).
+* :func:`training_curves` — train / eval metrics against the step, from the JSON-lines records that
+  :func:`gradjax.train.fit` writes (``metrics.jsonl``; :func:`read_metrics` reads such a file).
 
 Every function writes one PNG to ``path`` (parent folders are created) and returns the path.
 """
 from __future__ import annotations
 
+import json
 import os
-from typing import Mapping, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["saliency_gallery", "perturbation_curves", "roar_curves", "sanity_check_plot"]
+__all__ = ["saliency_gallery", "perturbation_curves", "roar_curves", "sanity_check_plot", "training_curves",
+           "read_metrics"]
 
 
 def _save(fig: Figure, path: str, dpi: int) -> str:
@@ -150,4 +154,72 @@ def sanity_check_plot(stages: Sequence[str], correlations: Mapping[str, np.ndarr
         ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return _save(fig, path, dpi)
+
+
+# keys of a metrics record that are coordinates or bookkeeping, not metrics
+_RECORD_AXES = ("step", "epoch", "elapsed_s")
+# train and eval names of one quantity share a panel ("loss" is the training objective, "cross_entropy" the
+# eval one; for the plain classifier they are the same quantity, up to weight decay, which optax adds apart)
+_PANEL_OF = {"loss": "loss / cross-entropy", "cross_entropy": "loss / cross-entropy"}
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The records of a JSON-lines metrics log (one JSON object per non-empty line), in file order."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _training_series(records: Union[str, Iterable[Mapping]], metrics: Optional[Sequence[str]] = None
+                     ) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
+    """``{panel: {line label: (steps, values)}}`` from metric records (see :func:`training_curves`); steps sorted,
+    a step logged twice keeps its last value."""
+    if isinstance(records, (str, os.PathLike)):
+        records = read_metrics(os.fspath(records))
+    series: dict[str, dict[str, dict[int, float]]] = {}  # panel -> line label -> {step: value}
+    for rec in records:
+        if "step" not in rec:
+            raise ValueError(f"every metrics record needs a 'step'; got {dict(rec)!r}.")
+        for key, value in rec.items():
+            if key in _RECORD_AXES or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            is_eval = key.startswith("eval_")
+            base = key[len("eval_"):] if is_eval else key
+            if metrics is not None and base not in metrics:
+                continue
+            panel = _PANEL_OF.get(base, base)
+            label = f"{'eval' if is_eval else 'train'} {base}"
+            series.setdefault(panel, {}).setdefault(label, {})[int(rec["step"])] = float(value)
+    if not series:
+        raise ValueError("no metric values to plot" + (f" for metrics={list(metrics)}" if metrics is not None else "")
+                         + ": the records hold only step/epoch/elapsed_s, or none were given.")
+    return {panel: {label: (sorted(pts), [pts[k] for k in sorted(pts)]) for label, pts in lines.items()}
+            for panel, lines in series.items()}
+
+
+def training_curves(records: Union[str, Iterable[Mapping]], path: str, *, metrics: Optional[Sequence[str]] = None,
+                    title: Optional[str] = None, dpi: int = 100) -> str:
+    """Training curves: one panel per metric, train and eval lines against the training step.
+
+    Args:
+      records: metric records ``{"step": int, "epoch": int, <metric>: float, ...}`` as :func:`gradjax.train.fit`
+        returns and logs them — train records (``loss``, ``accuracy``, ... averaged over the last steps) and eval
+        records (``eval_accuracy``, ``eval_cross_entropy``, ... once per epoch) — or the path of such a JSON-lines
+        file. A run resumed from a checkpoint appends to its log, so a step logged twice keeps its last value.
+      metrics: base metric names to draw (e.g. ``("loss", "accuracy")``); default: every numeric metric found
+        (``loss`` and ``cross_entropy`` share a panel).
+    Raises ``ValueError`` if no record has a numeric metric besides ``step``/``epoch``/``elapsed_s``.
+    """
+    series = _training_series(records, metrics)
+    fig = Figure(figsize=(4.2 * len(series), 3.4 + (0.3 if title else 0)))
+    axes = fig.subplots(1, len(series), squeeze=False)[0]
+    for ax, (panel, lines) in zip(axes, series.items()):
+        for label, (steps, values) in lines.items():
+            ax.plot(steps, values, marker="o" if label.startswith("eval") else None, ms=3, label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel(panel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
     return _save(fig, path, dpi)
