@@ -359,12 +359,14 @@ def digit_flip_with_method(method: Union[str, Callable], model, x: Array, *, key
                            target: int = 3, budget: float = 0.2, fill: Fill = 0.0, positive_only: bool = True,
                            **options) -> DigitFlipResult:
     """:func:`digit_flip` with the maps of a :mod:`gradjax.saliency` method (name or function) for the classes
-    ``source`` and ``target`` (the same ``key`` for both, so noise methods see the same noise)."""
+    ``source`` and ``target``. ``key`` is split into one key per class: with one shared key a random method
+    would give the same map for both classes, whose difference ``S_diff`` is then identically zero."""
     from gradjax.saliency import get_method
     fn = get_method(method) if isinstance(method, str) else method
     B = jnp.shape(x)[0]
-    s_src = fn(model, x, jnp.full((B,), source, jnp.int32), key=key, **options)
-    s_tgt = fn(model, x, jnp.full((B,), target, jnp.int32), key=key, **options)
+    k_src, k_tgt = (None, None) if key is None else jax.random.split(key)
+    s_src = fn(model, x, jnp.full((B,), source, jnp.int32), key=k_src, **options)
+    s_tgt = fn(model, x, jnp.full((B,), target, jnp.int32), key=k_tgt, **options)
     return digit_flip(model, x, s_src, s_tgt, source=source, target=target, budget=budget, fill=fill,
                       positive_only=positive_only)
 
