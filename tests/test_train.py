@@ -163,7 +163,7 @@ def test_metrics_jsonl_and_eval(tmp_path):
     ({"image": np.zeros((4, 16, 16, 1), np.uint8), "label": np.zeros(4, np.int32)}, "floating-point"),
     ({"image": np.zeros((4, 16, 16, 1), np.float32), "label": np.array([0, 1, 2, 10], np.int32)}, r"\[0, 10\)"),
     ({"image": np.zeros((4, 16, 16, 1), np.float32), "label": np.zeros(4, np.float32)}, "integer"),
-    ({"image": np.zeros((4, 16, 16, 1), np.float32), "label": np.zeros(3, np.int32)}, "batch has 4"),
+    ({"image": np.zeros((4, 16, 16, 1), np.float32), "label": np.zeros(3, np.int32)}, "same batch size"),
     ({"image": np.full((4, 16, 16, 1), np.nan, np.float32), "label": np.zeros(4, np.int32)}, "non-finite"),
 ])
 def test_bad_batches_raise_clear_errors(batch, msg):

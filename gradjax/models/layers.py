@@ -20,7 +20,8 @@ same structure and can be zipped. Both are no-ops unless the caller asks for the
 Taps:
 * :class:`TappedConv` / :class:`TappedDense`: the learned bias ``b``.
 * :class:`TappedBatchNorm`: the implicit bias ``beta - gamma * mean / sqrt(var + eps)`` of
-  ``y = gamma (x - mean) / sqrt(var + eps) + beta`` (eval mode, running statistics).
+  ``y = gamma (x - mean) / sqrt(var + eps) + beta`` (eval mode with the running statistics, or a frozen-moments
+  pass with recorded batch moments: both are affine per example).
 * :class:`Activation`: for a non-piecewise-linear activation (softplus), the implicit bias
   ``sigma(z) - sigma'(z) z`` of its local linearization (thesis §3.4), which is input-dependent. ReLU has none.
 """
@@ -96,14 +97,30 @@ class TappedConv(nn.Module):
         return bias_tap(self, z + b, b)
 
 
+MOMENTS = "bn_moments"
+"""Collection of the batch moments ``{"mean", "var"}`` [C] of every :class:`TappedBatchNorm`, keyed by module path.
+Recorded by a train-mode pass when the collection is mutable; consumed (read-only) by a frozen-moments pass (see
+:mod:`gradjax.model`, "Forward modes and the BatchNorm policy")."""
+
+
 class TappedBatchNorm(nn.Module):
     """Batch normalization over all axes but the last, with its implicit bias exposed.
 
-    Eval mode (``train=False``) uses the running statistics and is the affine map
-    ``y = s * x + c`` with ``s = gamma / sqrt(var + eps)`` and implicit bias ``c = beta - s * mean``; it is
-    computed in exactly that form so that full-gradient completeness holds to round-off. Train mode normalizes
-    with the batch statistics (averaged over ``axis_name`` under ``pmap``; under ``jit`` with a sharded batch the
-    reduction is already global) and updates the running averages with ``momentum``.
+    Every mode computes ``y = s * x + c`` with ``s = gamma / sqrt(var + eps)`` and the implicit bias
+    ``c = beta - s * mean`` (the tap), in exactly that form so that full-gradient completeness holds to round-off
+    whenever ``(mean, var)`` do not depend on ``x``. Which ``(mean, var)`` [C] is used:
+
+    * **eval** (``train=False``): the running statistics (collection ``"batch_stats"``). Examples are independent.
+    * **train** (``train=True``): the moments of this batch over all axes but the last (averaged over
+      ``axis_name`` under ``pmap``; under ``jit`` with a sharded batch the reduction is already global). The
+      running averages are updated with ``momentum`` (when ``"batch_stats"`` is mutable), and when the collection
+      ``"bn_moments"`` is mutable the batch moments are recorded there (``stop_gradient``-ed) for a later
+      frozen-moments pass. Examples are coupled through ``mean``/``var``.
+    * **frozen moments** (``train=True`` with a read-only ``"bn_moments"`` collection passed in the variables):
+      ``stop_gradient`` of the recorded ``mean``/``var``; no running-statistics update. BN is then a fixed affine
+      map per example, so ``grad_x`` of a sum over the batch gives exact per-example gradients, and full-gradient
+      completeness holds with ``c`` as the bias.
+
     Parameters and statistics follow ``flax.linen.BatchNorm`` (``scale``, ``bias``; ``mean``, ``var``).
     """
 
@@ -119,7 +136,12 @@ class TappedBatchNorm(nn.Module):
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((feat,), jnp.float32))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((feat,), jnp.float32))
         dtype = jnp.result_type(x, gamma)
-        if train:
+        frozen = (train and not self.is_initializing() and not self.is_mutable_collection(MOMENTS)
+                  and self.has_variable(MOMENTS, "mean"))
+        if frozen:
+            mean = lax.stop_gradient(self.get_variable(MOMENTS, "mean"))
+            var = lax.stop_gradient(self.get_variable(MOMENTS, "var"))
+        elif train:
             axes = tuple(range(x.ndim - 1))
             mean = jnp.mean(x, axis=axes)
             mean_sq = jnp.mean(jnp.square(x), axis=axes)
@@ -127,6 +149,9 @@ class TappedBatchNorm(nn.Module):
                 mean, mean_sq = lax.pmean((mean, mean_sq), self.axis_name)
             var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
             if not self.is_initializing():
+                if self.is_mutable_collection(MOMENTS):
+                    self.put_variable(MOMENTS, "mean", lax.stop_gradient(mean))
+                    self.put_variable(MOMENTS, "var", lax.stop_gradient(var))
                 m = self.momentum
                 ra_mean.value = (m * ra_mean.value + (1 - m) * lax.stop_gradient(mean)).astype(ra_mean.value.dtype)
                 ra_var.value = (m * ra_var.value + (1 - m) * lax.stop_gradient(var)).astype(ra_var.value.dtype)
