@@ -90,8 +90,9 @@ def load_splits(args, scale: Scale) -> tuple[gdata.ArrayDataset, gdata.ArrayData
 
 @functools.lru_cache(maxsize=16)
 def _training_setup(model_name: str, width: float, activation: str, num_classes: int, lr: float, total_steps: int,
-                    loss_fn_builder) -> tuple[Any, optax.GradientTransformation, Any, Any]:
-    """(model, optimizer, compiled train step, eval step) for one configuration, built once per process.
+                    loss_fn_builder) -> tuple[Any, optax.GradientTransformation, Any, Any, Any]:
+    """(model, optimizer, compiled train step, eval step, compiled init) for one configuration, built once per
+    process.
 
     The optimizer is static in :class:`~gradjax.train.TrainState` and the loss closes over ``model.apply``, so
     rebuilding them would make every retraining (ROAR trains one model per removal fraction) recompile."""
@@ -99,7 +100,8 @@ def _training_setup(model_name: str, width: float, activation: str, num_classes:
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(100, total_steps // 10 + 1), total_steps)
     tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(schedule, momentum=0.9, nesterov=True))
     step = gtrain.jit_train_step(loss_fn_builder(model.apply), num_classes=num_classes)
-    return model, tx, step, gtrain.make_eval_step(model.apply)
+    init_fn = jax.jit(functools.partial(model.init, train=False))
+    return model, tx, step, gtrain.make_eval_step(model.apply), init_fn
 
 
 def train_classifier(train: gdata.ArrayDataset, test: gdata.ArrayDataset, scale: Scale, *, seed: int = 0,
@@ -110,10 +112,10 @@ def train_classifier(train: gdata.ArrayDataset, test: gdata.ArrayDataset, scale:
     Calls with the same model, data size and schedule reuse one compiled train step."""
     bs = min(scale.batch_size, len(train))
     steps_per_epoch = max(1, gdata.steps_per_epoch(train, bs))
-    model, tx, step, eval_step = _training_setup(scale.model, scale.width, activation, train.num_classes, scale.lr,
+    model, tx, step, eval_step, init_fn = _training_setup(scale.model, scale.width, activation, train.num_classes, scale.lr,
                                                  scale.epochs * steps_per_epoch,
                                                  loss_fn_builder or gtrain.classification_loss)
-    state = gtrain.create_train_state(model, tx, train.images[:2], seed=seed)
+    state = gtrain.create_train_state(model, tx, train.images[:2], seed=seed, init_fn=init_fn)
     eval_fn = lambda s: gtrain.evaluate(s, gdata.batches(test, 256, shuffle=False, drop_remainder=False), eval_step)
     state, records = gtrain.fit(
         state, step, lambda epoch, start: gdata.batches(train, bs, seed=seed, epoch=epoch, start=start),
