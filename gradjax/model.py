@@ -175,8 +175,8 @@ def apply_train(apply_fn: Callable, params: PyTree, model_state: Mapping, x: Arr
     ``{module path: {"mean": [C], "var": [C]}}`` of those batch moments, for :func:`apply_frozen`; ``{}`` for a
     model without BatchNorm.
     """
-    mutable = list(model_state) + [MOMENTS]
-    logits, mutated = apply_fn(_variables(params, model_state), x, train=True, mutable=mutable)
+    variables = _variables(params, model_state)
+    logits, mutated = apply_fn(variables, x, train=True, mutable=list(model_state) + [MOMENTS])
     new_state = {k: mutated.get(k, v) for k, v in model_state.items()}
     return logits, new_state, mutated.get(MOMENTS, {})
 
