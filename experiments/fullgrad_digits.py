@@ -69,7 +69,7 @@ def main(argv=None) -> dict:
     acc = gtrain.evaluate(state, gdata.batches(test, 256, shuffle=False, drop_remainder=False))["accuracy"]
     handle = saliency.ModelHandle(model.apply, state.variables)
     logits_fn = state.logits_fn()
-    black = float(((0.0 - test.mean) / test.std).reshape(-1)[0]) if test.mean.size == 1 else 0.0
+    black = test.black  # [C]: a raw-0 pixel in normalized units, per channel (any channel count)
 
     x = jnp.asarray(test.images[:n_images])
     keys = jax.random.split(jax.random.PRNGKey(args.seed), len(saliency.SALIENCY_METHODS))

@@ -15,6 +15,7 @@ import time
 from experiments import common
 from gradjax import data as gdata
 from gradjax import train as gtrain
+from gradjax import viz
 
 
 def main(argv=None) -> dict:
@@ -36,12 +37,10 @@ def main(argv=None) -> dict:
     table = common.markdown_table(["dataset", "model", "width", "epochs", "test accuracy", "train time (s)"],
                                   [[args.dataset, scale.model, scale.width, scale.epochs, ev["accuracy"], seconds]])
     common.write_results(out, results, table)
-    try:
-        from gradjax import viz
-        if hasattr(viz, "plot_training_curves"):
-            viz.plot_training_curves(records, os.path.join(out, "training_curve.png"))
-    except ImportError:
-        pass
+    # the JSON-lines log holds the whole run, also when this call only resumed it (then ``records`` is partial)
+    log = os.path.join(out, "metrics.jsonl")
+    viz.training_curves(log if os.path.exists(log) else records, os.path.join(out, "training_curve.png"),
+                        title=f"{scale.model} on {args.dataset}")
     print(table)
     print(f"outputs in {out}")
     return results
