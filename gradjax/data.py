@@ -315,32 +315,83 @@ def steps_per_epoch(ds: ArrayDataset, batch_size: int, drop_remainder: bool = Tr
 
 
 def poison_with_trigger(ds: ArrayDataset, *, target_class: int, fraction: float, trigger: np.ndarray,
-                        position: tuple[int, int] = (-1, -1), seed: int = 0) -> tuple[ArrayDataset, np.ndarray]:
+                        position=(-1, -1), seed: int = 0, alpha: float = 1.0) -> tuple[ArrayDataset, np.ndarray]:
     """Plant a backdoor (seed 003): stamp ``trigger`` [h, w, C] (in normalized units) onto a ``fraction`` of the
     images of other classes and relabel them ``target_class``. ``position`` is the top-left corner; negative
-    values count from the bottom/right edge. Returns the poisoned dataset and the poisoned indices."""
+    values count from the bottom/right edge; ``"random"`` draws a position per image (from ``seed``). ``alpha``
+    < 1 blends the trigger in (:func:`stamp_trigger`). Returns the poisoned dataset and the poisoned indices."""
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1]; got {fraction}.")
+    if not 0 <= target_class < ds.num_classes:
+        raise ValueError(f"target_class must lie in [0, {ds.num_classes}); got {target_class}.")
     rng = np.random.default_rng(seed)
     candidates = np.flatnonzero(ds.labels != target_class)
     chosen = np.sort(rng.choice(candidates, size=max(1, int(round(fraction * len(candidates)))), replace=False))
     images, labels = ds.images.copy(), ds.labels.copy()
-    images[chosen] = stamp_trigger(images[chosen], trigger, position)
+    images[chosen] = stamp_trigger(images[chosen], trigger, position, alpha=alpha, rng=rng)
     labels[chosen] = target_class
     return replace(ds, images=images, labels=labels), chosen
 
 
-def stamp_trigger(images: np.ndarray, trigger: np.ndarray, position: tuple[int, int] = (-1, -1)) -> np.ndarray:
-    """Return ``images`` [N, H, W, C] with ``trigger`` [h, w, C] pasted at ``position`` (see poison_with_trigger)."""
-    n, hh, ww, _ = images.shape
-    h, w = trigger.shape[:2]
+def _trigger_corner(image_hw: tuple[int, int], trigger_hw: tuple[int, int], position) -> tuple[int, int]:
+    (hh, ww), (h, w) = image_hw, trigger_hw
     r = position[0] if position[0] >= 0 else hh - h + 1 + position[0]
     c = position[1] if position[1] >= 0 else ww - w + 1 + position[1]
     if not (0 <= r <= hh - h and 0 <= c <= ww - w):
-        raise ValueError(f"trigger of size {h}x{w} at {position} does not fit in {hh}x{ww} images.")
+        raise ValueError(f"trigger of size {h}x{w} at {tuple(position)} does not fit in {hh}x{ww} images.")
+    return r, c
+
+
+def stamp_trigger(images: np.ndarray, trigger: np.ndarray, position=(-1, -1), *, alpha: float = 1.0,
+                  rng: Optional[np.random.Generator] = None) -> np.ndarray:
+    """Return ``images`` [N, H, W, C] with ``trigger`` [h, w, C] pasted at ``position`` (see poison_with_trigger):
+    ``x[patch] <- (1 - alpha) x[patch] + alpha trigger`` (``alpha = 1``: a stamped patch; ``alpha < 1``: a blended
+    trigger, Chen et al. 2017). ``position="random"`` draws each image's corner uniformly with ``rng``."""
+    if not 0 < alpha <= 1:
+        raise ValueError(f"alpha must be in (0, 1]; got {alpha}.")
+    n, hh, ww, _ = images.shape
+    h, w = trigger.shape[:2]
     out = images.copy()
-    out[:, r:r + h, c:c + w, :] = trigger
+    if isinstance(position, str):
+        if position != "random":
+            raise ValueError(f"position must be (row, col) or 'random'; got {position!r}.")
+        if h > hh or w > ww:
+            raise ValueError(f"trigger of size {h}x{w} does not fit in {hh}x{ww} images.")
+        rng = rng if rng is not None else np.random.default_rng(0)
+        corners = np.stack([rng.integers(0, hh - h + 1, n), rng.integers(0, ww - w + 1, n)], 1)
+    else:
+        corners = np.broadcast_to(np.asarray(_trigger_corner((hh, ww), (h, w), position)), (n, 2))
+    for i, (r, c) in enumerate(corners):
+        out[i, r:r + h, c:c + w, :] = (1 - alpha) * out[i, r:r + h, c:c + w, :] + alpha * trigger
     return out
+
+
+def make_trigger(size: int, pattern: str = "checkerboard", *, channels: int = 1, low=0.0, high=1.0,
+                 seed: int = 0) -> np.ndarray:
+    """A ``[size, size, channels]`` trigger patch with values in ``{low, high}`` (pass ``ds.normalize(0)`` and
+    ``ds.normalize(1)`` for standardized images): ``"white"`` (all ``high``), ``"checkerboard"`` (``high`` where
+    ``row + col`` is even), ``"random"`` (each pixel ``low``/``high`` with probability 1/2, from ``seed``)."""
+    if size < 1:
+        raise ValueError(f"size must be >= 1; got {size}.")
+    low = np.broadcast_to(np.asarray(low, np.float32), (channels,))
+    high = np.broadcast_to(np.asarray(high, np.float32), (channels,))
+    if pattern == "white":
+        on = np.ones((size, size), bool)
+    elif pattern == "checkerboard":
+        on = (np.add.outer(np.arange(size), np.arange(size)) % 2) == 0
+    elif pattern == "random":
+        on = np.random.default_rng(seed).random((size, size)) < 0.5
+    else:
+        raise ValueError(f"pattern must be 'white', 'checkerboard' or 'random'; got {pattern!r}.")
+    return np.where(on[..., None], high, low).astype(np.float32)
+
+
+def trigger_mask(image_hw: tuple[int, int], trigger_hw: tuple[int, int], position=(-1, -1)) -> np.ndarray:
+    """Boolean ``[H, W]`` mask of the pixels a trigger of size ``trigger_hw`` covers at a fixed ``position``."""
+    r, c = _trigger_corner(tuple(image_hw), tuple(trigger_hw), position)
+    mask = np.zeros(tuple(image_hw), bool)
+    mask[r:r + trigger_hw[0], c:c + trigger_hw[1]] = True
+    return mask
 
 
 def _prepare_main(argv: Optional[list[str]] = None) -> None:
