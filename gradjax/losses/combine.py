@@ -1,0 +1,317 @@
+"""The combinator: weighted per-example terms -> one training ``loss_fn`` for :mod:`gradjax.train`.
+
+    loss = sum_t  weight_t * mean_b term_t(b)          (thesis §2.12.2: alpha CE + beta MatchAct + gamma MatchGrad)
+
+:func:`make_loss_fn` returns ``loss_fn(params, model_state, batch, ctx) -> (loss, aux)`` — the engine contract
+of :mod:`gradjax.train` (``ctx = StepContext(rng, step, frozen)``; ``aux = {"model_state", "metrics"}``), so every
+objective goes through the one step builder (``jit_train_step``, ``pmap_train_step``, ``sharded_train_step``)
+and :func:`gradjax.train.fit`.
+
+**What a term sees.** A :class:`Term` is ``(name, fn, weight)`` with ``fn(inputs: TermInputs) -> [B]`` (one
+value per example; a scalar ``()`` is allowed for parameter-level terms such as l2). :class:`TermInputs` holds
+the student's ``params``/``model_state``, the ``batch``, ``ctx``, this term's own PRNG key, the clean train-mode
+pass's ``logits`` and BatchNorm ``moments`` (and captured features), and callables for extra passes:
+
+* ``inputs.student(x)`` — the student's logits under the extra-pass BatchNorm policy (default ``"frozen"``:
+  the clean pass's moments, examples independent, exact per-example input-gradients — see
+  :func:`gradjax.model.extra_pass_fn`); differentiable w.r.t. ``params`` (double backprop);
+* ``inputs.student_features(x, layers)`` — ``(logits, {layer: [B, h, w, c]})`` of the same pass;
+* ``inputs.teacher(x)`` / ``inputs.teacher_features(x, layers)`` — the teacher in eval mode, with its variables
+  taken from ``ctx.frozen["teacher"]`` (an argument of the compiled step, never a closure constant).
+
+Other modules plug in by writing such a function (e.g. the chapter-5 score-matching terms) and wrapping it in
+:class:`Term`. The standard chapter-2 terms are built by the factories below; a two-head student (LwF) selects
+its head with ``head=(start, stop)`` (a slice of the logits).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gradjax import model as gm
+from gradjax.losses import attention as A
+from gradjax.losses import distillation as D
+from gradjax.losses import regularizers as R
+
+Array = jax.Array
+PyTree = Any
+Head = Optional[tuple[int, int]]
+
+__all__ = ["Term", "TermInputs", "make_loss_fn", "term", "cross_entropy", "activation_matching",
+           "jacobian_matching", "stochastic_jacobian_matching", "noisy_activation_matching", "attention_matching",
+           "attention_jacobian_matching", "gradient_norm", "l2"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TermInputs:
+    """Everything a term function may use (see the module docstring). Built inside the traced loss."""
+
+    params: PyTree
+    model_state: PyTree
+    batch: Mapping[str, Array]
+    ctx: Any
+    rng: Array
+    logits: Array
+    moments: PyTree
+    features: Mapping[str, Array]
+    apply_fn: Callable
+    policy: str
+    teacher_apply_fn: Optional[Callable] = None
+
+    @property
+    def x(self) -> Array:
+        return self.batch["image"]
+
+    @property
+    def labels(self) -> Optional[Array]:
+        return self.batch.get("label")
+
+    def student(self, x: Array) -> Array:
+        """Student logits ``[B, K]`` under the extra-pass BatchNorm policy (default: frozen moments)."""
+        return gm.extra_pass_fn(self.apply_fn, self.params, self.model_state, self.moments, self.policy)(x)[0]
+
+    def student_features(self, x: Array, layers: Sequence[str]) -> tuple[Array, dict]:
+        """``(logits, {layer: features})`` of the student's extra pass (frozen moments or eval mode)."""
+        if self.policy == "train":
+            raise ValueError("student_features supports the 'frozen' and 'eval' BatchNorm policies only.")
+        variables = {"params": self.params, **self.model_state}
+        if self.policy == "frozen" and self.moments:
+            variables[gm.MOMENTS] = self.moments
+        return A.capture_features(self.apply_fn, variables, x, layers, train=self.policy == "frozen")
+
+    def _teacher_variables(self) -> PyTree:
+        if self.teacher_apply_fn is None:
+            raise ValueError("this term needs a teacher: make_loss_fn(..., teacher_apply_fn=teacher_model.apply) and "
+                             "pass frozen={'teacher': teacher_variables} to the train step.")
+        frozen = self.ctx.frozen
+        if not isinstance(frozen, Mapping) or "teacher" not in frozen:
+            raise ValueError("this term needs the teacher's variables in the step's frozen argument: "
+                             "step(state, batch, frozen={'teacher': {'params': ..., 'batch_stats': ...}}).")
+        return jax.lax.stop_gradient(frozen["teacher"])
+
+    def teacher(self, x: Array) -> Array:
+        """Teacher logits (eval mode, variables from ``ctx.frozen['teacher']``); input-differentiable."""
+        return self.teacher_apply_fn(self._teacher_variables(), x, train=False)
+
+    def teacher_features(self, x: Array, layers: Sequence[str]) -> tuple[Array, dict]:
+        return A.capture_features(self.teacher_apply_fn, self._teacher_variables(), x, layers, train=False)
+
+
+TermFn = Callable[[TermInputs], Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+    """A weighted per-example objective. ``fn(inputs) -> [B]`` (or ``()``); ``clean_layers``: feature maps of the
+    clean train-mode pass the term reads from ``inputs.features`` (captured once for all terms)."""
+
+    name: str
+    fn: TermFn
+    weight: float = 1.0
+    clean_layers: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"a term needs a non-empty name; got {self.name!r}.")
+        if not callable(self.fn):
+            raise ValueError(f"term {self.name!r}: fn must be callable; got {type(self.fn).__name__}.")
+        if not math.isfinite(self.weight):
+            raise ValueError(f"term {self.name!r}: weight must be finite; got {self.weight}.")
+
+
+def term(name: str, fn: TermFn, weight: float = 1.0, clean_layers: Sequence[str] = ()) -> Term:
+    """Wrap any ``fn(TermInputs) -> [B]`` (e.g. a chapter-5 score-matching objective) as a :class:`Term`."""
+    return Term(name, fn, float(weight), tuple(clean_layers))
+
+
+def make_loss_fn(apply_fn: Callable, terms: Sequence[Term], *, teacher_apply_fn: Optional[Callable] = None,
+                 policy: str = "frozen", dropout: bool = False, metrics_head: Head = None) -> Callable:
+    """``loss_fn(params, model_state, batch, ctx) -> (loss, aux)`` with ``loss = sum_t w_t mean_b term_t``.
+
+    One clean train-mode pass of the student (:func:`gradjax.model.apply_train` semantics: batch moments,
+    running-statistics update, moments recorded for the frozen extra passes) gives ``inputs.logits``; each term
+    adds the passes it needs. ``policy``: BatchNorm policy of the extra passes (``"frozen"`` default, ``"eval"``,
+    ``"train"``; :data:`gradjax.model.BN_POLICIES`). ``dropout=True``: the student has dropout layers; a key
+    from ``ctx.rng`` is passed as ``rngs={"dropout": ...}`` (the same mask in every pass of a step).
+    ``teacher_apply_fn``: the teacher's ``model.apply`` (static); its variables come from
+    ``ctx.frozen["teacher"]``. ``metrics_head``: logits slice scored by the ``accuracy`` metric.
+
+    Metrics: ``term/<name>`` (batch mean of each term, unweighted), ``accuracy`` (when the batch has labels).
+    Terms must return ``[B]`` or ``()``; anything else raises ``ValueError`` at trace time.
+    """
+    terms = tuple(terms)
+    if not terms:
+        raise ValueError("make_loss_fn needs at least one term.")
+    names = [t.name for t in terms]
+    if len(set(names)) != len(names):
+        raise ValueError(f"term names must be unique; got {names}.")
+    if policy not in gm.BN_POLICIES:
+        raise ValueError(f"policy must be one of {gm.BN_POLICIES}; got {policy!r}.")
+    layers = tuple(dict.fromkeys(l for t in terms for l in t.clean_layers))
+
+    def loss_fn(params, model_state, batch, ctx):
+        if "image" not in batch:
+            raise ValueError(f"the batch needs an 'image' entry; got keys {sorted(batch)}.")
+        x = batch["image"]
+        fn = apply_fn
+        if dropout:
+            fn = functools.partial(apply_fn, rngs={"dropout": jax.random.fold_in(ctx.rng, 0x0D0)})
+        if layers:
+            variables = {"params": params, **model_state}
+            mutable = list(model_state) + [gm.MOMENTS]
+            (logits, mutated), feats = A.capture_features(fn, variables, x, layers, train=True, mutable=mutable)
+            new_state = {k: mutated.get(k, v) for k, v in model_state.items()}
+            moments = mutated.get(gm.MOMENTS, {})
+        else:
+            logits, new_state, moments = gm.apply_train(fn, params, model_state, x)
+            feats = {}
+        total = jnp.zeros((), logits.dtype)
+        metrics = {}
+        B = x.shape[0]
+        for i, t in enumerate(terms):
+            inputs = TermInputs(params, model_state, batch, ctx, jax.random.fold_in(ctx.rng, i + 1), logits,
+                                moments, feats, fn, policy, teacher_apply_fn)
+            v = t.fn(inputs)
+            if jnp.shape(v) not in ((B,), ()):
+                raise ValueError(f"term {t.name!r} must return one value per example [{B}] or a scalar; got shape "
+                                 f"{tuple(jnp.shape(v))}.")
+            m = jnp.mean(v)
+            metrics[f"term/{t.name}"] = m
+            total = total + t.weight * m
+        if "label" in batch:
+            lg = logits if metrics_head is None else logits[:, metrics_head[0]:metrics_head[1]]
+            metrics["accuracy"] = jnp.mean(jnp.argmax(lg, -1) == batch["label"])
+        return total, {"model_state": new_state, "metrics": metrics}
+
+    loss_fn.terms = terms
+    return loss_fn
+
+
+# ----------------------------------------------------------------------------------------------- term factories
+def _slice(logits: Array, head: Head) -> Array:
+    return logits if head is None else logits[:, head[0]:head[1]]
+
+
+def _head_fn(fn: Callable[[Array], Array], head: Head) -> Callable[[Array], Array]:
+    return fn if head is None else (lambda x: _slice(fn(x), head))
+
+
+def _labels(inp: TermInputs, what: str) -> Array:
+    if inp.labels is None:
+        raise ValueError(f"{what} needs batch['label'].")
+    return inp.labels
+
+
+def cross_entropy(weight: float = 1.0, *, head: Head = None, label_smoothing: float = 0.0,
+                  name: str = "ce") -> Term:
+    """``-log softmax(f(x_b))_{y_b}`` of the clean pass (the "CE" of thesis §2.12.2), on logits ``head``."""
+    def fn(inp):
+        lg = _slice(inp.logits, head)
+        t = jax.nn.one_hot(_labels(inp, "cross_entropy"), lg.shape[-1], dtype=lg.dtype)
+        if label_smoothing:
+            t = t * (1 - label_smoothing) + label_smoothing / lg.shape[-1]
+        return optax.softmax_cross_entropy(lg, t)
+    return Term(name, fn, float(weight))
+
+
+def activation_matching(weight: float = 1.0, *, head: Head = None, name: str = "act") -> Term:
+    """``sum_i (T^i(x_b) - S^i(x_b))^2`` ("Match Activations", §2.12.2) between the clean pass's logits ``head``
+    and the teacher's logits."""
+    def fn(inp):
+        return D.activation_matching(_slice(inp.logits, head), jax.lax.stop_gradient(inp.teacher(inp.x)))
+    return Term(name, fn, float(weight))
+
+
+def jacobian_matching(weight: float = 1.0, *, output: str = "target", form: str = "squared", head: Head = None,
+                      sigma: float = 1.0, temperature: float = 1.0, name: str = "jac") -> Term:
+    """Jacobian matching: ``form="squared"`` — Prop. 1's ``sum_i ||grad T^i - grad S^i||^2`` (the thesis's
+    CIFAR "MatchGrad"); ``"normalized"`` — eq. 2.9 on one row; ``"cross_entropy"`` — eq. 2.2 (with ``sigma``,
+    ``temperature``; centered). ``output``: ``"target"`` (correct class), ``"top"`` (teacher's arg-max),
+    ``"full"``."""
+    if form not in ("squared", "normalized", "cross_entropy"):
+        raise ValueError(f"form must be 'squared', 'normalized' or 'cross_entropy'; got {form!r}.")
+
+    def fn(inp):
+        s = _head_fn(inp.student, head)
+        labels = inp.labels if output == "target" else None
+        if output == "target":
+            _labels(inp, "jacobian_matching(output='target')")
+        if form == "squared":
+            return D.jacobian_matching(s, inp.teacher, inp.x, output=output, labels=labels)
+        if form == "normalized":
+            return D.normalized_jacobian_matching(s, inp.teacher, inp.x, output=output, labels=labels)
+        return D.jacobian_matching_cross_entropy(s, inp.teacher, inp.x, sigma=sigma, temperature=temperature,
+                                                 output=output, labels=labels)
+    return Term(name, fn, float(weight))
+
+
+def stochastic_jacobian_matching(weight: float = 1.0, *, num_probes: int = 1, probe_space: str = "input",
+                                 distribution: str = "rademacher", head: Head = None, name: str = "sjac") -> Term:
+    """``mean_probes ||J_T v - J_S v||^2``, unbiased for the full-Jacobian distance (see
+    :func:`gradjax.losses.distillation.stochastic_jacobian_matching`); fresh probes every step."""
+    def fn(inp):
+        return D.stochastic_jacobian_matching(_head_fn(inp.student, head), inp.teacher, inp.x, inp.rng,
+                                              num_probes=num_probes, probe_space=probe_space,
+                                              distribution=distribution)
+    return Term(name, fn, float(weight))
+
+
+def noisy_activation_matching(weight: float = 1.0, *, sigma: float, num_samples: int = 1, antithetic: bool = True,
+                              head: Head = None, name: str = "noisy_act") -> Term:
+    """Monte-Carlo noise-augmented activation matching (the left side of Prop. 1), fresh noise every step."""
+    def fn(inp):
+        return D.noisy_activation_matching(_head_fn(inp.student, head), inp.teacher, inp.x, inp.rng, sigma=sigma,
+                                           num_samples=num_samples, antithetic=antithetic)
+    return Term(name, fn, float(weight))
+
+
+def attention_matching(weight: float = 1.0, *, pairs: Sequence[tuple[str, str]], p: float = 2.0,
+                       squared: bool = False, name: str = "att") -> Term:
+    """Eq. 2.8 summed over ``pairs`` of (student layer, teacher layer) with attention maps eq. 2.7 (power
+    ``p``); student features from the clean train-mode pass."""
+    pairs = tuple((str(s), str(t)) for s, t in pairs)
+    if not pairs:
+        raise ValueError("attention_matching needs at least one (student_layer, teacher_layer) pair.")
+
+    def fn(inp):
+        _, tf = inp.teacher_features(inp.x, [t for _, t in pairs])
+        total = 0.0
+        for s, t in pairs:
+            a_s = A.attention_map(inp.features[s], p=p)
+            a_t = jax.lax.stop_gradient(A.attention_map(tf[t], p=p))
+            total = total + A.attention_matching(a_s, a_t, squared=squared)
+        return total
+    return Term(name, fn, float(weight), clean_layers=tuple(s for s, _ in pairs))
+
+
+def attention_jacobian_matching(weight: float = 1.0, *, student_layer: str, teacher_layer: str,
+                                window=None, divisor: int = 5, p: float = 2.0, name: str = "att_jac") -> Term:
+    """§2.5.2: input-gradients of the teacher's pooled-attention maximum and of the student's pooled attention at
+    the same position, compared with eq. 2.9 (student through the frozen-moments extra pass)."""
+    def fn(inp):
+        s_feat = lambda z: inp.student_features(z, [student_layer])[1][student_layer]
+        t_feat = lambda z: inp.teacher_features(z, [teacher_layer])[1][teacher_layer]
+        return A.attention_jacobian_matching(s_feat, t_feat, inp.x, window=window, divisor=divisor, p=p)
+    return Term(name, fn, float(weight))
+
+
+def gradient_norm(weight: float = 1.0, *, form: str = "cross_entropy", output: str = "target",
+                  head: Head = None, name: str = "grad_norm") -> Term:
+    """Input-gradient-norm penalty (eq. 2.3 cross-entropy form by default, or Prop. 2's logit form); weight
+    ``lambda`` of Table 2.2 (``lambda = sigma^2 / 2`` corresponds to Gaussian input noise ``sigma`` in the eq. 2.3
+    form)."""
+    def fn(inp):
+        labels = _labels(inp, "gradient_norm(output='target')") if output == "target" else None
+        return R.gradient_norm_penalty(_head_fn(inp.student, head), inp.x, labels, form=form, output=output)
+    return Term(name, fn, float(weight))
+
+
+def l2(weight: float = 1e-3, *, include_bias: bool = True, name: str = "l2") -> Term:
+    """``0.5 ||params||^2`` (the l2 baseline of Table 2.2, gamma = 1e-3); a scalar term."""
+    return Term(name, lambda inp: R.l2_penalty(inp.params, include_bias=include_bias), float(weight))
