@@ -398,11 +398,12 @@ def validate_frozen(frozen: PyTree, *, where: str = "jit") -> None:
             raise ValueError(f"{name} must be an array or a number (it is an argument of the compiled step); got "
                              f"{type(leaf).__name__}. Close over non-array configuration in loss_fn instead.")
         if not leaf.sharding.is_fully_replicated:
-            fix = ("pass the un-replicated pytree: pmap_train_step broadcasts it to every device (in_axes=None)"
-                   if where == "pmap" else "pass a host or single-device array, or put_replicated(frozen, mesh)")
-            raise ValueError(f"{name} (shape {tuple(leaf.shape)}) is split across devices ({leaf.sharding}); frozen "
-                             f"inputs are one copy shared by every device, never split along a batch or device axis: "
-                             f"{fix}. Per-example tensors belong in the batch.")
+            fix = ("under pmap, frozen is broadcast to every device (in_axes=None) and must not carry a leading "
+                   "device axis: pass the un-replicated pytree, not replicate(frozen)" if where == "pmap" else
+                   "frozen inputs are one copy shared by every device, never split along a batch axis: pass a host "
+                   "or single-device array, or put_replicated(frozen, mesh)")
+            raise ValueError(f"{name} (shape {tuple(leaf.shape)}) is split across devices ({leaf.sharding}); {fix}. "
+                             "Per-example tensors belong in the batch.")
 
 
 def _validated(step, spec: Optional[BatchSpec], num_classes: Optional[int], where: str, *, leading_axes: int = 1,
