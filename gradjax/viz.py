@@ -159,6 +159,7 @@ def sanity_check_plot(stages: Sequence[str], correlations: Mapping[str, np.ndarr
 
 # keys of a metrics record that are coordinates or bookkeeping, not metrics
 _RECORD_AXES = ("step", "epoch", "elapsed_s")
+_BOOKKEEPING = ("count",)  # e.g. ``eval_count`` (examples evaluated): drawn only if asked for by name
 # train and eval names of one quantity share a panel ("loss" is the training objective, "cross_entropy" the
 # eval one; for the plain classifier they are the same quantity, up to weight decay, which optax adds apart)
 _PANEL_OF = {"loss": "loss / cross-entropy", "cross_entropy": "loss / cross-entropy"}
@@ -185,7 +186,7 @@ def _training_series(records: Union[str, Iterable[Mapping]], metrics: Optional[S
                 continue
             is_eval = key.startswith("eval_")
             base = key[len("eval_"):] if is_eval else key
-            if metrics is not None and base not in metrics:
+            if (metrics is not None and base not in metrics) or (metrics is None and base in _BOOKKEEPING):
                 continue
             panel = _PANEL_OF.get(base, base)
             label = f"{'eval' if is_eval else 'train'} {base}"
@@ -207,7 +208,7 @@ def training_curves(records: Union[str, Iterable[Mapping]], path: str, *, metric
         records (``eval_accuracy``, ``eval_cross_entropy``, ... once per epoch) — or the path of such a JSON-lines
         file. A run resumed from a checkpoint appends to its log, so a step logged twice keeps its last value.
       metrics: base metric names to draw (e.g. ``("loss", "accuracy")``); default: every numeric metric found
-        (``loss`` and ``cross_entropy`` share a panel).
+        except ``count`` (``loss`` and ``cross_entropy`` share a panel).
     Raises ``ValueError`` if no record has a numeric metric besides ``step``/``epoch``/``elapsed_s``.
     """
     series = _training_series(records, metrics)

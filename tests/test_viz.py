@@ -11,7 +11,8 @@ def _records():
     for step in (20, 40, 60):
         recs.append({"step": step, "epoch": step // 40, "loss": 2.0 / step, "accuracy": step / 100, "elapsed_s": 0.1})
         if step % 20 == 0:
-            recs.append({"step": step, "epoch": step // 40, "eval_accuracy": step / 120, "eval_cross_entropy": 1.5 / step})
+            recs.append({"step": step, "epoch": step // 40, "eval_accuracy": step / 120, "eval_cross_entropy": 1.5 / step,
+                         "eval_count": 128})
     return recs
 
 
