@@ -34,6 +34,20 @@ def _step():
     return _CACHE["step"]
 
 
+def _noisy_step():
+    """A step whose loss uses ctx.rng (input noise), so that resuming must restore the RNG."""
+    if "noisy" not in _CACHE:
+        model, _ = _setup()
+        ce = gtrain.classification_loss(model.apply)
+
+        def noisy_loss(params, model_state, batch, ctx):
+            noise = 0.5 * jax.random.normal(ctx.rng, batch["image"].shape)
+            return ce(params, model_state, dict(batch, image=batch["image"] + noise), ctx)
+
+        _CACHE["noisy"] = gtrain.jit_train_step(noisy_loss, num_classes=10, donate=False)
+    return _CACHE["noisy"]
+
+
 def _batches(n_steps, bs=16):
     rng = np.random.default_rng(0)
     return [{"image": rng.normal(size=(bs, 16, 16, 1)).astype(np.float32) * 2 + 0.5,
@@ -100,27 +114,49 @@ def _digits_subset():
     return tr.subset(np.arange(96))
 
 
-def _run_fit(state, model, ds, ckpt_dir=None, max_steps=None, num_epochs=2):
-    step = _step()
+def _run_fit(state, model, ds, ckpt_dir=None, max_steps=None, num_epochs=2, step=None):
+    step = step or _step()
     return gtrain.fit(state, step, lambda e, s: gdata.batches(ds, 32, seed=5, epoch=e, start=s),
                       num_epochs=num_epochs, steps_per_epoch=3, checkpoint_dir=ckpt_dir, checkpoint_every=1,
                       max_steps=max_steps, progress=False, log_every=2)
 
 
 def test_resume_mid_run_gives_same_final_parameters(tmp_path):
+    """The loss draws noise from ctx.rng, and the run resumes into a state built from *another* seed (other
+    parameters and RNG): only a checkpoint that restores everything, the RNG included, continues the same run."""
     ds = _digits_subset()
+    step = _noisy_step()
     model, state = _setup()
-    full, _ = _run_fit(state, model, ds)
+    full, _ = _run_fit(state, model, ds, step=step)
     ckpt = str(tmp_path / "ckpt")
-    model, state = _setup()
-    part, _ = _run_fit(state, model, ds, ckpt_dir=ckpt, max_steps=4)  # "interrupted" mid-epoch 1
+    part, _ = _run_fit(state, model, ds, ckpt_dir=ckpt, max_steps=4, step=step)  # "interrupted" mid-epoch 1
     assert int(part.step) == 4
-    model, fresh = _setup()
-    resumed, _ = _run_fit(fresh, model, ds, ckpt_dir=ckpt)
+    fresh = gtrain.create_train_state(model, state.tx, jnp.zeros((2, 16, 16, 1)), seed=1)
+    assert not np.array_equal(jax.random.key_data(fresh.rng), jax.random.key_data(state.rng))
+    resumed, _ = _run_fit(fresh, model, ds, ckpt_dir=ckpt, step=step)
     assert int(resumed.step) == int(full.step) == 6
+    np.testing.assert_array_equal(jax.random.key_data(resumed.rng), jax.random.key_data(full.rng))
     _assert_trees_close(resumed.params, full.params, atol=1e-6, rtol=1e-6)
     _assert_trees_close(resumed.batch_stats, full.batch_stats, atol=1e-6, rtol=1e-6)
     _assert_trees_close(resumed.opt_state, full.opt_state, atol=1e-6, rtol=1e-6)
+
+
+def test_nonfinite_step_changes_nothing_and_is_sticky():
+    """The divergence guard keeps parameters, model state *and* optimizer state (the momentum of a NaN step would be
+    NaN) and the step counter; after it, even good batches change nothing."""
+    model, state = _setup()
+    raw = _step().compiled  # the jitted step without host validation (the NaN batch must reach the guard)
+    good = _batches(3)
+    s1, _ = raw(state, good[0], None)
+    s2, m = raw(s1, dict(good[1], image=np.full_like(good[1]["image"], np.nan)), None)
+    assert not bool(m["finite"]) and bool(s2.diverged) and not bool(s1.diverged)
+    s3, m3 = raw(s2, good[2], None)
+    assert not bool(m3["finite"]) and bool(s3.diverged)
+    for s in (s2, s3):
+        assert int(s.step) == 1
+        for field in ("params", "model_state", "opt_state", "rng"):
+            _assert_trees_close(getattr(s, field), getattr(s1, field), atol=0, rtol=0)
+    assert jax.tree.leaves(s1.opt_state)  # sgd with momentum: there is a trace to protect
 
 
 def test_divergence_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
@@ -141,8 +177,10 @@ def test_divergence_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert mgr.latest_step() == 2
     restored = mgr.restore(state)
     mgr.close()
-    _assert_trees_close(restored.params, ref.params, atol=1e-7, rtol=1e-7)
-    assert all(np.all(np.isfinite(np.asarray(p))) for p in jax.tree.leaves(restored.params))
+    assert int(restored.step) == 2 and bool(restored.diverged)
+    for field in ("params", "model_state", "opt_state"):
+        _assert_trees_close(getattr(restored, field), getattr(ref, field), atol=1e-7, rtol=1e-7)
+        assert all(np.all(np.isfinite(np.asarray(p))) for p in jax.tree.leaves(getattr(restored, field)))
 
 
 def test_metrics_jsonl_and_eval(tmp_path):
