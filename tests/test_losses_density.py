@@ -195,3 +195,33 @@ def test_shift_logits_changes_logit_gradients_not_loss_gradients():
     d = G.logit_gradient(shifted, x, y) - G.logit_gradient(logits_fn, x, y)
     np.testing.assert_allclose(d[:, 0, 0, :], 10.0 * x[:, 0, 0, :], rtol=1e-5)   # ∇g
     np.testing.assert_allclose(F.energy_fraction(d, np.pad(np.ones((1, 1)), ((0, 1), (0, 1)))), 1.0)
+
+
+def test_fooling_loss_moves_saliency_energy_into_the_mask():
+    """A tiny softplus MLP on 6×6 inputs, trained with CE + λ L_fool: the logit-gradient energy in the 3×3
+    top-left corner (25 % of the pixels) rises far above its starting share while accuracy stays."""
+    import optax
+
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.uniform(k1, (64, 6, 6, 1))
+    y = (jnp.sum(x[:, 3:, 3:, 0], (1, 2)) > jnp.median(jnp.sum(x[:, 3:, 3:, 0], (1, 2)))).astype(jnp.int32)
+    params = {"w1": jax.random.normal(k2, (36, 32)) / 6, "w2": jax.random.normal(k3, (32, 2)) / 6}
+    mask = F.corner_mask(6, side=3)
+    logits_of = lambda p: (lambda z: (jax.nn.softplus(10 * z.reshape(z.shape[0], -1) @ p["w1"]) / 10) @ p["w2"])
+
+    def loss(p):
+        fool, logits = F.fooling_loss_of_model(logits_of(p), x, y, mask)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        return jnp.mean(ce) + 100.0 * jnp.mean(fool)
+
+    tx = optax.adam(1e-2)
+    step = jax.jit(lambda p, s: (lambda g: (lambda u: (optax.apply_updates(p, u[0]), u[1]))(tx.update(g, s, p)))(
+        jax.grad(loss)(p)))
+    frac = lambda p: float(jnp.mean(F.energy_fraction(G.logit_gradient(logits_of(p), x, y), mask)))
+    before = frac(params)
+    opt = tx.init(params)
+    for _ in range(300):
+        params, opt = step(params, opt)
+    after = frac(params)
+    assert before < 0.3 and after > 0.6, (before, after)
+    assert float(jnp.mean(jnp.argmax(logits_of(params)(x), -1) == y)) > 0.7

@@ -27,7 +27,7 @@ from gradjax import _validation as V
 from gradjax import gradients as G
 
 __all__ = ["corner_mask", "saliency_distribution", "normalized_mask", "fooling_loss", "fooling_loss_of_model",
-           "energy_fraction", "shift_logits"]
+           "energy_fraction", "shift_logits", "fooling_term"]
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 
@@ -129,3 +129,20 @@ def shift_logits(logits_fn: LogitsFn, g: Callable[[jax.Array], jax.Array]) -> Lo
         return logits + gx[:, None].astype(logits.dtype)
 
     return shifted
+
+
+def fooling_term(weight: float, *, mask, name: str = "fool"):
+    """:class:`gradjax.losses.combine.Term` of eq. 5.7 on the label's logit-gradient, through ``inputs.student``
+    (the extra-pass BatchNorm policy; frozen moments by default). Fine-tune with ``[cross_entropy(1), fooling_term(λ,
+    mask=corner_mask(H))]`` (the thesis does not give λ)."""
+    from gradjax.losses.combine import Term
+
+    mask = np.asarray(mask, np.float32)
+    _check_mask(mask, mask.shape)
+
+    def fn(inp):
+        if inp.labels is None:
+            raise ValueError("fooling_term needs batch['label'].")
+        return fooling_loss_of_model(inp.student, inp.x, inp.labels, mask)[0]
+
+    return Term(name, fn, float(weight))

@@ -66,6 +66,9 @@ __all__ = [
     "anti_score_matching",
     "gradient_norm",
     "implied_regularizer",
+    "score_matching_term",
+    "anti_score_matching_term",
+    "gradient_norm_term",
 ]
 
 ScalarFn = Callable[[jax.Array], jax.Array]
@@ -319,3 +322,50 @@ def implied_regularizer(*, mu: float, sigma: Optional[float] = None, num_probes:
             "hessian_fro_sq": c_var if dist == "gaussian" else 0.0,
             "hessian_offdiag_sq": c_var if dist == "rademacher" else 0.0,
             "hidden_grad_sq_norm": hidden, "hidden_to_explicit": hidden / 0.5}
+
+
+# --------------------------------------------------------------------------- terms for gradjax.losses.combine
+def _labels_of(inp, what: str) -> jax.Array:
+    if inp.labels is None:
+        raise ValueError(f"{what} needs batch['label'] (the implicit density is the label's logit).")
+    return inp.labels
+
+
+def score_matching_term(weight: float = 1e-3, *, mu: float = 1e-4, name: str = "score_matching", **trace_options):
+    """:class:`gradjax.losses.combine.Term` of :func:`score_matching` on the label logit, weight ``λ``
+    (thesis λ = 1e-3, μ = 1e-4; authors' code λ = 1e-5, μ = 1e-3). The passes go through ``inputs.student``, i.e.
+    the BatchNorm policy of :func:`gradjax.losses.combine.make_loss_fn`: ``"frozen"`` (per-example traces) or
+    ``"train"`` (the authors': every noisy batch normalized with its own moments; the running statistics are
+    updated by the clean pass only)."""
+    from gradjax.losses.combine import Term
+
+    _check_positive(mu, "mu", allow_zero=True)
+
+    def fn(inp):
+        f = label_logit_fn(inp.student, _labels_of(inp, "score_matching_term"))
+        return score_matching(f, inp.x, inp.rng, mu=mu, **trace_options)[0]
+
+    return Term(name, fn, float(weight))
+
+
+def anti_score_matching_term(weight: float = 1e-4, *, tau: float = 1000.0, sigma: float = 1e-3,
+                             name: str = "anti_score_matching", **trace_options):
+    """:class:`~gradjax.losses.combine.Term` of :func:`anti_score_matching` (thesis λ = 1e-4, τ = 1000)."""
+    from gradjax.losses.combine import Term
+
+    def fn(inp):
+        f = label_logit_fn(inp.student, _labels_of(inp, "anti_score_matching_term"))
+        return anti_score_matching(f, inp.x, inp.rng, tau=tau, sigma=sigma, **trace_options)[0]
+
+    return Term(name, fn, float(weight))
+
+
+def gradient_norm_term(weight: float = 1e-3, *, name: str = "gradient_norm"):
+    """:class:`~gradjax.losses.combine.Term` of the ch. 5 :func:`gradient_norm` ``½‖∇_x f_y‖²`` (thesis
+    λ = 1e-3). (The ch. 2 :func:`gradjax.losses.combine.gradient_norm` penalizes the cross-entropy's gradient.)"""
+    from gradjax.losses.combine import Term
+
+    def fn(inp):
+        return gradient_norm(label_logit_fn(inp.student, _labels_of(inp, "gradient_norm_term")), inp.x)[0]
+
+    return Term(name, fn, float(weight))
