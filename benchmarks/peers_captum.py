@@ -157,25 +157,30 @@ def main(argv=None) -> dict:
     n_blocks = sum(1 for layer in VGG_CONFIGS[args.model] if layer != "M")
 
     nhwc = lambda a: np.asarray(a).transpose(0, 2, 3, 1) if np.ndim(a) == 4 else np.asarray(a)
+
+    def gradjax_fn(method, **options):  # gradjax methods never jit themselves: compile each once, explicitly
+        compiled = saliency.jit_method(method, **options)
+        return lambda: compiled(handle, x, target, key=key)
+
     cases = {
-        "gradient": (lambda: saliency.input_gradient(handle, x, target, reduce=None),
+        "gradient": (gradjax_fn("gradient", reduce=None),
                      lambda: Saliency(tmodel).attribute(xt, target=tt, abs=False)),
         "integrated_gradients (32 steps)": (
-            lambda: saliency.integrated_gradients(handle, x, target, steps=32, reduce=None),
+            gradjax_fn("integrated_gradients", steps=32, reduce=None),
             lambda: IntegratedGradients(tmodel).attribute(xt, target=tt, n_steps=32, method="riemann_middle",
                                                           internal_batch_size=8 * args.batch_size)),
         "smoothgrad_sq (16 samples)": (
-            lambda: saliency.smoothgrad_squared(handle, x, target, key=key, samples=16, reduce=None),
+            gradjax_fn("smoothgrad_sq", samples=16, reduce=None),
             lambda: NoiseTunnel(Saliency(tmodel)).attribute(xt, target=tt, nt_type="smoothgrad_sq", nt_samples=16,
                                                            nt_samples_batch_size=8, stdevs=0.15, abs=False)),
-        "guided_backprop": (lambda: saliency.guided_backprop(handle, x, target, reduce=None),
+        "guided_backprop": (gradjax_fn("guided_backprop", reduce=None),
                             lambda: GuidedBackprop(tmodel).attribute(xt, target=tt)),
         "gradcam (last block)": (
-            lambda: saliency.gradcam(handle, x, target, layer=f"block{n_blocks - 1}", align_corners=False),
+            gradjax_fn("gradcam", layer=f"block{n_blocks - 1}", align_corners=False),
             lambda: LayerAttribution.interpolate(
                 LayerGradCam(tmodel, last_relu).attribute(xt, target=tt, relu_attributions=True),
                 (args.image_size, args.image_size), "bilinear")[:, 0]),
-        "fullgrad": (lambda: saliency.fullgrad(handle, x, target), lambda: torch_fullgrad(tmodel, xt, tt)),
+        "fullgrad": (gradjax_fn("fullgrad"), lambda: torch_fullgrad(tmodel, xt, tt)),
     }
     compare = {"gradient", "integrated_gradients (32 steps)", "guided_backprop", "gradcam (last block)", "fullgrad"}
 

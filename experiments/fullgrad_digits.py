@@ -79,16 +79,17 @@ def main(argv=None) -> dict:
     for (name, fn), key in tqdm(list(zip(saliency.SALIENCY_METHODS.items(), keys)), desc="saliency methods",
                                 disable=args.no_progress):
         t0 = time.time()
-        opts = common.saliency_options(scale, name)
-        maps[name] = common.in_batches(lambda xb: fn(handle, xb, key=key, **opts), x, 64)
+        compiled = saliency.jit_method(fn, **common.saliency_options(scale, name))  # compiled once, every batch
+        maps[name] = common.in_batches(lambda xb: compiled(handle, xb, key=key), x, 64)
         timings[name] = time.time() - t0
 
     # --- pixel perturbation (thesis §3.5.1, Fig. 3.2a, Table 3.2): least salient first, black fill
     curves, table32 = {}, {}
     for name in tqdm(TABLE_METHODS, desc="pixel perturbation", disable=args.no_progress):
         method, row_opts = TABLE_ROWS[name]
+        row_fn = saliency.jit_method(method, **row_opts)
         row_maps = maps[method] if not row_opts else common.in_batches(
-            lambda xb: saliency.SALIENCY_METHODS[method](handle, xb, key=method_keys[method], **row_opts), x, 64)
+            lambda xb: row_fn(handle, xb, key=method_keys[method]), x, 64)
         c = metrics.pixel_perturbation(logits_fn, x, jnp.asarray(row_maps), CURVE_FRACTIONS, fill=black)
         curves[name] = (np.asarray(c.fractions), np.asarray(c.mean), np.asarray(c.std))
         idx = [CURVE_FRACTIONS.index(f) for f in TABLE_FRACTIONS]
@@ -109,9 +110,9 @@ def main(argv=None) -> dict:
             r = metrics.digit_flip(logits_fn, eights, metrics.random_saliency_like(k8, eights),
                                    metrics.random_saliency_like(k3, eights), fill=black)
         else:
-            r = metrics.digit_flip_with_method(method, handle, eights, key=method_keys[method], fill=black, **row_opts,
-                                               **common.saliency_options(scale, method),
-                                               **SIGNED_OPTIONS.get(method, {}))
+            compiled = saliency.jit_method(method, **row_opts, **common.saliency_options(scale, method),
+                                           **SIGNED_OPTIONS.get(method, {}))
+            r = metrics.digit_flip_with_method(compiled, handle, eights, key=method_keys[method], fill=black)
         table31[name] = (float(jnp.mean(r.delta_log_odds)), float(jnp.std(r.delta_log_odds)))
 
     rows32 = [[n] + [f"{m:.3f} ± {s:.3f}" for m, s in table32[n]] + [" / ".join(THESIS_TABLE_3_2[n])] for n in TABLE_METHODS]

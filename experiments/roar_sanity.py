@@ -30,8 +30,9 @@ ROAR_METHODS = ("gradient", "integrated_gradients", "smoothgrad_sq", "gradcam", 
 SANITY_METHODS = ("gradient", "integrated_gradients", "guided_backprop", "gradcam", "fullgrad")
 # FullGrad's two parts (thesis eq. 3.2), to see which one carries the model-independent structure
 FULLGRAD_PARTS = {
-    "fullgrad_input_term": lambda h, x, t: saliency.fullgrad_maps(h, x, t).input_map,
-    "fullgrad_bias_terms": lambda h, x, t: (lambda m: m.saliency - m.input_map)(saliency.fullgrad_maps(h, x, t)),
+    "fullgrad_input_term": lambda h, x, t, key=None: saliency.fullgrad_maps(h, x, t).input_map,
+    "fullgrad_bias_terms": lambda h, x, t, key=None: (lambda m: m.saliency - m.input_map)(
+        saliency.fullgrad_maps(h, x, t)),
 }
 
 
@@ -69,8 +70,8 @@ def run_roar(args, scale, train, test, handle, key, fractions, repeats: int, out
             roar_curves[name] = roar_over_seeds(lambda te: metrics.roar_random_baseline(
                 te, train.images, train.labels, test.images, test.labels, fractions, key=key))
             continue
-        maps_of = functools.partial(saliency.SALIENCY_METHODS[name], handle, key=key,
-                                    **common.saliency_options(scale, name))
+        maps_of = functools.partial(saliency.jit_method(name, **common.saliency_options(scale, name)), handle,
+                                    key=key)
         train_maps, test_maps = common.in_batches(maps_of, train.images), common.in_batches(maps_of, test.images)
         roar_curves[name] = roar_over_seeds(lambda te: metrics.roar(
             te, train.images, train.labels, test.images, test.labels, train_maps, test_maps, fractions))
@@ -111,13 +112,12 @@ def main(argv=None) -> dict:
     target = jnp.asarray(test.labels[:16])
     layers = metrics.module_order(handle, x)  # forward order; cascading_randomization starts at the output
     prior = jnp.broadcast_to(jnp.asarray(centre_prior(*x.shape[1:3])), x.shape[:3])
-    variants = {name: functools.partial(saliency.SALIENCY_METHODS[name], key=key,
-                                        **common.saliency_options(scale, name)) for name in SANITY_METHODS}
-    variants.update(FULLGRAD_PARTS)
+    variants = {name: saliency.jit_method(name, **common.saliency_options(scale, name)) for name in SANITY_METHODS}
+    variants.update({name: saliency.jit_method(fn) for name, fn in FULLGRAD_PARTS.items()})
     sanity, prior_rho = {}, {}
     for name, fn in tqdm(variants.items(), desc="sanity check", disable=args.no_progress):
         res = metrics.sanity_check(lambda p, xb: fn(handle.replace(variables={**state.variables, "params": p}), xb,
-                                                    target), state.params, key, x, layers=layers)
+                                                    target, key=key), state.params, key, x, layers=layers)
         sanity[name] = np.asarray(res.spearman)
         prior_rho[name] = [float(jnp.mean(metrics.rank_correlation(res.maps[i], prior))) for i in (0, -1)]
         stages = res.stages

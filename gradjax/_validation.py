@@ -1,9 +1,14 @@
-"""Boundary checks shared by the public functions.
+"""Boundary checks shared by the public functions: the one place gradjax validates inputs.
 
 Every public function validates its inputs here *before* tracing into XLA, so that a wrong shape, dtype, a NaN
 input or a target out of range raises a ``ValueError`` that says what was wrong instead of failing deep inside a
 compiled computation or silently returning NaN. Checks on values (NaN, label range) run only on concrete arrays;
 under ``jax.jit`` the arguments are tracers and only the static checks (rank, dtype, shape) apply.
+
+Validation happens **once, at the public boundary**: a user-facing function checks ``x`` with :func:`check_input`
+(the only check that copies ``x`` to the host, for NaN/inf) and then calls the low-level primitives
+(:func:`gradjax.gradients.logits_and_target_gradient`, :func:`gradjax.fullgrad.tap_gradients`), which only run
+static checks. Models do not validate inside ``__call__``.
 """
 from __future__ import annotations
 
@@ -68,6 +73,46 @@ def check_labels(labels, num_classes: int | None, batch_size: int | None = None,
                 f"{name} must lie in [0, {num_classes}); got values in [{arr.min()}, {arr.max()}].")
 
 
+def check_input(x, name: str = "x", *, images: bool = False, min_rank: int = 1, finite: bool = True):
+    """The input of a public function: an array (lists are converted) of rank ``>= min_rank`` with a leading batch
+    axis (exactly rank 4, ``[B, H, W, C]``, with ``images=True``), floating point and — on concrete values, unless
+    ``finite=False`` — free of NaN/inf. Returns ``x`` as an array."""
+    if not hasattr(x, "shape"):
+        x = jnp.asarray(x)
+    if images:
+        check_rank(x, 4, name, "a batch of NHWC images [B, H, W, C]")
+    elif jnp.ndim(x) < min_rank:
+        what = "a leading batch axis, shape [B, ...]" if min_rank <= 1 else f"rank >= {min_rank}, a batch [B, ...]"
+        raise ValueError(f"{name} must have {what}; got shape {tuple(jnp.shape(x))}. Add a batch axis, e.g. x[None].")
+    check_floating(x, name)
+    if finite:
+        check_finite(x, name)
+    return x
+
+
+def check_count(n, name: str, minimum: int = 1) -> int:
+    """A Python int ``>= minimum`` (a count that fixes array shapes: steps, samples, probes, chunk sizes)."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise ValueError(f"{name} must be a Python int (it fixes array shapes); got {n!r}.")
+    if n < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {n}.")
+    return int(n)
+
+
+def check_choice(value, choices, name: str):
+    """``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}; got {value!r}.")
+    return value
+
+
+def check_key(key, what: str):
+    """A ``jax.random`` key is given (``what`` names the stochastic function)."""
+    if key is None:
+        raise ValueError(f"{what} is stochastic: pass an explicit key=jax.random.key(seed) (or PRNGKey).")
+    return key
+
+
 def check_batch_match(a, b, name_a: str, name_b: str) -> None:
     if jnp.shape(a)[0] != jnp.shape(b)[0]:
         raise ValueError(f"{name_a} and {name_b} must have the same batch size; got {jnp.shape(a)[0]} and {jnp.shape(b)[0]}.")
@@ -84,7 +129,8 @@ def normalize_target(target, batch: int, num_classes: int | None = None, name: s
     concrete values) range are checked."""
     if isinstance(target, str):
         if target != PREDICTED:
-            raise ValueError(f"{name} must be an int array [B] of class indices or {PREDICTED!r}; got {target!r}.")
+            raise ValueError(f"{name} must be an int array [B] of class indices or gradjax.gradients.PREDICTED "
+                             f"({PREDICTED!r}); got {target!r}.")
         return target
     if target is None:
         raise ValueError(f"{name} must be an int array [B] of class indices or {PREDICTED!r}; got None.")

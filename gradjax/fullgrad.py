@@ -25,20 +25,36 @@ How the pieces are obtained: every bias site of a gradjax model calls
 eval mode (``train=False``: BatchNorm uses running statistics), so examples do not interact and the backward pass
 of ``sum_b f_b(x_b)`` yields the per-example gradients exactly.
 
-Public API: :data:`PREDICTED`, :class:`FullGradients`, :func:`bias_taps`, :func:`flatten_taps`,
-:func:`full_gradients`, :func:`full_gradients_fn`, :func:`completeness_residual`, :data:`MERGE_MODES`.
+Public API: :data:`PREDICTED`, :class:`FullGradients`, :class:`TapGradients`, :func:`tap_gradients`,
+:func:`decompose`, :func:`full_gradients`, :func:`completeness_residual`, :func:`bias_taps`, :func:`flatten_taps`,
+:data:`MERGE_MODES`. Every function takes the model as a :class:`gradjax.model.ModelHandle`
+``ModelHandle(model.apply, variables)`` (the methods need the bias taps inside the network).
+
+**Train-mode models.** The handle's ``apply_kwargs`` choose the forward mode (default ``train=False``). A
+train-mode handle (``apply_kwargs={"train": True}``) updates ``batch_stats``: pass ``mutable=("batch_stats",)`` and
+the updated collections come back in ``FullGradients.updates``. Train-mode BatchNorm normalizes with the batch's own
+moments, which depend on ``x``, so completeness does not hold exactly there (and the sum trick mixes examples); a
+frozen-moments pass (BatchNorm with recorded batch moments under ``stop_gradient``, see
+:func:`gradjax.model.apply_frozen`) is affine per example, and completeness holds again.
+
+**Jit.** Nothing here jits itself; the caller does, once, e.g.::
+
+    fg_fn = jax.jit(lambda handle, x, t: full_gradients(handle, x, t, merge="conv_bn"))
+    fg = fg_fn(ModelHandle(model.apply, variables), x, labels)   # the handle is a pytree: variables traced
+
+Called eagerly, the functions run operation by operation (each operation compiled once per shape by JAX) and also
+check values (NaN input, target range), which ``jit`` skips.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, NamedTuple, Optional
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from gradjax._validation import (PREDICTED, check_finite, check_floating, check_images, is_concrete,
-                                 normalize_target)
+from gradjax import _validation as V
+from gradjax.gradients import PREDICTED, logits_and_target_gradient, per_example_sum, select
+from gradjax.model import ModelHandle, require_handle
 from gradjax.models.layers import TAP
 
 Array = jax.Array
@@ -60,16 +76,19 @@ class FullGradients(NamedTuple):
         ``"block0/bn"``, ``"head"``). Shapes are those of the layer output ``z_l``: ``[B, h, w, c]`` for
         convolutional layers, ``[B, c]`` for Dense layers. Empty for a network without biases.
       residual: ``[B]`` — ``f(x) - <grad_x f, x> - sum_l sum(f^b_l)``; zero up to round-off (completeness).
+      updates: the updated ``mutable`` collections of a train-mode pass (e.g. ``{"batch_stats": ...}``), or
+        ``None`` when no ``mutable`` collections were asked for.
     """
 
     output: Array
     input_gradient: Array
     bias_gradients: dict
     residual: Array
+    updates: Optional[dict] = None
 
     def input_term(self, x) -> Array:
         """``[B]`` — ``<grad_x f(x), x>`` (the input part of eq. 3.3); ``x`` is the input the gradients were taken at."""
-        return _sum_per_example(self.input_gradient * x)
+        return per_example_sum(self.input_gradient * x)
 
     def bias_term(self) -> Array:
         """``[B]`` — ``sum_l sum_{positions} f^b_l(x)`` (the bias part of eq. 3.3)."""
@@ -89,26 +108,6 @@ class FullGradients(NamedTuple):
 # Boundary checks and helpers
 # ----------------------------------------------------------------------------------------------------------------
 
-def _check_x(x) -> Array:
-    if not hasattr(x, "shape"):
-        x = jnp.asarray(x)
-    if jnp.ndim(x) == 4:
-        check_images(x, "x")
-    else:
-        if jnp.ndim(x) < 2:
-            raise ValueError(
-                f"x must be a batch [B, ...] with rank >= 2 (NHWC images [B, H, W, C] for convolutional models); "
-                f"got shape {tuple(jnp.shape(x))}. Add a batch axis, e.g. x[None].")
-        check_floating(x, "x")
-        check_finite(x, "x")
-    return x
-
-
-def _check_merge(merge: str) -> None:
-    if merge not in MERGE_MODES:
-        raise ValueError(f"merge must be one of {', '.join(repr(m) for m in MERGE_MODES)}; got {merge!r}.")
-
-
 def _check_dtype(dtype):
     if dtype is None:
         return None
@@ -125,13 +124,24 @@ def _check_dtype(dtype):
     return dt
 
 
-def _clean_variables(variables) -> dict:
-    """Drop collections that ``model.init`` returns but that must be rebuilt for this batch."""
-    if not isinstance(variables, Mapping):
+def _check_mutable(mutable) -> list[str]:
+    if isinstance(mutable, str):
+        mutable = (mutable,)
+    mutable = list(mutable)
+    bad = [m for m in mutable if not isinstance(m, str) or m in _COLLECTIONS]
+    if bad:
+        raise ValueError(f"mutable must name model collections to update (e.g. ('batch_stats',)), other than "
+                         f"{_COLLECTIONS}; got {bad}.")
+    return mutable
+
+
+def _handle(model, method: str) -> ModelHandle:
+    handle = require_handle(model, method)
+    if not isinstance(handle.variables, Mapping):
         raise ValueError(
-            f"variables must be the Flax variable dict passed to model.apply (e.g. {{'params': ..., "
-            f"'batch_stats': ...}}); got {type(variables).__name__}.")
-    return {k: v for k, v in variables.items() if k not in _COLLECTIONS}
+            f"the handle's variables must be the Flax variable dict passed to model.apply (e.g. {{'params': ..., "
+            f"'batch_stats': ...}}); got {type(handle.variables).__name__}.")
+    return handle
 
 
 def _cast(tree, dtype):
@@ -142,10 +152,6 @@ def _cast(tree, dtype):
 
 def _spec(tree):
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), tree)
-
-
-def _apply_kwargs(apply_kwargs) -> dict:
-    return {"train": False} if apply_kwargs is None else dict(apply_kwargs)
 
 
 def flatten_taps(tree: Mapping) -> dict[str, Any]:
@@ -167,26 +173,16 @@ def flatten_taps(tree: Mapping) -> dict[str, Any]:
     return out
 
 
-def _select_target(target, batch: int, num_classes: Optional[int]):
-    """Return ``None`` for :data:`PREDICTED`, else an int array ``[B]`` (scalars are broadcast)."""
-    target = normalize_target(target, batch, num_classes)
-    return None if isinstance(target, str) else target
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Bias taps
 # ----------------------------------------------------------------------------------------------------------------
 
-def bias_taps(apply_fn: Callable, variables: Mapping, x, *, apply_kwargs: Optional[Mapping] = None
-              ) -> tuple[dict, dict]:
-    """Record every bias tap of ``apply_fn`` at input ``x``: one forward pass in eval mode.
+def bias_taps(model: ModelHandle, x) -> tuple[dict, dict]:
+    """Record every bias tap of the model at input ``x``: one forward pass (in the handle's mode, default eval).
 
     Args:
-      apply_fn: ``model.apply`` of a Linen model whose bias sites call :func:`gradjax.models.layers.bias_tap`.
-      variables: ``{'params', 'batch_stats', ...}``; ``'biases'`` / ``'perturbations'`` (as returned by
-        ``model.init``) are ignored and rebuilt.
+      model: :class:`ModelHandle` of a Linen model whose bias sites call :func:`gradjax.models.layers.bias_tap`.
       x: ``[B, ...]`` float input.
-      apply_kwargs: extra keyword arguments of ``apply_fn``; default ``{'train': False}``.
 
     Returns:
       ``(biases, perturbations)``: two nested dicts with the same structure, keyed by module path
@@ -194,11 +190,77 @@ def bias_taps(apply_fn: Callable, variables: Mapping, x, *, apply_kwargs: Option
       softplus activation the input-dependent implicit bias ``sigma(z) - sigma'(z) z``, §3.4) and
       ``perturbations`` zeros shaped like each ``z_l`` ``[B, ...]``. Both are ``{}`` for a bias-free network.
     """
-    x = _check_x(x)
-    variables = _clean_variables(variables)
-    _, state = apply_fn(variables, x, mutable=list(_COLLECTIONS), **_apply_kwargs(apply_kwargs))
+    handle = _handle(model, "bias_taps")
+    x = V.check_input(x, min_rank=2)
+    _, state = handle.apply_fn(handle.variables, x, mutable=list(_COLLECTIONS), **handle.kwargs)
     state = dict(state)
     return dict(state.get("biases", {})), dict(state.get("perturbations", {}))
+
+
+class TapGradients(NamedTuple):
+    """Output of :func:`tap_gradients`: everything one backward pass gives (thesis §3.4).
+
+    Attributes:
+      logits: ``[B, K]``. target: ``[B]`` int32, the resolved classes.
+      input_gradient: ``[B, *x.shape[1:]]`` — ``grad_x f_t``.
+      tap_gradients: ``{path: [B, *z_l.shape[1:]]}`` — ``grad_{z_l} f_t`` at the output of every bias tap.
+      biases: ``{path: b_l}`` — each tap's bias, broadcastable to ``z_l``.
+      updates: updated ``mutable`` collections (train mode) or ``None``.
+    """
+
+    logits: Array
+    target: Array
+    input_gradient: Array
+    tap_gradients: dict
+    biases: dict
+    updates: Optional[dict] = None
+
+
+def tap_gradients(model: ModelHandle, x, target=PREDICTED, *, mutable: Sequence[str] = ()) -> TapGradients:
+    """``grad_x f_t`` and ``grad_{z_l} f_t`` at every bias tap ``l``, with the biases ``b_l``, from one vjp.
+
+    One :func:`gradjax.gradients.logits_and_target_gradient` of ``(x, perturbations) -> logits`` (each tap adds
+    a zero perturbation to its output ``z_l``, so the gradient w.r.t. it is ``grad_{z_l} f``) with the one-hot
+    cotangent of ``target``: one forward and one backward pass; the tap structure comes from
+    :func:`jax.eval_shape` (free). ``mutable``: model collections a train-mode handle updates, e.g.
+    ``("batch_stats",)``; they come back in ``updates``.
+
+    Low level (used by :func:`full_gradients` and the FullGrad saliency family): static checks only.
+    """
+    handle = _handle(model, "tap_gradients")
+    x = V.check_input(x, min_rank=2, finite=False)
+    mutable = _check_mutable(mutable)
+    kwargs, variables = handle.kwargs, handle.variables
+
+    def collect(v, x_):  # shapes of the logits and of every tap, without computing anything
+        return handle.apply_fn(v, x_, mutable=list(_COLLECTIONS) + mutable, **kwargs)
+
+    out_spec, state_spec = jax.eval_shape(collect, _spec(variables), _spec(x))
+    if len(out_spec.shape) != 2 or out_spec.shape[0] != x.shape[0]:
+        raise ValueError(f"the model must return logits of shape [B, num_classes] = [{x.shape[0]}, K]; got "
+                         f"{out_spec.shape}.")
+    state_spec = dict(state_spec)
+    pert_spec = dict(state_spec.get("perturbations", {}))
+    unmatched = set(flatten_taps(dict(state_spec.get("biases", {})))) ^ set(flatten_taps(pert_spec))
+    if unmatched:
+        raise ValueError(
+            "every bias tap must both sow its bias ('biases') and perturb its output ('perturbations') under the same "
+            f"module path (use gradjax.models.layers.bias_tap); unmatched: {sorted(unmatched)}.")
+    perts = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), pert_spec)
+
+    def logits_fn(primal):
+        x_, p_ = primal
+        v = dict(variables)
+        if p_:
+            v["perturbations"] = p_
+        logits, state = handle.apply_fn(v, x_, mutable=["biases"] + mutable, **kwargs)
+        state = dict(state)
+        return logits, (flatten_taps(dict(state.get("biases", {}))), {k: state[k] for k in mutable if k in state})
+
+    r = logits_and_target_gradient(logits_fn, (x, perts), target, has_aux=True)
+    grad_x, grad_p = r.gradient
+    biases, updates = r.aux
+    return TapGradients(r.logits, r.target, grad_x, flatten_taps(grad_p), biases, updates if mutable else None)
 
 
 def _merge_maps(maps: dict[str, Array], merge: str, params: Mapping) -> dict[str, Array]:
@@ -245,16 +307,28 @@ def _merge_maps(maps: dict[str, Array], merge: str, params: Mapping) -> dict[str
     return out
 
 
-def _sum_per_example(a: Array) -> Array:
-    return jnp.sum(a.reshape(a.shape[0], -1), axis=1)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Full-gradients
 # ----------------------------------------------------------------------------------------------------------------
 
-def full_gradients(apply_fn: Callable, variables: Mapping, x, target=PREDICTED, *, merge: str = "none",
-                   dtype=None, apply_kwargs: Optional[Mapping] = None) -> FullGradients:
+def decompose(taps: TapGradients, x, *, merge: str = "none", params: Optional[Mapping] = None) -> FullGradients:
+    """Assemble the full-gradient decomposition (thesis eq. 3.3) from one :func:`tap_gradients` at ``x``:
+    ``f^b_l = grad_{z_l} f ⊙ b_l`` per tap, grouped by ``merge`` (see :func:`full_gradients`; ``"conv_bn"`` looks
+    for bias-free convolutions in ``params``), the selected logit and the completeness residual. Pure arithmetic
+    (no model call)."""
+    V.check_choice(merge, MERGE_MODES, "merge")
+    g_flat, b_flat = taps.tap_gradients, taps.biases
+    maps = {k: jnp.broadcast_to(g_flat[k] * b_flat[k].astype(g_flat[k].dtype), g_flat[k].shape) for k in g_flat}
+    maps = _merge_maps(maps, merge, params or {})
+    output = select(taps.logits, taps.target)
+    residual = output - per_example_sum(taps.input_gradient * x).astype(output.dtype)
+    for m in maps.values():
+        residual = residual - per_example_sum(m).astype(output.dtype)
+    return FullGradients(output, taps.input_gradient, maps, residual, taps.updates)
+
+
+def full_gradients(model: ModelHandle, x, target=PREDICTED, *, merge: str = "none", dtype=None,
+                   mutable: Sequence[str] = ()) -> FullGradients:
     """Full-gradients ``(grad_x f, {f^b_l})`` of the selected logit of each example (thesis §3.4, eq. 3.1/3.3).
 
     Computes, for each example ``i`` with ``f = logits[i, target[i]]``,
@@ -264,16 +338,14 @@ def full_gradients(apply_fn: Callable, variables: Mapping, x, target=PREDICTED, 
       * ``residual[i] = f - <grad_x f, x> - sum_l sum f^b_l``, which completeness (Proposition 6 / 9, eq. 3.1 /
         3.3, with activation implicit biases for smooth non-linearities, §3.4) makes zero up to round-off.
 
-    One :func:`jax.vjp` of ``(x, perturbations) -> logits`` with a one-hot cotangent gives all gradients at once
-    (one forward, one backward pass; the tap structure comes from :func:`jax.eval_shape`, which costs nothing).
-    Per-example gradients come from the gradient of ``sum_i logits[i, target[i]]``: exact because in eval mode
-    (``train=False``, BatchNorm with running statistics) examples do not interact.
+    One forward and one backward pass (:func:`tap_gradients`, then :func:`decompose`). Per-example gradients
+    come from the gradient of ``sum_i logits[i, target[i]]``: exact when examples do not interact (eval mode,
+    ``train=False`` with BatchNorm's running statistics, or a frozen-moments pass).
 
     Args:
-      apply_fn: ``model.apply`` of a Linen model built with bias taps (all gradjax models). A model without any
-        bias tap works too: ``bias_gradients`` is ``{}`` and, for a ReLU network, ``f = <grad_x f, x>``
-        (Proposition 5).
-      variables: ``{'params', 'batch_stats'}`` (``'biases'``/``'perturbations'`` from ``model.init`` are ignored).
+      model: :class:`ModelHandle` ``(model.apply, variables)`` of a Linen model built with bias taps (all gradjax
+        models); its ``apply_kwargs`` select the mode (default ``train=False``). A model without any bias tap
+        works too: ``bias_gradients`` is ``{}`` and, for a ReLU network, ``f = <grad_x f, x>`` (Proposition 5).
       x: ``[B, H, W, C]`` images (or ``[B, ...]`` for an MLP), floating point, finite.
       target: int array ``[B]`` (or a scalar, broadcast) of classes with ``0 <= t < num_classes``, or
         :data:`PREDICTED` for the arg-max class of each example.
@@ -288,113 +360,28 @@ def full_gradients(apply_fn: Callable, variables: Mapping, x, target=PREDICTED, 
         ``"head"``, ...). Maps in one group must share a shape (they do in VGG and ResNet).
       dtype: optional floating dtype to run in (``x`` and all floating variables are cast), e.g. ``jnp.float64``
         (needs ``jax_enable_x64``) for exact checks.
-      apply_kwargs: keyword arguments of ``apply_fn``; default ``{'train': False}``.
+      mutable: collections a train-mode handle updates (e.g. ``("batch_stats",)``), returned in ``updates``.
 
     Returns:
       :class:`FullGradients` ``(output [B], input_gradient [B, ...], bias_gradients {path: [B, ...]},
-      residual [B])``.
+      residual [B], updates)``.
 
-    Jittable with ``apply_fn`` (and ``target`` when it is :data:`PREDICTED`) closed over, e.g.
-    ``jax.jit(lambda v, x, t: full_gradients(model.apply, v, x, t))``, and vmappable over stacks of batches.
-    Under ``jit`` only static checks (rank, dtype, batch size) run; see :func:`full_gradients_fn` for a jitted
-    wrapper that also checks values (NaN input, target range).
+    Jittable (the handle is a pytree whose ``apply_fn`` is static), e.g.
+    ``jax.jit(lambda h, x, t: full_gradients(h, x, t))``, and vmappable over stacks of batches. Under ``jit`` only
+    static checks (rank, dtype, batch size) run.
     """
-    _check_merge(merge)
+    handle = _handle(model, "full_gradients")
+    V.check_choice(merge, MERGE_MODES, "merge")
     dt = _check_dtype(dtype)
-    x = _check_x(x)
-    variables = _clean_variables(variables)
+    x = V.check_input(x, min_rank=2)
     if dt is not None:
-        x, variables = _cast(x, dt), _cast(variables, dt)
-    kwargs = _apply_kwargs(apply_kwargs)
-    batch = x.shape[0]
-
-    # Shapes of the logits and of every tap, without computing anything.
-    def collect(v, x_):
-        return apply_fn(v, x_, mutable=list(_COLLECTIONS), **kwargs)
-
-    out_spec, state_spec = jax.eval_shape(collect, _spec(variables), _spec(x))
-    if len(out_spec.shape) != 2 or out_spec.shape[0] != batch:
-        raise ValueError(f"apply_fn must return logits of shape [B, num_classes] = [{batch}, K]; got {out_spec.shape}.")
-    num_classes = out_spec.shape[1]
-    tgt = _select_target(target, batch, num_classes)
-
-    state_spec = dict(state_spec)
-    pert_spec = dict(state_spec.get("perturbations", {}))
-    perts = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), pert_spec)
-    tap_bias_names = set(flatten_taps(dict(state_spec.get("biases", {}))))
-    tap_pert_names = set(flatten_taps(pert_spec))
-    if tap_bias_names != tap_pert_names:
-        raise ValueError(
-            "every bias tap must both sow its bias ('biases') and perturb its output ('perturbations') under the same "
-            f"module path (use gradjax.models.layers.bias_tap); unmatched: {sorted(tap_bias_names ^ tap_pert_names)}.")
-
-    def f(x_, p_):
-        v = dict(variables)
-        if p_:
-            v["perturbations"] = p_
-        logits, state = apply_fn(v, x_, mutable=["biases"], **kwargs)
-        return logits, dict(dict(state).get("biases", {}))
-
-    logits, vjp_fn, biases = jax.vjp(f, x, perts, has_aux=True)
-    if tgt is None:
-        tgt = jnp.argmax(logits, axis=-1)
-    cotangent = jax.nn.one_hot(tgt, num_classes, dtype=logits.dtype)
-    grad_x, grad_p = vjp_fn(cotangent)
-    output = jnp.take_along_axis(logits, tgt[:, None].astype(jnp.int32), axis=1)[:, 0]
-
-    g_flat, b_flat = flatten_taps(grad_p), flatten_taps(biases)
-    maps = {k: jnp.broadcast_to(g_flat[k] * b_flat[k].astype(g_flat[k].dtype), g_flat[k].shape) for k in g_flat}
-    maps = _merge_maps(maps, merge, variables.get("params", {}))
-
-    input_term = _sum_per_example(grad_x * x)
-    bias_term = jnp.zeros_like(output)
-    for m in maps.values():
-        bias_term = bias_term + _sum_per_example(m).astype(output.dtype)
-    residual = output - input_term.astype(output.dtype) - bias_term
-    return FullGradients(output, grad_x, maps, residual)
+        x, handle = _cast(x, dt), handle.replace(variables=_cast(handle.variables, dt))
+    taps = tap_gradients(handle, x, target, mutable=mutable)
+    return decompose(taps, x, merge=merge, params=handle.variables.get("params", {}))
 
 
-def full_gradients_fn(apply_fn: Callable, *, merge: str = "none", dtype=None,
-                      apply_kwargs: Optional[Mapping] = None, jit: bool = True) -> Callable:
-    """Bind a model once: returns ``fn(variables, x, target=PREDICTED) -> FullGradients``.
-
-    Value checks (NaN/inf in ``x``, ``0 <= target < num_classes``) run eagerly on the concrete arguments, then
-    the computation runs through :func:`jax.jit` (compiled once per shape; one compiled function for explicit
-    targets and one for :data:`PREDICTED`). ``apply_fn`` may also be a Linen module (its ``.apply`` is used).
-    """
-    _check_merge(merge)
-    _check_dtype(dtype)
-    if isinstance(apply_fn, nn.Module):
-        apply_fn = apply_fn.apply
-
-    def with_target(variables, x, target):
-        return full_gradients(apply_fn, variables, x, target, merge=merge, dtype=dtype, apply_kwargs=apply_kwargs)
-
-    def predicted(variables, x):
-        return full_gradients(apply_fn, variables, x, PREDICTED, merge=merge, dtype=dtype,
-                              apply_kwargs=apply_kwargs)
-
-    with_target_c = jax.jit(with_target) if jit else with_target
-    predicted_c = jax.jit(predicted) if jit else predicted
-
-    def fn(variables, x, target=PREDICTED):
-        x = _check_x(x)
-        variables = _clean_variables(variables)
-        if isinstance(target, str):
-            _select_target(target, x.shape[0], None)
-            return predicted_c(variables, x)
-        if is_concrete(target) and is_concrete(x) and all(is_concrete(a) for a in jax.tree.leaves(variables)):
-            spec = jax.eval_shape(lambda v, x_: apply_fn(v, x_, **_apply_kwargs(apply_kwargs)),
-                                  _spec(variables), _spec(x))
-            num_classes = spec.shape[-1] if len(spec.shape) == 2 else None
-            target = _select_target(target, x.shape[0], num_classes)
-        return with_target_c(variables, x, target)
-
-    return fn
-
-
-def completeness_residual(apply_fn: Callable, variables: Mapping, x, target=PREDICTED, *, dtype=None,
-                          apply_kwargs: Optional[Mapping] = None, floor: Optional[float] = None) -> Array:
+def completeness_residual(model: ModelHandle, x, target=PREDICTED, *, dtype=None,
+                          floor: Optional[float] = None) -> Array:
     """Relative completeness residual ``|f - <grad_x f, x> - sum_l sum f^b_l| / max(|f|, floor)``, ``[B]``.
 
     The deviation from eq. 3.3 (thesis §3.4 / §3.9, Proposition 9) relative to the output; ``floor``
@@ -402,9 +389,8 @@ def completeness_residual(apply_fn: Callable, variables: Mapping, x, target=PRED
     ~1e-14 in float64) for a model whose every bias site is tapped; large values mean a constant term of the
     model is not exposed as a bias tap (or the model is not in eval mode).
     """
-    fg = full_gradients(apply_fn, variables, x, target, dtype=dtype, apply_kwargs=apply_kwargs)
-    return fg.relative_residual(floor)
+    return full_gradients(model, x, target, dtype=dtype).relative_residual(floor)
 
 
-__all__ = ["PREDICTED", "MERGE_MODES", "FullGradients", "bias_taps", "flatten_taps", "full_gradients",
-           "full_gradients_fn", "completeness_residual"]
+__all__ = ["PREDICTED", "MERGE_MODES", "FullGradients", "TapGradients", "bias_taps", "flatten_taps",
+           "tap_gradients", "decompose", "full_gradients", "completeness_residual"]

@@ -24,13 +24,34 @@ Per-example gradients, two batch modes (keyword ``batch_mode``):
 Targets: an integer array ``[B]`` of class indices, or the sentinel :data:`PREDICTED` meaning the arg-max class
 of the logits at ``x`` (the "top class" of thesis §2.4.1).
 
-All functions are pure, jittable (``logits_fn`` and the keyword options are static) and vmappable, and
-differentiable w.r.t. anything ``logits_fn`` closes over (double backprop, as needed by the Jacobian-matching
-and gradient-norm losses of thesis ch. 2).
+**The one gradient primitive.** :func:`logits_and_target_gradient` — one ``jax.vjp`` of a logits function pulled
+back with the one-hot cotangent of the target class — is what every gradient in gradjax is built on: the logit-,
+loss- and probability-gradients here, the full-gradients and tap gradients of :mod:`gradjax.fullgrad`, and every
+saliency method (through a modified logits function: a method interceptor for guided backprop, a perturbed layer
+output for Grad-CAM, bias taps for FullGrad).
+
+**Train-mode models** (``has_aux``): a logits function may return ``(logits, aux)``, e.g. a train-mode Flax pass
+``lambda x: model.apply(variables, x, train=True, mutable=["batch_stats"])`` returning the updated
+``batch_stats``; with ``has_aux=True`` every function also returns ``aux``. (Train-mode BatchNorm couples the
+examples, so use ``batch_mode="vmap"`` or a frozen-moments pass, :func:`gradjax.model.apply_frozen`, for exact
+per-example gradients.)
+
+**Models.** ``logits_fn`` is a plain callable; a :class:`gradjax.model.ModelHandle` is one too (``handle(x)`` are
+its eval-mode logits), and an NNX model works through ``nnx.split``/``nnx.merge``.
+
+**Jit.** All functions are pure, never jit themselves, and are jittable (``logits_fn`` and the keyword options are
+static) and vmappable, and differentiable w.r.t. anything ``logits_fn`` closes over (double backprop, as needed by
+the Jacobian-matching and gradient-norm losses of thesis ch. 2). The caller jits, e.g.::
+
+    grad_fn = jax.jit(lambda params, x, y: logit_gradient(lambda z: model.apply(params, z), x, y))
+
+Called eagerly (no ``jit``), a function runs operation by operation, each operation compiled once per shape by
+JAX, so a repeated eager call compiles nothing new. Value checks (NaN input, target range) run on concrete
+arguments only.
 """
 from __future__ import annotations
 
-from typing import Callable, Literal, Union
+from typing import Any, Callable, Literal, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -40,8 +61,12 @@ from gradjax import _validation as V
 __all__ = [
     "PREDICTED",
     "Target",
+    "TargetGradient",
     "resolve_target",
     "select",
+    "per_example_sum",
+    "logits_and_target_gradient",
+    "value_and_input_gradient",
     "logit_gradient",
     "logits_and_logit_gradient",
     "loss_gradient",
@@ -49,15 +74,14 @@ __all__ = [
     "probability_gradient",
     "probabilities_and_probability_gradient",
     "jacobian",
-    "value_and_input_gradient",
 ]
 
 PREDICTED = V.PREDICTED
 """Target sentinel: use the arg-max (top) class of the logits at ``x`` (thesis §2.4.1). The same object as
-``gradjax.fullgrad.PREDICTED``."""
+``gradjax.fullgrad.PREDICTED`` and ``gradjax.saliency.PREDICTED``."""
 
-Target = Union[jax.Array, str]
-LogitsFn = Callable[[jax.Array], jax.Array]
+Target = Union[jax.Array, int, str]
+LogitsFn = Callable[[jax.Array], Any]
 BatchMode = Literal["sum", "vmap"]
 
 _BATCH_MODES = ("sum", "vmap")
@@ -67,39 +91,12 @@ _JACOBIAN_MODES = ("full", "target", "top")
 # ----------------------------------------------------------------------------------------------------------
 # validation
 # ----------------------------------------------------------------------------------------------------------
-def _check_input(x, name: str = "x") -> None:
-    if jnp.ndim(x) < 1:
-        raise ValueError(f"{name} must have a leading batch axis, shape [B, ...]; got a scalar.")
-    V.check_floating(x, name)
-    V.check_finite(x, name)
-
-
-def _check_batch_mode(batch_mode) -> None:
-    if batch_mode not in _BATCH_MODES:
-        raise ValueError(f"batch_mode must be one of {_BATCH_MODES}; got {batch_mode!r}.")
-
-
-def _check_target_static(target, batch_size: int, name: str = "target") -> None:
-    """Checks possible before the forward pass (rank, dtype, batch size)."""
-    if isinstance(target, str):
-        if target != PREDICTED:
-            raise ValueError(f"{name} must be an integer array [B] or gradjax.gradients.PREDICTED "
-                             f"({PREDICTED!r}); got the string {target!r}.")
-        return
-    V.check_labels(target, None, batch_size, name=name)
-
-
-def _check_logits(logits, batch_size: int) -> None:
+def _check_logits(logits, batch_size: int | None = None) -> None:
     if jnp.ndim(logits) != 2:
-        raise ValueError(f"logits_fn must return logits of shape [B, K]; got shape {tuple(jnp.shape(logits))}.")
-    if jnp.shape(logits)[0] != batch_size:
-        raise ValueError(f"logits_fn returned {jnp.shape(logits)[0]} rows for a batch of {batch_size} examples.")
+        raise ValueError(f"the model must return logits of shape [B, K]; got shape {tuple(jnp.shape(logits))}.")
+    if batch_size is not None and jnp.shape(logits)[0] != batch_size:
+        raise ValueError(f"the model returned {jnp.shape(logits)[0]} rows for a batch of {batch_size} examples.")
     V.check_floating(logits, "logits")
-
-
-def _check_target_range(target, num_classes: int, name: str = "target") -> None:
-    if not isinstance(target, str):
-        V.check_labels(target, num_classes, name=name)
 
 
 def _check_temperature(temperature) -> None:
@@ -107,15 +104,25 @@ def _check_temperature(temperature) -> None:
         raise ValueError(f"temperature must be > 0; got {float(temperature)}.")
 
 
+def _split_aux(out, has_aux: bool):
+    if not has_aux:
+        return out, None
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise ValueError("with has_aux=True the function must return a pair (output, aux).")
+    return out[0], out[1]
+
+
 # ----------------------------------------------------------------------------------------------------------
-# helpers
+# the one gradient primitive
 # ----------------------------------------------------------------------------------------------------------
 def resolve_target(logits: jax.Array, target: Target) -> jax.Array:
-    """Class indices ``[B]`` (int32) for ``target``: the array itself, or ``argmax_k logits[b, k]`` for
-    :data:`PREDICTED` (thesis §2.4.1, "top class"). ``logits``: ``[B, K]``."""
+    """Class indices ``[B]`` (int32) for ``target`` at ``logits [B, K]``: the array itself (a scalar broadcast to the
+    batch), or ``argmax_k logits[b, k]`` for :data:`PREDICTED` (thesis §2.4.1, "top class"; no gradient flows
+    through the arg-max). The one target normalizer of gradjax: checks rank, dtype, batch size and, on concrete
+    values, ``0 <= t < K`` (:func:`gradjax._validation.normalize_target`)."""
+    _check_logits(logits)
+    target = V.normalize_target(target, logits.shape[0], logits.shape[1])
     if isinstance(target, str):
-        if target != PREDICTED:
-            raise ValueError(f"unknown target sentinel {target!r}; use gradjax.gradients.PREDICTED.")
         return jnp.argmax(jax.lax.stop_gradient(logits), axis=-1).astype(jnp.int32)
     return jnp.asarray(target).astype(jnp.int32)
 
@@ -125,95 +132,154 @@ def select(values: jax.Array, target: jax.Array) -> jax.Array:
     return jnp.take_along_axis(values, target[:, None], axis=-1)[:, 0]
 
 
-def _single(fn: Callable) -> Callable:
-    """Turn a batched ``fn([B, ...]) -> [B, ...]`` into a per-example function (a batch of one)."""
-    return lambda xi, *args: jax.tree_util.tree_map(lambda a: a[0], fn(xi[None], *(a[None] for a in args)))
+def per_example_sum(a: jax.Array) -> jax.Array:
+    """``[B, ...] -> [B]``: the sum over every axis but the batch axis (``<a_b, 1>`` per example)."""
+    return jnp.sum(a.reshape(a.shape[0], -1), axis=1)
+
+
+def _vjp(fn: Callable, primal: Any, has_aux: bool):
+    """``(fn(primal), cotangent -> gradient, aux)``: the single ``jax.vjp`` every gradient of gradjax comes from."""
+    if has_aux:
+        out, pullback, aux = jax.vjp(fn, primal, has_aux=True)
+    else:
+        (out, pullback), aux = jax.vjp(fn, primal), None
+    return out, (lambda cotangent: pullback(cotangent)[0]), aux
+
+
+class TargetGradient(NamedTuple):
+    """Output of :func:`logits_and_target_gradient`.
+
+    Attributes:
+      logits: ``[B, K]`` — ``f(primal)``.
+      target: ``[B]`` int32 — the resolved classes ``t`` (:data:`PREDICTED` -> arg-max of ``logits``).
+      gradient: the pytree of ``primal`` — ``d/d primal sum_b f_{t_b}(primal)_b``.
+      aux: what ``logits_fn`` returned beside the logits (``has_aux=True``), else ``None``.
+    """
+
+    logits: jax.Array
+    target: jax.Array
+    gradient: Any
+    aux: Any = None
+
+
+def logits_and_target_gradient(logits_fn: Callable[[Any], Any], primal: Any, target: Target = PREDICTED, *,
+                               has_aux: bool = False) -> TargetGradient:
+    """The gradient primitive: logits, resolved target and ``d/d primal sum_b f_{t_b}(primal)_b`` from one forward
+    and one backward pass.
+
+    ``logits_fn(primal) -> logits [B, K]`` (or ``(logits, aux)`` with ``has_aux=True``, e.g. updated
+    ``batch_stats`` of a train-mode pass); ``primal`` is any pytree — the input ``x [B, ...]``, or ``(x, taps)``
+    for full-gradients (thesis §3.4), or a zero perturbation of a layer output for Grad-CAM. One ``jax.vjp`` of
+    ``logits_fn`` at ``primal`` is pulled back with the cotangent ``onehot(t) [B, K]``, which selects logit
+    ``t_b`` of example ``b``: the sum trick (see the module docstring), exact per-example gradients when examples
+    are independent (eval mode). ``target`` is an int array ``[B]`` (a scalar is broadcast) or :data:`PREDICTED`
+    (``t_b = argmax_k f_k``, no gradient through the arg-max).
+
+    Low level: checks the logits' shape and the target (rank, dtype, batch size; the class range on concrete
+    values) but not ``primal`` — public functions validate their inputs before calling it.
+    """
+    logits, pullback, aux = _vjp(logits_fn, primal, has_aux)
+    t = resolve_target(logits, target)
+    gradient = pullback(jax.nn.one_hot(t, logits.shape[1], dtype=logits.dtype))
+    return TargetGradient(logits, t, gradient, aux)
+
+
+def _single(fn: Callable, has_aux: bool = False) -> Callable:
+    """Turn a batched ``fn([B, ...]) -> [B, ...]`` into a per-example function (a batch of one); with
+    ``has_aux`` the aux output is passed through untouched."""
+    if has_aux:
+        def one(xi):
+            out, aux = fn(xi[None])
+            return out[0], aux
+        return one
+    return lambda xi: jax.tree_util.tree_map(lambda a: a[0], fn(xi[None]))
 
 
 def value_and_input_gradient(
-    f: Callable[[jax.Array], jax.Array],
+    f: Callable[[jax.Array], Any],
     x: jax.Array,
     *,
     batch_mode: BatchMode = "sum",
-) -> tuple[jax.Array, jax.Array]:
+    has_aux: bool = False,
+):
     """Per-example value and input-gradient of a batched scalar function.
 
-    ``f(x) -> [B]`` with ``x`` ``[B, ...]``; returns ``(f(x) [B], ∇_{x_b} f(x)_b [B, ...])``.
-    ``batch_mode="sum"``: ``∇_x Σ_b f(x)_b`` via one ``jax.vjp`` with an all-ones cotangent (valid when examples
-    are independent); ``"vmap"``: ``vmap`` of the gradient of each example run as a batch of one.
+    ``f(x) -> [B]`` (or ``([B], aux)`` with ``has_aux``) with ``x`` ``[B, ...]``; returns
+    ``(f(x) [B], ∇_{x_b} f(x)_b [B, ...])`` (and ``aux``). ``batch_mode="sum"``: ``∇_x Σ_b f(x)_b`` via one
+    ``jax.vjp`` with an all-ones cotangent (valid when examples are independent); ``"vmap"``: ``vmap`` of the
+    gradient of each example run as a batch of one (``aux`` then comes back stacked over examples).
+
+    Low level (used by :mod:`gradjax.trace` inside its linearizations): static checks only (rank, dtype, shapes).
     """
-    _check_input(x)
-    _check_batch_mode(batch_mode)
-    return _value_and_grad(f, x, batch_mode)
-
-
-def _value_and_grad(f, x, batch_mode):
+    V.check_input(x, finite=False)
+    V.check_choice(batch_mode, _BATCH_MODES, "batch_mode")
     B = jnp.shape(x)[0]
     if batch_mode == "sum":
-        fx, pullback = jax.vjp(f, x)
+        fx, pullback, aux = _vjp(f, x, has_aux)
         if jnp.shape(fx) != (B,):
             raise ValueError(f"f must return one value per example, shape ({B},); got {tuple(jnp.shape(fx))}.")
-        (g,) = pullback(jnp.ones_like(fx))
-        return fx, g
+        g = pullback(jnp.ones_like(fx))
+    else:
+        def one(xi):
+            fi, pullback, ai = _vjp(_single(f, has_aux), xi, has_aux)
+            if jnp.shape(fi) != ():
+                raise ValueError(f"f must return one value per example; got per-example shape {jnp.shape(fi)}.")
+            return fi, pullback(jnp.ones_like(fi)), ai
 
-    def one(xi):
-        fi, pb = jax.vjp(lambda z: f(z[None])[0], xi)
-        if jnp.shape(fi) != ():
-            raise ValueError(f"f must return one value per example; got per-example shape {jnp.shape(fi)}.")
-        (gi,) = pb(jnp.ones_like(fi))
-        return fi, gi
-
-    return jax.vmap(one)(x)
+        fx, g, aux = jax.vmap(one)(x)
+    return (fx, g, aux) if has_aux else (fx, g)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # logit-gradients
 # ----------------------------------------------------------------------------------------------------------
+def _num_classes(logits_fn, x, has_aux) -> int:
+    out = jax.eval_shape(logits_fn, x)
+    logits, _ = _split_aux(out, has_aux)
+    _check_logits(logits, jnp.shape(x)[0])
+    return logits.shape[1]
+
+
 def logits_and_logit_gradient(
     logits_fn: LogitsFn,
     x: jax.Array,
     target: Target = PREDICTED,
     *,
     batch_mode: BatchMode = "sum",
-) -> tuple[jax.Array, jax.Array]:
+    has_aux: bool = False,
+):
     """Logits and the logit-gradient of the selected class, from one forward and one backward pass.
 
     Computes ``(f(x) [B, K], ∇_{x_b} f_{t_b}(x_b) [B, ...])`` where ``t_b = target[b]`` or, for
     :data:`PREDICTED`, ``t_b = argmax_k f_k(x_b)`` (thesis §2.4.1 "top class"; §5.2 calls ``∇_x f_i`` the
     *logit-gradient*, the score ``∇_x log p_θ(x | y=i)`` of the implicit density model of §5.3).
+    With ``has_aux=True`` ``logits_fn`` returns ``(logits, aux)`` and the result is ``(logits, gradient, aux)``.
 
-    ``batch_mode="sum"`` (default): ``jax.vjp(logits_fn, x)`` pulled back with the cotangent ``onehot(t)`` gives
-    ``∇_x Σ_b f_{t_b}(x)_b``, which equals the per-example gradients when examples are independent (eval mode).
-    ``batch_mode="vmap"``: the same per example, each run as a batch of one (for models that mix examples).
+    ``batch_mode="sum"`` (default): :func:`logits_and_target_gradient` — ``jax.vjp(logits_fn, x)`` pulled back
+    with the cotangent ``onehot(t)`` gives ``∇_x Σ_b f_{t_b}(x)_b``, which equals the per-example gradients when
+    examples are independent (eval mode). ``batch_mode="vmap"``: the same per example, each run as a batch of one
+    (for models that mix examples; ``aux`` comes back stacked over examples).
     """
-    _check_input(x)
-    _check_batch_mode(batch_mode)
+    x = V.check_input(x)
+    V.check_choice(batch_mode, _BATCH_MODES, "batch_mode")
     B = jnp.shape(x)[0]
-    _check_target_static(target, B)
-
+    target = V.normalize_target(target, B)
     if batch_mode == "sum":
-        logits, pullback = jax.vjp(logits_fn, x)
-        _check_logits(logits, B)
-        _check_target_range(target, jnp.shape(logits)[1])
-        t = resolve_target(logits, target)
-        (g,) = pullback(jax.nn.one_hot(t, jnp.shape(logits)[1], dtype=logits.dtype))
-        return logits, g
+        r = logits_and_target_gradient(logits_fn, x, target, has_aux=has_aux)
+        return (r.logits, r.gradient, r.aux) if has_aux else (r.logits, r.gradient)
 
-    logits_shape = jax.eval_shape(logits_fn, x)
-    _check_logits(logits_shape, B)
-    _check_target_range(target, logits_shape.shape[1])
-    one_logits = _single(logits_fn)
+    V.normalize_target(target, B, _num_classes(logits_fn, x, has_aux))  # class range, before vmap hides it
 
-    def one(xi, ti):
-        li, pb = jax.vjp(one_logits, xi)
-        if ti is None:
-            ti = jnp.argmax(jax.lax.stop_gradient(li)).astype(jnp.int32)
-        (gi,) = pb(jax.nn.one_hot(ti, li.shape[0], dtype=li.dtype))
-        return li, gi
+    def one(xi, ti):  # a batch of one: xi [1, ...], ti [1] or None
+        r = logits_and_target_gradient(logits_fn, xi, PREDICTED if ti is None else ti, has_aux=has_aux)
+        return r.logits, r.gradient, r.aux
 
     if isinstance(target, str):
-        return jax.vmap(lambda xi: one(xi, None))(x)
-    return jax.vmap(one)(x, jnp.asarray(target).astype(jnp.int32))
+        logits, g, aux = jax.vmap(lambda xi: one(xi[None], None))(x)
+    else:
+        logits, g, aux = jax.vmap(lambda xi, ti: one(xi[None], ti[None]))(x, jnp.asarray(target))
+    logits, g = logits[:, 0], g[:, 0]
+    return (logits, g, aux) if has_aux else (logits, g)
 
 
 def logit_gradient(
@@ -222,47 +288,49 @@ def logit_gradient(
     target: Target = PREDICTED,
     *,
     batch_mode: BatchMode = "sum",
-) -> jax.Array:
-    """Logit-gradient ``∇_{x_b} f_{t_b}(x_b)`` per example, shape of ``x`` (thesis §5.2, §2.4.1).
+    has_aux: bool = False,
+):
+    """Logit-gradient ``∇_{x_b} f_{t_b}(x_b)`` per example, shape of ``x`` (thesis §5.2, §2.4.1); with
+    ``has_aux=True`` (``logits_fn`` returns ``(logits, aux)``) the pair ``(gradient, aux)``.
 
     ``target``: int array ``[B]`` or :data:`PREDICTED` (arg-max class). See
     :func:`logits_and_logit_gradient` for the ``batch_mode`` options (sum trick vs ``vmap``).
     """
-    return logits_and_logit_gradient(logits_fn, x, target, batch_mode=batch_mode)[1]
+    out = logits_and_logit_gradient(logits_fn, x, target, batch_mode=batch_mode, has_aux=has_aux)
+    return out[1:] if has_aux else out[1]
 
 
 # ----------------------------------------------------------------------------------------------------------
 # loss- and probability-gradients
 # ----------------------------------------------------------------------------------------------------------
-def _per_example(fn_of_logits: Callable, logits_fn: LogitsFn, x, target, batch_mode, temperature):
+def _per_example(fn_of_logits: Callable, logits_fn: LogitsFn, x, target, batch_mode, temperature, has_aux):
     """Value ``[B]`` and input-gradient of ``fn_of_logits(logits/T, t)``, with the target resolved from the
     logits at the clean ``x`` (so PREDICTED is a fixed class, not a function of the perturbation)."""
-    _check_input(x)
-    _check_batch_mode(batch_mode)
+    x = V.check_input(x)
+    V.check_choice(batch_mode, _BATCH_MODES, "batch_mode")
     _check_temperature(temperature)
     B = jnp.shape(x)[0]
-    _check_target_static(target, B, name="labels")
-    shape = jax.eval_shape(logits_fn, x)
-    _check_logits(shape, B)
-    _check_target_range(target, shape.shape[1], name="labels")
-
-    def value(z, t):
-        logits = logits_fn(z)
-        t = resolve_target(logits, target) if t is None else t
-        return fn_of_logits(logits / temperature, t)
-
+    target = V.normalize_target(target, B, _num_classes(logits_fn, x, has_aux), name="labels")
     t = None if isinstance(target, str) else jnp.asarray(target).astype(jnp.int32)
+
+    def value(z, ti):  # z [b, ...], ti [b] or None
+        logits, aux = _split_aux(logits_fn(z), has_aux)
+        ti = resolve_target(logits, PREDICTED if ti is None else ti)
+        v = fn_of_logits(logits / temperature, ti)
+        return (v, aux) if has_aux else v
+
     if batch_mode == "sum":
-        return _value_and_grad(lambda z: value(z, t), x, "sum")
+        return value_and_input_gradient(lambda z: value(z, t), x, has_aux=has_aux)
 
     def one(xi, ti):
-        fi, pb = jax.vjp(lambda z: value(z[None], None if ti is None else ti[None])[0], xi)
-        (gi,) = pb(jnp.ones_like(fi))
-        return fi, gi
+        def f1(z):
+            out = value(z[None], None if ti is None else ti[None])
+            return (out[0][0], out[1]) if has_aux else out[0]
+        fi, pullback, ai = _vjp(f1, xi, has_aux)
+        return fi, pullback(jnp.ones_like(fi)), ai
 
-    if t is None:
-        return jax.vmap(lambda xi: one(xi, None))(x)
-    return jax.vmap(one)(x, t)
+    fx, g, aux = jax.vmap(lambda xi: one(xi, None))(x) if t is None else jax.vmap(one)(x, t)
+    return (fx, g, aux) if has_aux else (fx, g)
 
 
 def _cross_entropy(scaled_logits, t):
@@ -280,15 +348,16 @@ def loss_and_loss_gradient(
     *,
     temperature: float = 1.0,
     batch_mode: BatchMode = "sum",
-) -> tuple[jax.Array, jax.Array]:
+    has_aux: bool = False,
+):
     """Per-example cross-entropy and its input-gradient (the *loss-gradient* of thesis §5.2).
 
     ``ℓ_b(x) = -log softmax(f(x_b)/T)_{y_b} = -f_{y_b}(x_b)/T + logsumexp_k f_k(x_b)/T``;
-    returns ``(ℓ [B], ∇_{x_b} ℓ_b [B, ...])``. ``labels``: int array ``[B]`` or :data:`PREDICTED`.
-    Softmax shift invariance (thesis §5.2, Observation): adding the same ``g(x)`` to every logit leaves both
-    outputs unchanged.
+    returns ``(ℓ [B], ∇_{x_b} ℓ_b [B, ...])`` (and ``aux`` with ``has_aux=True``). ``labels``: int array ``[B]``
+    or :data:`PREDICTED`. Softmax shift invariance (thesis §5.2, Observation): adding the same ``g(x)`` to every
+    logit leaves both outputs unchanged.
     """
-    return _per_example(_cross_entropy, logits_fn, x, labels, batch_mode, temperature)
+    return _per_example(_cross_entropy, logits_fn, x, labels, batch_mode, temperature, has_aux)
 
 
 def loss_gradient(
@@ -298,9 +367,13 @@ def loss_gradient(
     *,
     temperature: float = 1.0,
     batch_mode: BatchMode = "sum",
-) -> jax.Array:
-    """Loss-gradient ``∇_{x_b} [-log softmax(f(x_b)/T)_{y_b}]`` per example, shape of ``x`` (thesis §5.2)."""
-    return loss_and_loss_gradient(logits_fn, x, labels, temperature=temperature, batch_mode=batch_mode)[1]
+    has_aux: bool = False,
+):
+    """Loss-gradient ``∇_{x_b} [-log softmax(f(x_b)/T)_{y_b}]`` per example, shape of ``x`` (thesis §5.2); with
+    ``has_aux=True`` the pair ``(gradient, aux)``."""
+    out = loss_and_loss_gradient(logits_fn, x, labels, temperature=temperature, batch_mode=batch_mode,
+                                 has_aux=has_aux)
+    return out[1:] if has_aux else out[1]
 
 
 def probabilities_and_probability_gradient(
@@ -310,13 +383,14 @@ def probabilities_and_probability_gradient(
     *,
     temperature: float = 1.0,
     batch_mode: BatchMode = "sum",
-) -> tuple[jax.Array, jax.Array]:
+    has_aux: bool = False,
+):
     """Softmax probability of the target class and its input-gradient.
 
     ``p_b = softmax(f(x_b)/T)_{t_b}`` (the ``S_s^i`` of thesis Prop. 2 / eq. 2.3); returns
-    ``(p [B], ∇_{x_b} p_b [B, ...])``.
+    ``(p [B], ∇_{x_b} p_b [B, ...])`` (and ``aux`` with ``has_aux=True``).
     """
-    return _per_example(_probability, logits_fn, x, target, batch_mode, temperature)
+    return _per_example(_probability, logits_fn, x, target, batch_mode, temperature, has_aux)
 
 
 def probability_gradient(
@@ -326,10 +400,13 @@ def probability_gradient(
     *,
     temperature: float = 1.0,
     batch_mode: BatchMode = "sum",
-) -> jax.Array:
-    """Probability-gradient ``∇_{x_b} softmax(f(x_b)/T)_{t_b}`` per example, shape of ``x``."""
-    return probabilities_and_probability_gradient(
-        logits_fn, x, target, temperature=temperature, batch_mode=batch_mode)[1]
+    has_aux: bool = False,
+):
+    """Probability-gradient ``∇_{x_b} softmax(f(x_b)/T)_{t_b}`` per example, shape of ``x``; with ``has_aux=True``
+    the pair ``(gradient, aux)``."""
+    out = probabilities_and_probability_gradient(logits_fn, x, target, temperature=temperature,
+                                                 batch_mode=batch_mode, has_aux=has_aux)
+    return out[1:] if has_aux else out[1]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -355,8 +432,7 @@ def jacobian(
       as it often corresponds to the right label"; we take the largest logit, i.e. the predicted class),
       shape ``[B, *x.shape[1:]]``. ``target`` must be ``None`` or :data:`PREDICTED`.
     """
-    if mode not in _JACOBIAN_MODES:
-        raise ValueError(f"mode must be one of {_JACOBIAN_MODES}; got {mode!r}.")
+    V.check_choice(mode, _JACOBIAN_MODES, "mode")
     if mode == "target":
         if target is None:
             raise ValueError("mode='target' needs target=int array [B] (or PREDICTED).")
@@ -369,17 +445,16 @@ def jacobian(
 
     if target is not None:
         raise ValueError("mode='full' returns every class; target must be None.")
-    _check_input(x)
-    _check_batch_mode(batch_mode)
+    x = V.check_input(x)
+    V.check_choice(batch_mode, _BATCH_MODES, "batch_mode")
     B = jnp.shape(x)[0]
     if batch_mode == "sum":
-        logits, pullback = jax.vjp(logits_fn, x)
+        logits, pullback, _ = _vjp(logits_fn, x, False)
         _check_logits(logits, B)
         K = jnp.shape(logits)[1]
         # cotangent k selects logit k of every example: eye(K)[k] broadcast over the batch -> [K, B, K]
         cot = jnp.broadcast_to(jnp.eye(K, dtype=logits.dtype)[:, None, :], (K, B, K))
-        (jac,) = jax.vmap(pullback)(cot)  # [K, B, ...]
+        jac = jax.vmap(pullback)(cot)  # [K, B, ...]
         return jnp.moveaxis(jac, 0, 1)
-    shape = jax.eval_shape(logits_fn, x)
-    _check_logits(shape, B)
+    _num_classes(logits_fn, x, False)
     return jax.vmap(jax.jacrev(_single(logits_fn)))(x)

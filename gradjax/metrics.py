@@ -4,12 +4,16 @@ and the model-randomization sanity check.
 Conventions: images ``x`` are ``[B, H, W, C]``; saliency maps are ``[B, H, W]`` (one score per pixel, as
 returned by every method of :mod:`gradjax.saliency`); a *pixel* is a spatial location with all its channels.
 ``logits_fn`` is a plain ``logits_fn(x) -> [B, K]`` callable (or a :class:`gradjax.model.ModelHandle`).
-The masking and scoring functions are pure and jittable (the removal ``fraction`` may be a traced scalar); the
-experiment drivers (:func:`roar`, :func:`sanity_check`) are plain Python loops around them.
+The masking and scoring functions are pure and jittable (the removal ``fraction`` may be a traced scalar) and never
+jit themselves; the caller jits, e.g.::
+
+    curve_fn = jax.jit(lambda x, s: pixel_perturbation(handle, x, s, [0.1, 0.5, 0.9]))
+
+The experiment drivers (:func:`roar`, :func:`sanity_check`) are plain Python loops around them; pass them
+functions you jitted (``sanity_check``'s ``saliency_fn``, ``roar``'s ``train_and_evaluate``).
 """
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import jax
@@ -19,7 +23,7 @@ from jax import lax
 
 from gradjax import _validation as V
 from gradjax.gradients import PREDICTED, resolve_target, select
-from gradjax.model import ModelHandle, as_logits_fn as _logits_fn
+from gradjax.model import ModelHandle, as_logits_fn, module_calls, require_handle
 
 Array = jax.Array
 Fill = Union[str, float, Array]
@@ -180,7 +184,7 @@ def perturbation_scores(logits_fn, x: Array, saliency: Array, fraction, *, most_
     """
     _check_output(output)
     saliency = _check_maps(x, saliency)
-    f = _logits_fn(logits_fn)
+    f = as_logits_fn(logits_fn)
     x_rm = remove_pixels(x, saliency, fraction, most_salient=most_salient, fill=fill)
     logits = f(x)
     if jnp.ndim(logits) != 2 or logits.shape[0] != x.shape[0]:
@@ -191,11 +195,6 @@ def perturbation_scores(logits_fn, x: Array, saliency: Array, fraction, *, most_
         if labels is not None:
             V.check_labels(ref, logits.shape[1], x.shape[0], "labels")
         return (jnp.argmax(logits_rm, axis=-1) == ref).astype(x.dtype)
-    if not isinstance(target, str):
-        target = jnp.asarray(target)
-        if target.ndim == 0:
-            target = jnp.broadcast_to(target, (x.shape[0],))
-        V.check_labels(target, logits.shape[1], x.shape[0], "target")
     t = resolve_target(logits, target)
     if output == "probability":
         logits, logits_rm = jax.nn.softmax(logits, -1), jax.nn.softmax(logits_rm, -1)
@@ -241,9 +240,8 @@ class RoarResult(NamedTuple):
 
 
 def _remove_in_batches(images, maps, fraction, most_salient, fill, batch_size):
-    fn = jax.jit(lambda a, s, k: remove_pixels(a, s, k, most_salient=most_salient, fill=fill))
-    out = [np.asarray(fn(jnp.asarray(images[i:i + batch_size]), jnp.asarray(maps[i:i + batch_size]),
-                         jnp.float32(fraction)))
+    out = [np.asarray(remove_pixels(jnp.asarray(images[i:i + batch_size]), jnp.asarray(maps[i:i + batch_size]),
+                                    jnp.float32(fraction), most_salient=most_salient, fill=fill))
            for i in range(0, images.shape[0], batch_size)]
     return np.concatenate(out, axis=0)
 
@@ -339,7 +337,7 @@ def digit_flip(logits_fn, x: Array, saliency_source: Array, saliency_target: Arr
     s_src = _check_maps(x, saliency_source, "saliency_source")
     s_tgt = _check_maps(x, saliency_target, "saliency_target")
     _check_fraction(budget, "budget")
-    f = _logits_fn(logits_fn)
+    f = as_logits_fn(logits_fn)
     diff = s_src - s_tgt
     mask = removal_mask(diff, budget, most_salient=True)
     if positive_only:
@@ -376,21 +374,15 @@ def digit_flip_with_method(method: Union[str, Callable], model, x: Array, *, key
 # ----------------------------------------------------------------------------------------------------------------
 
 def module_order(model: ModelHandle, x: Array) -> list[str]:
-    """Top-level modules that own parameters, in the order the forward pass calls them (e.g.
-    ``["block0", "block1", "block2", "head"]``). Computed by tracing shapes only."""
-    if not isinstance(model, ModelHandle):
-        raise ValueError("module_order needs a gradjax.model.ModelHandle(model.apply, variables).")
-    params = model.variables.get("params", {})
+    """Top-level modules that own parameters, in the order the forward pass runs them (e.g.
+    ``["block0", "block1", "block2", "head"]``), from :func:`gradjax.model.module_calls` (shapes only)."""
+    handle = require_handle(model, "module_order")
+    params = handle.variables.get("params", {})
     order: list[str] = []
-
-    def ic(next_fun, args, kwargs, context):
-        path = tuple(context.module.path)
-        if context.method_name == "__call__" and path and path[0] in params and path[0] not in order:
-            order.append(path[0])
-        return next_fun(*args, **kwargs)
-
-    jax.eval_shape(lambda v, z: model.replace(variables=v).logits(z, interceptor=ic), model.variables,
-                   jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)))
+    for path, _ in module_calls(handle, x):
+        top = path.split("/")[0]
+        if top in params and top not in order:
+            order.append(top)
     return order
 
 
@@ -422,7 +414,6 @@ def _reinit_leaf(z, leaf):
     return (jnp.mean(leaf) + jnp.std(leaf) * z).astype(leaf.dtype)
 
 
-@jax.jit
 def _reinit_tree(key, tree):
     """Every leaf of ``tree`` re-drawn (one normal draw for the whole subtree, sliced per leaf)."""
     leaves, treedef = jax.tree.flatten(tree)
@@ -486,7 +477,6 @@ def rank_correlation(a: Array, b: Array, *, absolute: bool = False) -> Array:
     return _spearman(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1), absolute)
 
 
-@partial(jax.jit, static_argnums=2)
 def _spearman(a, b, absolute):
     if absolute:
         a, b = jnp.abs(a), jnp.abs(b)
@@ -510,7 +500,6 @@ def ssim(a: Array, b: Array, *, window: int = 7, sigma: float = 1.5) -> Array:
     return _ssim(a, b, int(window), float(sigma))
 
 
-@partial(jax.jit, static_argnums=(2, 3))
 def _ssim(a, b, window, sigma):
 
     def norm(m):

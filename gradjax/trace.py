@@ -15,13 +15,22 @@ probe per example). With the default threefry keys the draw does not depend on `
 :func:`hutchinson_trace` and :func:`taylor_trace` draw *the same* probes for the same key, distribution and dtype,
 so they can be compared with common random numbers. (Any key type works; keys of the ``"rbg"`` implementations
 may give different draws under ``vmap``, hence for different chunk sizes.) Probes are processed ``chunk_size`` at
-a time by ``lax.scan`` with a running sum, so memory does not grow with ``num_probes``.
+a time with a running sum (:func:`gradjax._chunking.chunked_sum`, the loop every gradjax estimator shares), so
+memory does not grow with ``num_probes``.
 
-Jit: every function is jittable (``f`` and the keyword options are static; ``sigma`` may be traced) and
-vmappable (e.g. over keys). Inputs are validated eagerly; the computation then runs as one ``jax.jit``-compiled
-program, which an enclosing ``jit`` simply inlines. An eager call therefore compiles on every call — wrap
-repeated calls in your own ``jax.jit``. :func:`taylor_trace`'s float round-off warning needs concrete values and
-is only issued in eager calls.
+Models: ``f`` is any JAX function — of a Flax Linen model (``lambda x: logsumexp(model.apply(v, x), -1)``, or of a
+:class:`gradjax.model.ModelHandle` ``h``: ``lambda x: logsumexp(h(x), -1)``) or of an NNX model through
+``nnx.split``/``nnx.merge``.
+
+Jit: nothing here jits itself. Every function is pure and jittable (``f`` and the keyword options are static;
+``sigma`` may be traced) and vmappable (e.g. over keys); the caller jits, e.g.::
+
+    trace_fn = jax.jit(lambda x, key: hutchinson_trace(f, x, key, num_probes=16))
+
+Called eagerly, a function runs operation by operation (each compiled once per shape by JAX; the probe loop is a
+Python loop over chunks), so a repeated eager call compiles nothing new. Inputs are validated at the boundary
+(values only when concrete). :func:`taylor_trace`'s float round-off warning needs concrete values and is only
+issued in eager calls.
 
 Estimators (``N`` probes, ``ε ~ N(0, I)`` or Rademacher; ``E[εεᵀ] = I`` for both):
 
@@ -45,7 +54,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradjax import _validation as V
-from gradjax import gradients as _gradients
+from gradjax._chunking import chunked_sum
+from gradjax.gradients import per_example_sum, value_and_input_gradient
 
 __all__ = [
     "hvp",
@@ -70,26 +80,6 @@ _METHODS = ("exact", "hutchinson", "hutchpp", "taylor")
 # ----------------------------------------------------------------------------------------------------------
 # validation
 # ----------------------------------------------------------------------------------------------------------
-def _check_x(x) -> None:
-    if jnp.ndim(x) < 1:
-        raise ValueError("x must have a leading batch axis, shape [B, ...]; got a scalar.")
-    V.check_floating(x, "x")
-    V.check_finite(x, "x")
-
-
-def _check_count(n, name: str, minimum: int = 1) -> int:
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
-        raise ValueError(f"{name} must be a Python int (it fixes array shapes); got {n!r}.")
-    if n < minimum:
-        raise ValueError(f"{name} must be >= {minimum}; got {n}.")
-    return int(n)
-
-
-def _check_choice(value, choices, name: str) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}; got {value!r}.")
-
-
 def _check_sigma(sigma) -> None:
     if V.is_concrete(sigma):
         s = np.asarray(sigma)
@@ -104,18 +94,13 @@ def _check_fx(fx, B: int, name: str = "f(x)") -> None:
         raise ValueError(f"{name} must have one value per example, shape ({B},); got {tuple(jnp.shape(fx))}.")
 
 
-def _feature_sum(a: jax.Array) -> jax.Array:
-    """Sum over all axes but the batch axis: ``[B, ...] -> [B]``."""
-    return jnp.sum(a.reshape(a.shape[0], -1), axis=1)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # gradient / HVP machinery
 # ----------------------------------------------------------------------------------------------------------
 def _value_and_grad_fn(f: ScalarFn, batch_mode: str) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
     """``x -> (f(x) [B], ∇_{x_b} f(x)_b [B, ...])`` (the sum trick or vmap over batches of one; see
     :func:`gradjax.gradients.value_and_input_gradient`)."""
-    return lambda x: _gradients._value_and_grad(f, x, batch_mode)
+    return lambda x: value_and_input_gradient(f, x, batch_mode=batch_mode)
 
 
 def _linearized_hessian(f: ScalarFn, x: jax.Array, batch_mode: str):
@@ -125,38 +110,22 @@ def _linearized_hessian(f: ScalarFn, x: jax.Array, batch_mode: str):
     return fx, g, lambda v: lin(v)[1]
 
 
-def _compiled(fn: Callable, *args):
-    """Run ``fn(*args)`` as one XLA program. Under an outer ``jax.jit`` this is simply inlined; in an eager call it
-    compiles one program instead of dispatching (and compiling) primitive by primitive. Validation happens before,
-    on the concrete arguments."""
-    return jax.jit(fn)(*args)
-
-
 def sample_probes(key: jax.Array, shape, dtype, distribution: str) -> jax.Array:
     """One probe ``ε`` of ``shape`` with ``E[ε] = 0`` and ``E[εεᵀ] = I``: Rademacher (±1) or standard normal."""
-    _check_choice(distribution, _DISTRIBUTIONS, "distribution")
+    V.check_choice(distribution, _DISTRIBUTIONS, "distribution")
     if distribution == "rademacher":
         return jax.random.rademacher(key, shape, dtype=dtype)
     return jax.random.normal(key, shape, dtype=dtype)
 
 
 def _probe_mean(estimate: Callable[[jax.Array], jax.Array], key, num_probes: int, chunk_size: int | None,
-                out_shape, dtype, offset: int = 0) -> jax.Array:
-    """``1/N Σ_{i<N} estimate(fold_in(key, offset + i))`` with ``estimate(key) -> out_shape``, evaluated
-    ``chunk_size`` probes at a time (``vmap`` inside a chunk, ``lax.scan`` with a running sum across chunks).
-    Padded probes of the last chunk are masked out, so the result does not depend on ``chunk_size``."""
-    chunk = num_probes if chunk_size is None else min(_check_count(chunk_size, "chunk_size"), num_probes)
-    n_chunks = -(-num_probes // chunk)
-
-    def body(acc, c):
-        idx = c * chunk + jnp.arange(chunk)
-        keys = jax.vmap(lambda i: jax.random.fold_in(key, offset + i))(idx)
-        vals = jax.vmap(estimate)(keys)  # [chunk, *out_shape]
-        mask = (idx < num_probes).reshape((chunk,) + (1,) * len(out_shape))
-        return acc + jnp.sum(jnp.where(mask, vals, 0), axis=0), None
-
-    acc, _ = jax.lax.scan(body, jnp.zeros(out_shape, dtype), jnp.arange(n_chunks))
-    return acc / num_probes
+                offset: int = 0) -> jax.Array:
+    """``1/N Σ_{i<N} estimate(fold_in(key, offset + i))``, evaluated ``chunk_size`` probes at a time (``vmap``
+    inside a chunk, a running sum across chunks: :func:`gradjax._chunking.chunked_sum`). Padded probes of the last
+    chunk carry weight 0, so the result does not depend on ``chunk_size``."""
+    chunk = num_probes if chunk_size is None else chunk_size
+    probes = lambda idx: jax.vmap(lambda i: estimate(jax.random.fold_in(key, i)))(idx)  # noqa: E731
+    return chunked_sum(probes, np.arange(offset, offset + num_probes), chunk=chunk) / num_probes
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -168,19 +137,19 @@ def hvp(f: ScalarFn, x: jax.Array, v: jax.Array, *, batch_mode: BatchMode = "sum
     Forward-over-reverse: ``jax.jvp(∇_x Σ_b f(x)_b, (x,), (v,))`` — one forward and one backward pass plus
     their tangents. ``v`` has the shape of ``x`` (one direction per example).
     """
-    _check_x(x)
-    _check_choice(batch_mode, _BATCH_MODES, "batch_mode")
+    x = V.check_input(x)
+    V.check_choice(batch_mode, _BATCH_MODES, "batch_mode")
     if jnp.shape(v) != jnp.shape(x):
         raise ValueError(f"v must have the shape of x {tuple(jnp.shape(x))}; got {tuple(jnp.shape(v))}.")
     V.check_floating(v, "v")
     vg = _value_and_grad_fn(f, batch_mode)
-    return _compiled(lambda x, v: jax.jvp(vg, (x,), (v,))[1][1], x, v.astype(x.dtype))
+    return jax.jvp(vg, (x,), (v.astype(x.dtype),))[1][1]
 
 
 def _exact(f, x, *, max_dim, chunk_size, batch_mode):
-    _check_x(x)
-    _check_choice(batch_mode, _BATCH_MODES, "batch_mode")
-    max_dim = _check_count(max_dim, "max_dim")
+    x = V.check_input(x)
+    V.check_choice(batch_mode, _BATCH_MODES, "batch_mode")
+    max_dim = V.check_count(max_dim, "max_dim")
     B = x.shape[0]
     D = int(math.prod(x.shape[1:]))
     if D > max_dim:
@@ -188,25 +157,16 @@ def _exact(f, x, *, max_dim, chunk_size, batch_mode):
             f"exact_trace needs D = prod(x.shape[1:]) = {D} Hessian-vector products per example, more than "
             f"max_dim={max_dim}. Use hutchinson_trace / hutchpp_trace / taylor_trace for large inputs, or raise "
             f"max_dim if you really want the exact value.")
-    chunk = min(_check_count(chunk_size, "chunk_size"), D)
-    return _compiled(lambda x: _exact_core(f, x, chunk, batch_mode), x)
-
-
-def _exact_core(f, x, chunk, batch_mode):
-    B = x.shape[0]
-    D = int(math.prod(x.shape[1:]))
-    n_chunks = -(-D // chunk)
+    chunk = min(V.check_count(chunk_size, "chunk_size"), D)
     fx, g, hv = _linearized_hessian(f, x, batch_mode)
 
-    def body(acc, c):
-        idx = c * chunk + jnp.arange(chunk)  # basis indices; idx >= D gives an all-zero row (padding)
-        e = jax.nn.one_hot(idx, D, dtype=x.dtype)  # [chunk, D]
-        vs = jnp.broadcast_to(e[:, None, :], (chunk, B, D)).reshape((chunk,) + x.shape)
-        hvs = jax.vmap(hv)(vs)  # [chunk, B, ...]
-        return acc + jnp.sum(jax.vmap(_feature_sum)(vs * hvs), axis=0), None
+    def diagonal(idx):  # basis indices [c] -> e_iᵀ H_b e_i, [c, B]
+        c = idx.shape[0]
+        e = jax.nn.one_hot(idx, D, dtype=x.dtype)  # [c, D]
+        vs = jnp.broadcast_to(e[:, None, :], (c, B, D)).reshape((c,) + x.shape)
+        return jax.vmap(per_example_sum)(vs * jax.vmap(hv)(vs))
 
-    tr, _ = jax.lax.scan(body, jnp.zeros((B,), fx.dtype), jnp.arange(n_chunks))
-    return fx, g, tr
+    return fx, g, chunked_sum(diagonal, np.arange(D), chunk=chunk)
 
 
 def exact_trace(f: ScalarFn, x: jax.Array, *, max_dim: int = 4096, chunk_size: int = 64,
@@ -225,23 +185,20 @@ def exact_trace(f: ScalarFn, x: jax.Array, *, max_dim: int = 4096, chunk_size: i
 # Hutchinson
 # ----------------------------------------------------------------------------------------------------------
 def _hutchinson(f, x, key, *, num_probes, distribution, chunk_size, batch_mode):
-    _check_x(x)
-    num_probes = _check_count(num_probes, "num_probes")
-    _check_choice(distribution, _DISTRIBUTIONS, "distribution")
-    _check_choice(batch_mode, _BATCH_MODES, "batch_mode")
+    x = V.check_input(x)
+    num_probes = V.check_count(num_probes, "num_probes")
+    V.check_choice(distribution, _DISTRIBUTIONS, "distribution")
+    V.check_choice(batch_mode, _BATCH_MODES, "batch_mode")
     if chunk_size is not None:
-        _check_count(chunk_size, "chunk_size")
+        V.check_count(chunk_size, "chunk_size")
 
-    def core(x, key):
-        fx, g, hv = _linearized_hessian(f, x, batch_mode)
+    fx, g, hv = _linearized_hessian(f, x, batch_mode)
 
-        def estimate(k):
-            v = sample_probes(k, x.shape, x.dtype, distribution)
-            return _feature_sum(v * hv(v))
+    def estimate(k):
+        v = sample_probes(k, x.shape, x.dtype, distribution)
+        return per_example_sum(v * hv(v))
 
-        return fx, g, _probe_mean(estimate, key, num_probes, chunk_size, (x.shape[0],), fx.dtype)
-
-    return _compiled(core, x, key)
+    return fx, g, _probe_mean(estimate, key, num_probes, chunk_size)
 
 
 def hutchinson_trace(f: ScalarFn, x: jax.Array, key: jax.Array, *, num_probes: int = 1,
@@ -284,7 +241,7 @@ def _roundoff(fx, x, g, sigma, dtype):
     eps = float(jnp.finfo(dtype).eps)
     scale = jnp.abs(fx)
     if g is not None:
-        scale = scale + _feature_sum(jnp.abs(x * g))
+        scale = scale + per_example_sum(jnp.abs(x * g))
     return 4.0 * eps * scale / jnp.asarray(sigma, dtype) ** 2
 
 
@@ -302,18 +259,18 @@ def taylor_noise_floor(f: ScalarFn, x: jax.Array, *, sigma: float,
     three balance, e.g. ``σ ≳ eps^{1/4}`` (≈ 0.02 in float32) times the input scale. Costs one forward and one
     backward pass unless ``fx`` and ``grad_fx`` are given.
     """
-    _check_x(x)
+    x = V.check_input(x)
     _check_sigma(sigma)
-    _check_choice(form, _FORMS, "form")
+    V.check_choice(form, _FORMS, "form")
     B = x.shape[0]
     if fx is None or grad_fx is None:
-        _check_choice(batch_mode, _BATCH_MODES, "batch_mode")
-        fx0, g0 = _compiled(_value_and_grad_fn(f, batch_mode), x)
+        V.check_choice(batch_mode, _BATCH_MODES, "batch_mode")
+        fx0, g0 = _value_and_grad_fn(f, batch_mode)(x)
         fx = fx0 if fx is None else fx
         grad_fx = g0 if grad_fx is None else grad_fx
     _check_fx(fx, B)
     dtype = jnp.result_type(x)
-    gnorm = jnp.sqrt(_feature_sum(grad_fx * grad_fx))
+    gnorm = jnp.sqrt(per_example_sum(grad_fx * grad_fx))
     spread = 2.0 * gnorm / sigma if form == "one_sided" else jnp.zeros_like(gnorm)
     return TaylorNoise(roundoff=_roundoff(fx, x, grad_fx, sigma, dtype), gradient_spread=spread)
 
@@ -343,14 +300,14 @@ def _warn_if_roundoff(fx, x, g, sigma, estimate, warn_rtol):
 
 def _taylor(f, x, key, *, sigma, num_probes, distribution, form, grad_fx, fx, chunk_size, batch_mode,
             warn_rtol, want_grad=False):
-    _check_x(x)
+    x = V.check_input(x)
     _check_sigma(sigma)
-    num_probes = _check_count(num_probes, "num_probes")
-    _check_choice(distribution, _DISTRIBUTIONS, "distribution")
-    _check_choice(form, _FORMS, "form")
-    _check_choice(batch_mode, _BATCH_MODES, "batch_mode")
+    num_probes = V.check_count(num_probes, "num_probes")
+    V.check_choice(distribution, _DISTRIBUTIONS, "distribution")
+    V.check_choice(form, _FORMS, "form")
+    V.check_choice(batch_mode, _BATCH_MODES, "batch_mode")
     if chunk_size is not None:
-        _check_count(chunk_size, "chunk_size")
+        V.check_count(chunk_size, "chunk_size")
     B = x.shape[0]
     if fx is not None:
         _check_fx(fx, B, "fx")
@@ -361,27 +318,24 @@ def _taylor(f, x, key, *, sigma, num_probes, distribution, form, grad_fx, fx, ch
         V.check_finite(grad_fx, "grad_fx")
     need_grad = grad_fx is None and (want_grad or form == "control_variate")
 
-    def core(x, key, sigma, grad_fx, fx):
-        if need_grad:
-            fx0, grad_fx = _value_and_grad_fn(f, batch_mode)(x)
-            fx = fx0 if fx is None else fx
-        if fx is None:
-            fx = f(x)
-            _check_fx(fx, B)
-        s = jnp.asarray(sigma, x.dtype)
+    if need_grad:
+        fx0, grad_fx = _value_and_grad_fn(f, batch_mode)(x)
+        fx = fx0 if fx is None else fx
+    if fx is None:
+        fx = f(x)
+        _check_fx(fx, B)
+    s = jnp.asarray(sigma, x.dtype)
 
-        def estimate(k):
-            eps = sample_probes(k, x.shape, x.dtype, distribution)
-            v = s * eps  # v ~ N(0, σ² I): thesis eq. 5.9
-            if form == "one_sided":
-                return 2.0 / s**2 * (f(x + v) - fx)
-            if form == "antithetic":
-                return (f(x + v) + f(x - v) - 2.0 * fx) / s**2
-            return 2.0 / s**2 * (f(x + v) - fx - _feature_sum(grad_fx * v))
+    def estimate(k):
+        eps = sample_probes(k, x.shape, x.dtype, distribution)
+        v = s * eps  # v ~ N(0, σ² I): thesis eq. 5.9
+        if form == "one_sided":
+            return 2.0 / s**2 * (f(x + v) - fx)
+        if form == "antithetic":
+            return (f(x + v) + f(x - v) - 2.0 * fx) / s**2
+        return 2.0 / s**2 * (f(x + v) - fx - per_example_sum(grad_fx * v))
 
-        return fx, grad_fx, _probe_mean(estimate, key, num_probes, chunk_size, (B,), jnp.result_type(fx))
-
-    fx, grad_fx, tr = _compiled(core, x, key, sigma, grad_fx, fx)
+    tr = _probe_mean(estimate, key, num_probes, chunk_size)
     _warn_if_roundoff(fx, x, grad_fx, sigma, tr, warn_rtol)
     return fx, grad_fx, tr
 
@@ -428,13 +382,13 @@ def taylor_trace(f: ScalarFn, x: jax.Array, key: jax.Array, *, sigma: float, num
 # Hutch++
 # ----------------------------------------------------------------------------------------------------------
 def _hutchpp(f, x, key, *, num_matvecs, distribution, chunk_size, batch_mode):
-    _check_x(x)
-    m = _check_count(num_matvecs, "num_matvecs", minimum=3)
-    _check_choice(distribution, _DISTRIBUTIONS, "distribution")
-    _check_choice(batch_mode, _BATCH_MODES, "batch_mode")
+    x = V.check_input(x)
+    m = V.check_count(num_matvecs, "num_matvecs", minimum=3)
+    V.check_choice(distribution, _DISTRIBUTIONS, "distribution")
+    V.check_choice(batch_mode, _BATCH_MODES, "batch_mode")
     if chunk_size is not None:
-        _check_count(chunk_size, "chunk_size")
-    return _compiled(lambda x, key: _hutchpp_core(f, x, key, m, distribution, chunk_size, batch_mode), x, key)
+        V.check_count(chunk_size, "chunk_size")
+    return _hutchpp_core(f, x, key, m, distribution, chunk_size, batch_mode)
 
 
 def _hutchpp_core(f, x, key, m, distribution, chunk_size, batch_mode):
@@ -460,7 +414,7 @@ def _hutchpp_core(f, x, key, m, distribution, chunk_size, batch_mode):
         HGp = hv(Gp.reshape(x.shape)).reshape(B, D)
         return jnp.sum(Gp * HGp, axis=1)  # gᵀ (I-QQᵀ) H (I-QQᵀ) g
 
-    t_res = _probe_mean(estimate, key, r, chunk_size, (B,), fx.dtype, offset=k)
+    t_res = _probe_mean(estimate, key, r, chunk_size, offset=k)
     return fx, g, t_low + t_res
 
 
@@ -496,7 +450,7 @@ def value_grad_and_trace(f: ScalarFn, x: jax.Array, key: jax.Array | None = None
     ``form``): one forward and one backward pass for ``f(x)`` and ``∇f(x)``, which the control-variate form then
     re-uses, plus forward passes for the probes.
     """
-    _check_choice(method, _METHODS, "method")
+    V.check_choice(method, _METHODS, "method")
     allowed = {
         "exact": {"max_dim", "chunk_size", "batch_mode"},
         "hutchinson": {"num_probes", "distribution", "chunk_size", "batch_mode"},

@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 
 from gradjax.fullgrad import (MERGE_MODES, PREDICTED, FullGradients, bias_taps, completeness_residual,
-                              flatten_taps, full_gradients, full_gradients_fn)
+                              flatten_taps, full_gradients)
+from gradjax.model import ModelHandle as H
 from gradjax.models import MLP, TappedDense, create_model
 
 NUM_CLASSES = 10
+
+pytestmark = pytest.mark.usefixtures("fast_compilation")
 
 
 def _x64():
@@ -80,7 +83,7 @@ CONV_CASES = [("vgg9", "relu"), ("vgg9", "softplus"), ("resnet18", "relu"), ("re
 def test_completeness_float32_all_merges_and_targets(name, activation):
     model, v, x = conv_setup(name, activation)
     t = jnp.array([3, 7])
-    ref = full_gradients(model.apply, v, x, t)
+    ref = full_gradients(H(model.apply, v), x, t)
     if activation == "relu":  # (the plain forward of softplus models compiles new ops: skipped to save time)
         logits = model.apply(v, x, train=False)
         np.testing.assert_allclose(ref.output, logits[jnp.arange(2), t], rtol=1e-5, atol=1e-5)
@@ -88,13 +91,13 @@ def test_completeness_float32_all_merges_and_targets(name, activation):
     assert float(jnp.max(jnp.abs(ref.bias_term()) / jnp.abs(ref.output))) > 1e-2
     for merge in MERGE_MODES:
         for target in (t, PREDICTED):
-            fg = full_gradients(model.apply, v, x, target, merge=merge)
+            fg = full_gradients(H(model.apply, v), x, target, merge=merge)
             rel = fg.relative_residual()
             assert rel.shape == (2,)
             assert float(jnp.max(rel)) < 1e-4, (merge, target, rel)
             direct = fg.output - fg.input_term(x) - fg.bias_term()
             np.testing.assert_allclose(fg.residual, direct, atol=1e-5)
-    pred = full_gradients(model.apply, v, x, PREDICTED)
+    pred = full_gradients(H(model.apply, v), x, PREDICTED)
     assert bool(jnp.all(pred.output >= ref.output - 1e-6))
     if activation == "relu":
         np.testing.assert_allclose(pred.output, jnp.max(logits, axis=-1), rtol=1e-5, atol=1e-5)
@@ -105,17 +108,17 @@ def test_completeness_float32_all_merges_and_targets(name, activation):
 def test_completeness_float64(name, activation):
     model, v, x = conv_setup(name, activation)
     with _x64():
-        fg = full_gradients(model.apply, v, x, PREDICTED, merge="conv_bn", dtype=jnp.float64)
+        fg = full_gradients(H(model.apply, v), x, PREDICTED, merge="conv_bn", dtype=jnp.float64)
         assert fg.output.dtype == jnp.float64 and fg.input_gradient.dtype == jnp.float64
         assert float(jnp.max(fg.relative_residual())) < 1e-10
-        assert float(jnp.max(completeness_residual(model.apply, v, x, jnp.array([0, 9]),
+        assert float(jnp.max(completeness_residual(H(model.apply, v), x, jnp.array([0, 9]),
                                                    dtype=jnp.float64))) < 1e-10
 
 
 def test_softplus_needs_activation_implicit_biases():
     """Without the activation taps (§3.4 implicit bias b_sigma) completeness fails: the test can fail."""
     model, v, x = conv_setup("vgg9", "softplus")
-    fg = full_gradients(model.apply, v, x)
+    fg = full_gradients(H(model.apply, v), x)
     act = sum(fg.bias_gradients[k].reshape(2, -1).sum(1) for k in fg.bias_gradients if k.endswith("/act"))
     assert float(jnp.max(jnp.abs(act) / jnp.abs(fg.output))) > 1e-3
 
@@ -133,7 +136,7 @@ def test_incomplete_when_a_bias_site_is_missed():
     x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 6)), jnp.float32)
     m = Leaky()
     v = _fill(m, x, 5)
-    assert float(jnp.max(full_gradients(m.apply, v, x).relative_residual())) > 1e-2
+    assert float(jnp.max(full_gradients(H(m.apply, v), x).relative_residual())) > 1e-2
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -144,12 +147,12 @@ def test_proposition5_bias_free_relu():
     model, v, x = mlp_setup("relu")
     zero = jax.tree_util.tree_map_with_path(
         lambda p, a: jnp.zeros_like(a) if p[-1].key == "bias" else a, v["params"])
-    fg0 = full_gradients(model.apply, {"params": zero}, x, jnp.array([1, 2, 3]))
+    fg0 = full_gradients(H(model.apply, {"params": zero}), x, jnp.array([1, 2, 3]))
     np.testing.assert_allclose(fg0.input_term(x), fg0.output, rtol=1e-5, atol=1e-6)
     for m in fg0.bias_gradients.values():
         assert float(jnp.max(jnp.abs(m))) == 0.0
     # control: with biases, the input term alone does not give f(x)
-    fg = full_gradients(model.apply, v, x, jnp.array([1, 2, 3]))
+    fg = full_gradients(H(model.apply, v), x, jnp.array([1, 2, 3]))
     assert float(jnp.max(jnp.abs(fg.input_term(x) - fg.output))) > 1e-2
     assert float(jnp.max(fg.relative_residual())) < 1e-5
 
@@ -168,13 +171,13 @@ def test_proposition5_no_taps_at_all():
     x = jnp.asarray(np.random.default_rng(6).normal(size=(2, 3, 5)), jnp.float32)
     m = NoBias()
     v = _fill(m, x, 7)
-    biases, perts = bias_taps(m.apply, v, x)
+    biases, perts = bias_taps(H(m.apply, v), x)
     assert biases == {} and perts == {}
-    fg = full_gradients(m.apply, v, x)
+    fg = full_gradients(H(m.apply, v), x)
     assert fg.bias_gradients == {}
     np.testing.assert_allclose(fg.input_term(x), fg.output, rtol=1e-5)
     assert float(jnp.max(fg.relative_residual())) < 1e-5
-    jitted = jax.jit(lambda v_, x_: full_gradients(m.apply, v_, x_))(v, x)
+    jitted = jax.jit(lambda v_, x_: full_gradients(H(m.apply, v_), x_))(v, x)
     np.testing.assert_allclose(jitted.output, fg.output, rtol=1e-6)
 
 
@@ -185,7 +188,7 @@ def test_proposition5_no_taps_at_all():
 def test_input_gradient_matches_jax_grad_per_example():
     model, v, x = conv_setup("resnet18", "softplus")
     t = jnp.array([4, 1])
-    fg = full_gradients(model.apply, v, x, t)
+    fg = full_gradients(H(model.apply, v), x, t)
     for i in range(2):
         g = jax.grad(lambda x_: model.apply(v, x_, train=False)[i, t[i]])(x)
         np.testing.assert_allclose(fg.input_gradient[i], g[i], rtol=1e-4, atol=1e-6)
@@ -200,7 +203,7 @@ def test_bias_gradients_match_parameter_gradients():
     """
     model, v, x = conv_setup("vgg9", "relu")
     t = jnp.array([2, 5])
-    fg = full_gradients(model.apply, v, x, t)
+    fg = full_gradients(H(model.apply, v), x, t)
     blocks = ("block0", "block3")
     start = {blk: (v["params"][blk]["conv"]["bias"], v["params"][blk]["bn"]["bias"]) for blk in blocks}
 
@@ -229,7 +232,7 @@ def test_mlp_maps_by_hand():
     x = jnp.asarray(np.random.default_rng(6).normal(size=(3, 7)), jnp.float32)
     p = _fill(model, x, 7)["params"]
     t = jnp.array([0, 5, 9])
-    fg = full_gradients(model.apply, {"params": p}, x, t)
+    fg = full_gradients(H(model.apply, {"params": p}), x, t)
     assert set(fg.bias_gradients) == {"dense0", "head"}
     head = jax.nn.one_hot(t, NUM_CLASSES) * p["head"]["bias"]
     np.testing.assert_allclose(fg.bias_gradients["head"], head, rtol=1e-6)
@@ -241,15 +244,14 @@ def test_mlp_maps_by_hand():
 
 def test_bias_taps_structure():
     model, v, x = conv_setup("resnet18", "softplus")
-    biases, perts = bias_taps(model.apply, v, x)
+    biases, perts = bias_taps(H(model.apply, v), x)
     fb, fp = flatten_taps(biases), flatten_taps(perts)
     assert set(fb) == set(fp) and "stem_bn" in fb and "stage1_block0/shortcut_bn" in fb and "head" in fb
     assert "stage0_block0/act1" in fb  # softplus implicit bias
     assert fp["head"].shape == (2, NUM_CLASSES) and fb["head"].shape == (NUM_CLASSES,)
     assert fp["stage1_block0/bn1"].shape == (2, 16, 16, 16)
     assert fb["stage0_block0/act1"].shape == fp["stage0_block0/act1"].shape  # input-dependent
-    assert all(float(jnp.max(jnp.abs(a))) == 0.0 for a in fp.values())
-    fg = full_gradients(model.apply, v, x)
+    fg = full_gradients(H(model.apply, v), x)
     assert set(fg.bias_gradients) == set(fb)
     for k, m in fg.bias_gradients.items():
         assert m.shape == fp[k].shape
@@ -261,9 +263,9 @@ def test_bias_taps_structure():
 
 def test_merge_conv_bn_and_block_are_sums_vgg():
     model, v, x = conv_setup("vgg9", "softplus")
-    none = full_gradients(model.apply, v, x).bias_gradients
-    cb = full_gradients(model.apply, v, x, merge="conv_bn").bias_gradients
-    blk = full_gradients(model.apply, v, x, merge="block").bias_gradients
+    none = full_gradients(H(model.apply, v), x).bias_gradients
+    cb = full_gradients(H(model.apply, v), x, merge="conv_bn").bias_gradients
+    blk = full_gradients(H(model.apply, v), x, merge="block").bias_gradients
     n_blocks = sum(1 for k in none if k.endswith("/conv"))
     assert n_blocks == 8
     assert set(cb) == {f"block{i}" for i in range(8)} | {f"block{i}/act" for i in range(8)} | {"head"}
@@ -277,9 +279,9 @@ def test_merge_conv_bn_and_block_are_sums_vgg():
 
 def test_merge_conv_bn_resnet_names():
     model, v, x = conv_setup("resnet18", "relu")
-    none = full_gradients(model.apply, v, x).bias_gradients
-    cb = full_gradients(model.apply, v, x, merge="conv_bn").bias_gradients
-    blk = full_gradients(model.apply, v, x, merge="block").bias_gradients
+    none = full_gradients(H(model.apply, v), x).bias_gradients
+    cb = full_gradients(H(model.apply, v), x, merge="conv_bn").bias_gradients
+    blk = full_gradients(H(model.apply, v), x, merge="block").bias_gradients
     # ResNet convolutions have no bias: the conv+BN layer is the BN map under the layer's name
     np.testing.assert_array_equal(cb["stem_conv_bn"], none["stem_bn"])
     np.testing.assert_array_equal(cb["stage1_block0/conv_bn1"], none["stage1_block0/bn1"])
@@ -294,34 +296,32 @@ def test_merge_conv_bn_resnet_names():
 # jit / vmap / grad
 # --------------------------------------------------------------------------------------------------------------
 
-def test_jit_equals_eager_and_fn_wrapper():
+def test_jit_equals_eager_and_the_handle_passes_through_jit():
     model, v, x = mlp_setup("relu")
     t = jnp.array([1, 0, 9])
-    eager = full_gradients(model.apply, v, x, t, merge="block")
-    jitted = jax.jit(lambda v_, x_, t_: full_gradients(model.apply, v_, x_, t_, merge="block"))(v, x, t)
+    eager = full_gradients(H(model.apply, v), x, t, merge="block")
+    jitted = jax.jit(lambda v_, x_, t_: full_gradients(H(model.apply, v_), x_, t_, merge="block"))(v, x, t)
     assert jax.tree.structure(eager) == jax.tree.structure(jitted)
     for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    pred_eager = full_gradients(model.apply, v, x)
-    fn = full_gradients_fn(model)
-    pred_jit = fn(v, x)
-    np.testing.assert_allclose(pred_jit.output, pred_eager.output, rtol=1e-6)
-    np.testing.assert_allclose(pred_jit.input_gradient, pred_eager.input_gradient, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(pred_jit.bias_gradients["dense0"], pred_eager.bias_gradients["dense0"],
-                               rtol=1e-5, atol=1e-7)
-    # the wrapper checks values eagerly before entering jit
+    # the handle itself as a jit argument (variables traced, apply_fn static), PREDICTED closed over
+    fn = jax.jit(lambda h, x_: full_gradients(h, x_))
+    pred_eager, pred_jit = full_gradients(H(model.apply, v), x), fn(H(model.apply, v), x)
+    for a, b in zip(jax.tree.leaves(pred_eager), jax.tree.leaves(pred_jit)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)  # (the residual is round-off: ~1e-6)
+    # value checks run in eager calls (under jit the arguments are tracers)
     with pytest.raises(ValueError, match=r"target must lie in \[0, 10\)"):
-        fn(v, x, jnp.array([0, 1, 10]))
+        full_gradients(H(model.apply, v), x, jnp.array([0, 1, 10]))
     with pytest.raises(ValueError, match="non-finite"):
-        fn(v, x.at[0, 0, 0].set(jnp.nan))
+        full_gradients(H(model.apply, v), x.at[0, 0, 0].set(jnp.nan))
 
 
 def test_vmap_over_stack_of_batches():
     model, v, x = mlp_setup("relu")
     xs = jnp.stack([x, 2.0 * x - 0.5])
-    out = jax.jit(jax.vmap(lambda x_: full_gradients(model.apply, v, x_)))(xs)
+    out = jax.jit(jax.vmap(lambda x_: full_gradients(H(model.apply, v), x_)))(xs)
     for j in range(2):
-        ref = full_gradients(model.apply, v, xs[j])
+        ref = full_gradients(H(model.apply, v), xs[j])
         np.testing.assert_allclose(out.output[j], ref.output, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(out.input_gradient[j], ref.input_gradient, rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(out.bias_gradients["dense1"][j], ref.bias_gradients["dense1"], rtol=1e-5, atol=1e-7)
@@ -337,7 +337,7 @@ def test_differentiable_wrt_params():
     t = jnp.array([1, 2, 3])
 
     def both(p):
-        fg = full_gradients(model.apply, {"params": p}, x, t)
+        fg = full_gradients(H(model.apply, {"params": p}), x, t)
         return jnp.sum(fg.bias_term()), jnp.sum(fg.output - fg.input_term(x))
 
     g_bias = jax.grad(lambda p: both(p)[0])
@@ -352,10 +352,10 @@ def test_differentiable_wrt_params():
 def test_init_collections_are_ignored():
     """Passing model.init's output (with 'biases'/'perturbations' of another batch size) still works."""
     model, v, x = mlp_setup("relu")
-    biases, perts = bias_taps(model.apply, v, x)
+    biases, perts = bias_taps(H(model.apply, v), x)
     # what model.init(key, x[:1]) returns: taps recorded for a batch of one
     v = {**v, "biases": biases, "perturbations": jax.tree.map(lambda a: a[:1], perts)}
-    fg = full_gradients(model.apply, v, x)
+    fg = full_gradients(H(model.apply, v), x)
     assert fg.output.shape == (3,) and float(jnp.max(fg.relative_residual())) < 1e-5
 
 
@@ -367,30 +367,86 @@ def test_bad_inputs_raise():
     model, v, x = mlp_setup("relu")
     vgg, vv, xi = conv_setup("vgg9", "relu")
     with pytest.raises(ValueError, match="rank"):
-        full_gradients(model.apply, v, jnp.ones((5,)))
+        full_gradients(H(model.apply, v), jnp.ones((5,)))
     with pytest.raises(ValueError, match="rank 4"):
-        full_gradients(vgg.apply, vv, xi[:, :, :, 0])
+        full_gradients(H(vgg.apply, vv), xi[:, :, :, 0])
     with pytest.raises(ValueError, match="floating-point"):
-        full_gradients(model.apply, v, jnp.ones((3, 20), jnp.int32))
+        full_gradients(H(model.apply, v), jnp.ones((3, 20), jnp.int32))
     with pytest.raises(ValueError, match="non-finite"):
-        full_gradients(model.apply, v, x.at[1, 2, 3].set(jnp.nan))
+        full_gradients(H(model.apply, v), x.at[1, 2, 3].set(jnp.nan))
     with pytest.raises(ValueError, match=r"\[0, 10\)"):
-        full_gradients(model.apply, v, x, jnp.array([0, 1, 10]))
+        full_gradients(H(model.apply, v), x, jnp.array([0, 1, 10]))
     with pytest.raises(ValueError, match=r"\[0, 10\)"):
-        full_gradients(model.apply, v, x, jnp.array([-1, 1, 2]))
+        full_gradients(H(model.apply, v), x, jnp.array([-1, 1, 2]))
     with pytest.raises(ValueError, match="integer"):
-        full_gradients(model.apply, v, x, jnp.array([0.0, 1.0, 2.0]))
+        full_gradients(H(model.apply, v), x, jnp.array([0.0, 1.0, 2.0]))
     with pytest.raises(ValueError, match="3 examples"):
-        full_gradients(model.apply, v, x, jnp.array([0, 1]))
+        full_gradients(H(model.apply, v), x, jnp.array([0, 1]))
     with pytest.raises(ValueError, match="merge"):
-        full_gradients(model.apply, v, x, merge="layers")
+        full_gradients(H(model.apply, v), x, merge="layers")
     with pytest.raises(ValueError, match="target"):
-        full_gradients(model.apply, v, x, "top")
+        full_gradients(H(model.apply, v), x, "top")
     with pytest.raises(ValueError, match="variables"):
-        full_gradients(model.apply, [v], x)
+        full_gradients(H(model.apply, [v]), x)
     if not jax.config.jax_enable_x64:
         with pytest.raises(ValueError, match="x64"):
-            full_gradients(model.apply, v, x, dtype=jnp.float64)
+            full_gradients(H(model.apply, v), x, dtype=jnp.float64)
     # a scalar target is broadcast to the batch
-    fg = full_gradients(model.apply, v, x, 4)
+    fg = full_gradients(H(model.apply, v), x, 4)
     np.testing.assert_allclose(fg.output, model.apply(v, x)[:, 4], rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Train-mode models
+# --------------------------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def vgg_small():
+    model = create_model("vgg4", NUM_CLASSES, width=0.125)
+    x = jnp.asarray(np.random.default_rng(8).normal(size=(3, 8, 8, 1)), jnp.float32)
+    return model, _fill(model, x, 9), x
+
+
+def test_train_mode_full_gradients_return_updated_batch_stats():
+    """A train-mode handle with mutable=("batch_stats",): the updated running statistics come back, the output is
+    the train-mode logit and the input-gradient is the gradient of the summed train-mode logits (which couple the
+    examples through the batch moments)."""
+    model, v, x = vgg_small()
+    t = jnp.array([1, 4, 7])
+
+    @jax.jit
+    def run(v, x):
+        fg = full_gradients(H(model.apply, v, apply_kwargs={"train": True}), x, t, mutable=("batch_stats",))
+        logits, state = model.apply(v, x, train=True, mutable=["batch_stats"])
+        selected = lambda z: jnp.sum(model.apply(v, z, train=True, mutable=["batch_stats"])[0][jnp.arange(3), t])
+        return fg, logits, state, jax.grad(selected)(x)
+
+    fg, logits, state, g = run(v, x)
+    np.testing.assert_allclose(fg.output, logits[jnp.arange(3), t], rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(fg.updates["batch_stats"]), jax.tree.leaves(state["batch_stats"])):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(fg.updates["batch_stats"]["block0"]["bn"]["mean"], v["batch_stats"]["block0"]["bn"]["mean"])
+    np.testing.assert_allclose(fg.input_gradient, g, rtol=1e-4, atol=1e-6)
+    assert full_gradients(H(model.apply, v), x, t).updates is None  # eval mode: nothing to update
+
+
+def test_frozen_moments_full_gradients_are_complete():
+    """BatchNorm with recorded batch moments under stop_gradient is affine per example: completeness holds on a
+    train-mode pass, and the output is the train-mode logit."""
+    from gradjax.models import layers
+    moments = getattr(layers, "MOMENTS", None)
+    if moments is None:
+        pytest.skip("no frozen-moments BatchNorm in this tree")
+    model, v, x = vgg_small()
+
+    @jax.jit
+    def run(v, x):
+        logits, state = model.apply(v, x, train=True, mutable=["batch_stats", moments])
+        frozen = H(model.apply, {**v, moments: state[moments]}, apply_kwargs={"train": True})
+        train = H(model.apply, v, apply_kwargs={"train": True})
+        return logits, full_gradients(frozen, x), full_gradients(train, x, mutable=("batch_stats",))
+
+    logits, fg, train = run(v, x)
+    np.testing.assert_allclose(fg.output, jnp.max(logits, axis=-1), rtol=1e-5, atol=1e-5)
+    assert float(jnp.max(fg.relative_residual())) < 1e-4
+    assert float(jnp.max(train.relative_residual())) > 1e-3  # the batch moments depend on x: not complete

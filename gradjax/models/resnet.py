@@ -12,7 +12,6 @@ from typing import Optional, Sequence
 import jax
 import flax.linen as nn
 
-from gradjax._validation import check_images
 from gradjax.models.layers import Activation, TappedBatchNorm, TappedConv, TappedDense, global_average_pool
 
 
@@ -54,7 +53,8 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        check_images(x)
+        if x.ndim != 4:  # static shape check only: values are validated at the library boundary (gradjax._validation)
+            raise ValueError(f"ResNet needs NHWC images [B, H, W, C] (rank 4); got shape {tuple(x.shape)}.")
         c0 = max(1, int(round(64 * self.width)))
         x = TappedConv(c0, (3, 3), use_bias=False, name="stem_conv")(x)
         x = TappedBatchNorm(axis_name=self.axis_name, name="stem_bn")(x, train=train)

@@ -1,0 +1,110 @@
+"""Post-processing of saliency maps: channel reductions, bilinear upsampling and FullGrad's ``psi`` (thesis §3.4.2,
+eq. 3.2, and the §3.6 variants). Pure array functions, jittable and differentiable."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gradjax import _validation as V
+
+Array = jax.Array
+
+__all__ = ["REDUCTIONS", "POSTPROCESS", "reduce_channels", "bilinear_upsample", "postprocess_map"]
+
+REDUCTIONS = ("abs_sum", "sum", "abs_max", "sq_sum")
+"""Channel reductions of a gradient-type attribution ``[B, H, W, C] -> [B, H, W]`` (or ``None``: no reduction)."""
+
+POSTPROCESS = ("abs_rescale", "abs", "rescale", "none")
+"""FullGrad post-processing ``psi`` before the bilinear upsampling (thesis §3.4.2 and §3.6):
+``"abs_rescale"`` = ``rescale(abs(.))`` (eq. 3.2, the thesis default), ``"abs"`` (``psi_mnist``, §3.6),
+``"rescale"`` (min-max rescale of the signed map), ``"none"`` (``psi_m``, the minimal post-processing of §3.6 /
+§3.10.1: bilinear upsampling only, signed)."""
+
+
+def reduce_channels(a: Array, reduce: Optional[str] = "abs_sum") -> Array:
+    """Reduce the channel axis of an attribution ``[B, H, W, C] -> [B, H, W]``.
+
+    ``"abs_sum"``: ``sum_c |a_c|``; ``"sum"``: ``sum_c a_c`` (signed); ``"abs_max"``: ``max_c |a_c|`` (Simonyan
+    et al. 2013); ``"sq_sum"``: ``sum_c a_c^2``; ``None``: ``a`` unchanged (any shape).
+    """
+    if reduce is None:
+        return a
+    V.check_choice(reduce, REDUCTIONS + (None,), "reduce")
+    if jnp.ndim(a) != 4:
+        raise ValueError(f"reduce={reduce!r} needs NHWC images [B, H, W, C]; got an attribution of shape "
+                         f"{tuple(jnp.shape(a))}. Use reduce=None for non-image inputs.")
+    if reduce == "abs_sum":
+        return jnp.sum(jnp.abs(a), axis=-1)
+    if reduce == "sum":
+        return jnp.sum(a, axis=-1)
+    if reduce == "abs_max":
+        return jnp.max(jnp.abs(a), axis=-1)
+    return jnp.sum(jnp.square(a), axis=-1)
+
+
+def _interp_matrix(n_out: int, n_in: int, align_corners: bool) -> np.ndarray:
+    """Linear-interpolation matrix ``[n_out, n_in]`` along one axis."""
+    if n_in == 1:
+        return np.ones((n_out, 1), np.float32)
+    if align_corners:
+        src = np.arange(n_out) * ((n_in - 1) / (n_out - 1)) if n_out > 1 else np.zeros(1)
+    else:  # half-pixel centres, clamped at the border
+        src = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
+    i0 = np.clip(np.floor(src).astype(int), 0, n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    w1 = src - i0
+    m = np.zeros((n_out, n_in), np.float64)
+    np.add.at(m, (np.arange(n_out), i0), 1.0 - w1)
+    np.add.at(m, (np.arange(n_out), i1), w1)
+    return m.astype(np.float32)
+
+
+def bilinear_upsample(maps: Array, size: Sequence[int], *, align_corners: bool = True) -> Array:
+    """Bilinear resize of ``[B, h, w]`` (or ``[B, h, w, c]``) maps to spatial ``size = (H, W)``.
+
+    ``align_corners=True`` (default) matches the reference FullGrad code
+    (``F.interpolate(..., mode='bilinear', align_corners=True)``): corners map to corners. ``False`` uses
+    half-pixel centres (as :func:`jax.image.resize`). Implemented as two small interpolation matrices, so it is
+    linear, exact, jittable and differentiable.
+    """
+    H, W = int(size[0]), int(size[1])
+    h, w = maps.shape[1], maps.shape[2]
+    if (h, w) == (H, W):
+        return maps
+    mh = jnp.asarray(_interp_matrix(H, h, align_corners), maps.dtype)
+    mw = jnp.asarray(_interp_matrix(W, w, align_corners), maps.dtype)
+    if maps.ndim == 3:
+        return jnp.einsum("Hh,bhw,Ww->bHW", mh, maps, mw)
+    return jnp.einsum("Hh,bhwc,Ww->bHWc", mh, maps, mw)
+
+
+def _rescale(a: Array, axes: tuple) -> Array:
+    """Min-max rescale to [0, 1] over ``axes`` (per example); a constant map becomes 0 (no NaN)."""
+    lo = jnp.min(a, axis=axes, keepdims=True)
+    hi = jnp.max(a, axis=axes, keepdims=True)
+    rng = hi - lo
+    return jnp.where(rng > 0, (a - lo) / jnp.where(rng > 0, rng, 1), 0)
+
+
+def postprocess_map(m: Array, size: Sequence[int], *, postprocess: str = "abs_rescale", rescale: str = "layer",
+                    align_corners: bool = True) -> Array:
+    """FullGrad's ``sum_c psi(m_c)`` for one layer map ``m`` ``[B, h, w, c]`` -> ``[B, H, W]`` (thesis eq. 3.2).
+
+    ``psi = bilinearUpsample o rescale o abs`` for ``postprocess="abs_rescale"`` (thesis §3.4.2); see
+    :data:`POSTPROCESS` for the §3.6 variants. ``rescale="layer"`` rescales each example's whole layer map (all
+    channels jointly) to [0, 1], as the reference code does; ``"channel"`` rescales every channel separately, the
+    literal reading of eq. 3.2's ``sum_c psi(f^b_c)``. The channel sum is taken before upsampling (upsampling is
+    linear, so the order does not matter).
+    """
+    V.check_choice(postprocess, POSTPROCESS, "postprocess")
+    V.check_choice(rescale, ("layer", "channel"), "rescale")
+    if m.ndim != 4:
+        raise ValueError(f"a FullGrad layer map must be [B, h, w, c]; got shape {m.shape}.")
+    if postprocess in ("abs_rescale", "abs"):
+        m = jnp.abs(m)
+    if postprocess in ("abs_rescale", "rescale"):
+        m = _rescale(m, (1, 2, 3) if rescale == "layer" else (1, 2))
+    return bilinear_upsample(jnp.sum(m, axis=-1), size, align_corners=align_corners)
