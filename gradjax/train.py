@@ -310,6 +310,15 @@ def _leaf_name(path) -> str:
     return "".join(str(k) for k in path) or "frozen"
 
 
+def _local_values(x) -> np.ndarray:
+    """The values of ``x`` this process can read: all of it, or (a global array spanning other processes' devices,
+    see :mod:`gradjax.distributed`) its addressable shards — each process checks the rows it supplied."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        shards = [np.asarray(sh.data).reshape(-1) for sh in x.addressable_shards]
+        return np.concatenate(shards) if shards else np.zeros((0,), x.dtype)
+    return np.asarray(x)
+
+
 def validate_batch(batch: Batch, spec: Optional[BatchSpec] = None, *, num_classes: Optional[int] = None,
                    check_values: bool = True, leading_axes: int = 1, num_devices: Optional[int] = None,
                    divisible_by: Optional[int] = None) -> None:
@@ -360,11 +369,12 @@ def validate_batch(batch: Batch, spec: Optional[BatchSpec] = None, *, num_classe
         if s.kind == "int" and not np.issubdtype(dtype, np.integer):
             raise ValueError(f"{label} must be an integer array (class indices); got dtype {dtype}.")
         if check_values and s.kind == "int" and s.num_classes is not None and np.size(x):
-            arr = np.asarray(x)
+            arr = _local_values(x)
             if arr.min() < 0 or arr.max() >= s.num_classes:
                 raise ValueError(f"{label} must lie in [0, {s.num_classes}); got values in [{arr.min()}, {arr.max()}].")
         if check_values and s.kind == "float" and s.finite:
-            n_bad = int(np.size(x) - np.count_nonzero(np.isfinite(np.asarray(x))))
+            arr = _local_values(x)
+            n_bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
             if n_bad:
                 raise ValueError(f"{label} contains {n_bad} non-finite value(s) (NaN or inf).")
     if lead_dims is None:
@@ -538,12 +548,45 @@ def evaluate(state: TrainState, batches: Iterable[Batch], eval_step: Optional[Ca
 _STATE_FIELDS = ("step", "params", "model_state", "opt_state", "rng", "diverged")
 
 
+def replicate_global(tree: PyTree) -> PyTree:
+    """Leaves as global arrays replicated over every device of every process (leaves that already span other
+    processes are kept). Every process must pass the same values."""
+    sharding = NamedSharding(Mesh(np.asarray(jax.devices()).reshape(-1), ("data",)), P())
+
+    def put(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return x
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+    return jax.tree.map(put, tree)
+
+
 def state_to_pytree(state: TrainState) -> dict:
     return {k: getattr(state, k) for k in _STATE_FIELDS}
 
 
+def _multiprocess() -> bool:
+    return jax.process_count() > 1
+
+
+def _global_restore_target(leaf):
+    """A restore target for one state leaf in a multi-process run: its global sharding, or replicated over all
+    devices of all processes."""
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        sharding = leaf.sharding
+    else:
+        sharding = NamedSharding(Mesh(np.asarray(jax.devices()).reshape(-1), ("data",)), P())
+    return jax.ShapeDtypeStruct(jnp.shape(leaf), jnp.result_type(leaf), sharding=sharding)
+
+
 class Checkpointer:
-    """Orbax ``CheckpointManager`` for TrainStates (async saves; :meth:`wait` before reading from disk)."""
+    """Orbax ``CheckpointManager`` for TrainStates (async saves; :meth:`wait` before reading from disk).
+
+    Multi-process (:mod:`gradjax.distributed`): every process constructs it with the same ``directory`` (on a
+    filesystem all hosts reach, e.g. a GCS bucket or NFS) and calls :meth:`save` / :meth:`restore` together;
+    the state's global (replicated) arrays are written once, and restored as global arrays replicated over all
+    devices (or with the template's global sharding)."""
 
     def __init__(self, directory: str, *, max_to_keep: int = 2):
         import orbax.checkpoint as ocp
@@ -559,7 +602,12 @@ class Checkpointer:
         step = int(jax.device_get(state.step))
         if step in self.manager.all_steps():
             return
-        self.manager.save(step, args=self._ocp.args.StandardSave(jax.device_get(state_to_pytree(state))), force=force)
+        tree = state_to_pytree(state)
+        if _multiprocess():  # global arrays: orbax writes each replicated array once, all processes take part
+            tree = replicate_global(tree)
+        else:
+            tree = jax.device_get(tree)
+        self.manager.save(step, args=self._ocp.args.StandardSave(tree), force=force)
 
     def restore(self, template: TrainState, step: Optional[int] = None) -> TrainState:
         """Restore into the structure (and dtypes) of ``template``; the latest step by default."""
@@ -567,7 +615,10 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        target = jax.tree.map(np.asarray, jax.device_get(state_to_pytree(template)))
+        if _multiprocess():
+            target = jax.tree.map(_global_restore_target, state_to_pytree(template))
+        else:
+            target = jax.tree.map(np.asarray, jax.device_get(state_to_pytree(template)))
         restored = self.manager.restore(step, args=self._ocp.args.StandardRestore(target))
         return template.replace(**{k: jax.tree.map(jnp.asarray, restored[k]) for k in _STATE_FIELDS})
 
@@ -581,10 +632,12 @@ class Checkpointer:
 
 # ---------------------------------------------------------------------------------------------- the loop
 class MetricsLogger:
-    """Append JSON lines ``{"step":..., ...}`` to ``path`` (or keep them in memory only if ``path`` is None)."""
+    """Append JSON lines ``{"step":..., ...}`` to ``path`` (or keep them in memory only if ``path`` is None).
+
+    In a multi-process run only process 0 writes the file (every process keeps the same records in memory)."""
 
     def __init__(self, path: Optional[str]):
-        self.path = path
+        self.path = path if jax.process_index() == 0 else None
         self.records: list[dict] = []
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -613,6 +666,11 @@ def fit(state: TrainState, train_step: Callable, epoch_batches: Callable[[int, i
     ``frozen`` (e.g. a teacher's variables) is passed to every step as ``train_step(state, batch, frozen)``
     (un-replicated, also under ``pmap``; see :func:`validate_frozen`).
     Raises :class:`TrainingDivergedError` if a step was non-finite, after saving the last good state.
+
+    Multi-process (:mod:`gradjax.distributed`): every process calls ``fit`` with the same arguments, a
+    :func:`sharded_train_step` on the global mesh, a state replicated with ``distributed.replicate`` and
+    ``epoch_batches`` from ``distributed.global_batches`` (each process reads its rows); checkpoints are written
+    by all processes together, metrics (``log_path``) and the progress bar by process 0 only.
     """
     from tqdm.auto import tqdm
 
@@ -627,7 +685,8 @@ def fit(state: TrainState, train_step: Callable, epoch_batches: Callable[[int, i
     total = num_epochs * steps_per_epoch if max_steps is None else min(max_steps, num_epochs * steps_per_epoch)
     step0 = int(jax.device_get(host(state).step))
     checkpoint_every = checkpoint_every or steps_per_epoch
-    pbar = tqdm(total=total, initial=min(step0, total), disable=not progress, desc="train", dynamic_ncols=True)
+    pbar = tqdm(total=total, initial=min(step0, total), disable=not progress or jax.process_index() != 0, desc="train",
+                dynamic_ncols=True)
     pending: list[dict] = []
     t0 = time.time()
 
