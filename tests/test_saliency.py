@@ -1,5 +1,8 @@
 """Tests of gradjax.saliency: completeness of FullGrad's parts, IG convergence, guided backprop's backward rule,
-Grad-CAM against a hand computation, jit == eager for every registered method, boundary errors."""
+Grad-CAM against a hand computation, jit == eager for every registered method, no recompilation of eager calls,
+boundary errors."""
+import contextlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -104,6 +107,22 @@ def nopool():
     return make_nopool()
 
 
+@contextlib.contextmanager
+def count_compiles():
+    """Counts XLA compilations inside the block (``jax.monitoring``): ``with count_compiles() as n: ...; n[0]``."""
+    n = [0]
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            n[0] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield n
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
 SMALL_OPTIONS = {
     "integrated_gradients": dict(steps=3, chunk=2),
     "smoothgrad": dict(samples=3, chunk=2),
@@ -131,6 +150,37 @@ def test_every_method_jit_matches_eager(name, nopool):
     np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), rtol=1e-4, atol=1e-5 * float(jnp.abs(eager).max() + 1e-12))
     # a nonzero map (the model is random, but not degenerate)
     assert float(jnp.abs(eager).max()) > 0
+
+
+@pytest.mark.parametrize("name", sorted(S.SALIENCY_METHODS))
+def test_a_repeated_eager_call_compiles_nothing(name, nopool):
+    """Nothing in gradjax jits itself: an eager call runs JAX's per-operation programs (compiled once per shape),
+    and chunk loops run as Python loops eagerly (an eager lax.scan would recompile its fresh body every call)."""
+    _, h, x = nopool
+    fn = S.SALIENCY_METHODS[name]
+    opts = dict(SMALL_OPTIONS.get(name, {}), key=rbg_key(5))  # options with two or more chunks
+    first = fn(h, x, jnp.array([1, 4]), **opts)
+    with count_compiles() as n:
+        second = fn(h, x, jnp.array([1, 4]), **opts)
+    assert n[0] == 0, f"{name}: {n[0]} compilations on the second eager call"
+    np.testing.assert_array_equal(np.asarray(first), np.asarray(second))
+
+
+def test_jit_method_is_an_explicit_bounded_compiled_method(nopool):
+    _, h, x = nopool
+    sg = S.jit_method("smoothgrad", samples=3, chunk=2)
+    key, x2, t1, t2 = rbg_key(5), 2.0 * x, jnp.array([1, 4]), jnp.array([0, 2])
+    with count_compiles() as n:
+        a = sg(h, x, t1, key=key)
+        b = sg(h, x2, t2, key=key)  # same shapes: the same program
+    assert n[0] == 1
+    np.testing.assert_allclose(np.asarray(a), np.asarray(S.smoothgrad(h, x, jnp.array([1, 4]), key=key, samples=3,
+                                                                      chunk=2)), rtol=1e-4, atol=1e-6)
+    assert not np.allclose(np.asarray(a), np.asarray(b))
+    sg.clear()
+    with count_compiles() as n:
+        sg(h, x, t1, key=key)
+    assert n[0] == 1  # cleared: compiled again
 
 
 def test_model_handle_is_a_pytree_through_jit(nopool):
@@ -304,6 +354,47 @@ def test_smoothgrad_without_noise_is_the_gradient(nopool):
     assert float(jnp.abs(m2 - m1 ** 2).max()) < 1e-8  # VarGrad
 
 
+def test_noise_methods_are_the_documented_moments(nopool):
+    """SmoothGrad = reduce(m1), SmoothGrad² = reduce(m2), VarGrad = reduce(m2 - m1²) with the moments of
+    noise_gradient_moments (same key and options); without noise SmoothGrad is the input-gradient map."""
+    _, h, x = nopool
+    key, t = rbg_key(2), jnp.array([3, 1])
+    opts = dict(key=key, samples=3, chunk=2, noise_level=0.2)
+
+    @jax.jit
+    def run(x):
+        m1, m2 = S.noise_gradient_moments(h, x, t, **opts)
+        return (m1, m2, S.smoothgrad(h, x, t, reduce=None, **opts), S.smoothgrad_squared(h, x, t, reduce=None, **opts),
+                S.vargrad(h, x, t, reduce=None, **opts), S.smoothgrad(h, x, t, **opts), S.vargrad(h, x, t, **opts),
+                S.smoothgrad(h, x, t, key=key, samples=2, noise_level=0.0), S.input_gradient(h, x, t))
+
+    m1, m2, sg, sg2, vg, sg_map, vg_map, sg0, grad_map = run(x)
+    np.testing.assert_allclose(np.asarray(sg), np.asarray(m1), rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(np.asarray(sg2), np.asarray(m2), rtol=1e-5, atol=1e-10)
+    np.testing.assert_allclose(np.asarray(vg), np.asarray(jnp.maximum(m2 - m1 ** 2, 0)), rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(np.asarray(sg_map), np.asarray(jnp.abs(m1).sum(-1)), rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(np.asarray(vg_map), np.asarray(jnp.maximum(m2 - m1 ** 2, 0).sum(-1)), rtol=1e-4,
+                               atol=1e-9)
+    assert float(jnp.abs(vg).max()) > 1e-6  # the noise really changes the gradient
+    np.testing.assert_allclose(np.asarray(sg0), np.asarray(grad_map), rtol=1e-5, atol=1e-7)
+
+
+def test_ig_with_a_nonzero_baseline():
+    """IG = (x - x') ⊙ avg grad: exact for a linear model, and complete (sum = f(x) - f(x')) for a smooth one."""
+    W = jnp.asarray(np.random.default_rng(0).normal(size=(1, 3, 3, 2)), jnp.float32)
+    linear = lambda z: jnp.stack([jnp.sum((z * W).reshape(z.shape[0], -1), 1), jnp.zeros(z.shape[0])], 1)  # noqa
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 3, 3, 2)), jnp.float32)
+    base = jnp.asarray(np.random.default_rng(2).uniform(0.5, 1.5, size=(3, 3, 2)), jnp.float32)
+    ig, delta = S.integrated_gradients_with_delta(linear, x, 0, baseline=base, steps=2, reduce=None)
+    np.testing.assert_allclose(np.asarray(ig), np.asarray((x - base) * W), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(delta), 0.0, atol=1e-5)
+    _, h, xs = make_nopool("softplus", seed=11)
+    ig, delta = jax.jit(lambda x_: S.integrated_gradients_with_delta(h, x_, jnp.array([3, 4]), baseline=0.5,
+                                                                      steps=16, chunk=8, reduce=None))(xs)
+    gap = h.logits(xs)[jnp.arange(2), jnp.array([3, 4])] - h.logits(jnp.full_like(xs, 0.5))[jnp.arange(2), jnp.array([3, 4])]
+    assert np.all(np.abs(np.asarray(delta)) < 0.02 * np.abs(np.asarray(gap)) + 1e-4)
+
+
 def test_reductions(nopool):
     _, h3, x = nopool  # 2 input channels
     g = S.input_gradient(h3, x, reduce=None)
@@ -357,6 +448,25 @@ def test_guided_backprop_equals_gradient_when_no_relu_sees_a_negative_gradient(m
     # ...and the forward pass is untouched
     logits_guided = h.logits(x, interceptor=guided_interceptor())
     np.testing.assert_allclose(np.asarray(logits_guided), np.asarray(h.logits(x)), rtol=1e-6)
+
+
+def test_guided_backprop_refuses_a_model_it_cannot_intercept():
+    """A Flax model applying nn.relu directly has no Activation module: guided backprop would silently be the
+    plain gradient, so it raises instead (eagerly and under jit)."""
+
+    class PlainRelu(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            return nn.Dense(3)(nn.relu(nn.Dense(5)(x.reshape(x.shape[0], -1))))
+
+    m = PlainRelu()
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 4, 4, 1)), jnp.float32)
+    h = S.ModelHandle(m.apply, jax.eval_shape(m.init, jax.random.PRNGKey(0), x))
+    h = h.replace(variables=jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), h.variables))
+    with pytest.raises(ValueError, match="Activation"):
+        S.guided_backprop(h, x)
+    with pytest.raises(ValueError, match="Activation"):
+        jax.jit(lambda h_, x_: S.guided_backprop(h_, x_))(h, x)
 
 
 # ------------------------------------------------------------------------------------------------------------
