@@ -78,6 +78,13 @@ def sampled_batches(ds: gdata.ArrayDataset, batch_size: int, seed: int):
     return epoch_batches
 
 
+@functools.lru_cache(maxsize=16)
+def _init_fn(model):
+    """One compiled ``model.init`` per architecture (Linen modules are hashable, equal by value): XLA:CPU takes
+    minutes to compile VGG-9's initializers on a loaded machine, so trainers of one model share it."""
+    return jax.jit(functools.partial(model.init, train=False))
+
+
 class Trainer:
     """One objective, compiled once: ``run(train_ds, seed, frozen)`` trains a fresh model for ``steps`` steps.
 
@@ -88,7 +95,7 @@ class Trainer:
                  num_classes: int):
         self.model, self.tx, self.steps, self.batch_size = model, tx, steps, batch_size
         self.step = gtrain.jit_train_step(loss_fn, num_classes=num_classes)
-        self.init_fn = jax.jit(functools.partial(model.init, train=False))
+        self.init_fn = _init_fn(model)
 
     def run(self, train_ds: gdata.ArrayDataset, *, seed: int, frozen: Any = None, init_params: Any = None,
             log_path: Optional[str] = None) -> gtrain.TrainState:
@@ -96,9 +103,9 @@ class Trainer:
         if init_params is not None:
             state = state.replace(params=init_params[0], model_state=init_params[1],
                                   opt_state=self.tx.init(init_params[0]))
-        state, _ = gtrain.fit(state, self.step, sampled_batches(train_ds, self.batch_size, seed), num_epochs=1,
-                              steps_per_epoch=self.steps, progress=False, log_every=max(1, self.steps // 5),
-                              frozen=frozen, log_path=log_path)
+        state, self.last_records = gtrain.fit(state, self.step, sampled_batches(train_ds, self.batch_size, seed),
+                                              num_epochs=1, steps_per_epoch=self.steps, progress=False,
+                                              log_every=max(1, self.steps // 10), frozen=frozen, log_path=log_path)
         return state
 
 

@@ -1,0 +1,54 @@
+"""The chapter-2 experiment scripts (Tables 2.1-2.5) run end to end at the smoke scale through the one training
+engine and write results.json, results.md and a PNG."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from experiments import distill_fewshot, lwf_transfer, noise_robustness
+
+pytestmark = pytest.mark.usefixtures("fast_compilation")
+
+
+def _outputs(out, png):
+    for f in ("results.json", "results.md", png):
+        assert os.path.exists(os.path.join(out, f)), f
+    with open(os.path.join(out, "results.json")) as f:
+        return json.load(f)
+
+
+def test_distill_fewshot_smoke(tmp_path):
+    out = str(tmp_path / "t21")
+    res = distill_fewshot.main(["--scale", "smoke", "--seeds", "2", "--methods", "CE,CE + {A+J}", "--out", out])
+    saved = _outputs(out, "table2_1.png")
+    assert set(saved["results"]) == {"CE", "CE + {A+J}"}
+    for m, per_n in res["results"].items():
+        assert set(per_n) == {1, 2}
+        for v in per_n.values():
+            assert len(v["runs"]) == 2 and all(0.0 <= a <= 1.0 for a in v["runs"])
+    assert "thesis" in open(os.path.join(out, "results.md")).read().lower()
+
+
+def test_noise_robustness_smoke(tmp_path):
+    out = str(tmp_path / "t22")
+    res = noise_robustness.main(["--scale", "smoke", "--configs", "lambda=0,lambda=1,dropout", "--out", out])
+    _outputs(out, "table2_2.png")
+    assert set(res["results"]) == {"lambda=0", "lambda=1", "dropout"}
+    for per_sigma in res["results"].values():
+        assert set(per_sigma) == {str(s) for s in noise_robustness.SIGMAS}
+    with pytest.raises(ValueError, match="unknown configs"):
+        noise_robustness.main(["--scale", "smoke", "--configs", "lambda=3", "--out", out])
+
+
+def test_lwf_transfer_smoke(tmp_path):
+    out = str(tmp_path / "lwf")
+    res = lwf_transfer.main(["--scale", "smoke", "--tables", "2.3", "--out", out,
+                             "--methods", "CE pretrained (oracle),CE + {A+att+J}"])
+    _outputs(out, "table2_3.png")
+    r = res["results"]["table2_3"]
+    assert set(r) == {"CE pretrained (oracle)", "CE + {A+att+J}"}
+    assert all(0.0 <= v["5"]["mean"] <= 1.0 for v in r.values())
+    # disjoint tasks: teacher on source digits 0-4 of one dataset, student on digits 5-9 of another
+    assert set(res["source_classes"]).isdisjoint(res["target_classes"])
+    assert res["source"] != res["target"]
