@@ -222,6 +222,47 @@ def test_shift_invariance_of_softmax(dtype, tol):
         jax.config.update("jax_enable_x64", prev)
 
 
+# ------------------------------------------------------------------------------------------ has_aux
+def test_has_aux_returns_train_mode_batch_stats():
+    """A train-mode Flax pass returns (logits, updated batch_stats): with has_aux the gradient functions return the
+    aux unchanged next to the gradient of the summed selected outputs (sum mode; BatchNorm couples examples)."""
+    import flax.linen as nn
+
+    from gradjax.models import TappedBatchNorm, TappedDense
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            h = TappedBatchNorm(name="bn")(TappedDense(8, name="d")(x.reshape(x.shape[0], -1)), train=train)
+            return TappedDense(4, name="head")(jnp.tanh(h))
+
+    model = Net()
+    _, _, x, labels = setup(jnp.float32)
+    v = model.init(jax.random.PRNGKey(0), x)
+    train_fn = lambda z: model.apply(v, z, train=True, mutable=["batch_stats"])  # noqa: E731
+
+    @jax.jit
+    def run(x, y):
+        logits, state = train_fn(x)
+        ref = jax.grad(lambda z: jnp.sum(G.select(train_fn(z)[0], y)))(x)
+        ref_loss = jax.grad(lambda z: -jnp.sum(G.select(jax.nn.log_softmax(train_fn(z)[0]), y)))(x)
+        return (logits, state, ref, ref_loss, G.logits_and_logit_gradient(train_fn, x, y, has_aux=True),
+                G.loss_gradient(train_fn, x, y, has_aux=True), G.logit_gradient(train_fn, x, y, batch_mode="vmap",
+                                                                                has_aux=True))
+
+    logits, state, ref, ref_loss, (lg, g, aux), (gl, aux_l), (gv, aux_v) = run(x, labels)
+    np.testing.assert_allclose(lg, logits, rtol=1e-6)
+    np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gl, ref_loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(aux), jax.tree.leaves(state)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert not np.allclose(aux["batch_stats"]["bn"]["mean"], v["batch_stats"]["bn"]["mean"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), aux_l, state)
+    # vmap mode: each example as a batch of one, aux stacked over examples
+    assert aux_v["batch_stats"]["bn"]["mean"].shape == (x.shape[0], 8)
+    assert gv.shape == x.shape and not np.allclose(gv, g, atol=1e-4)
+
+
 # ------------------------------------------------------------------------------------------ validation
 def test_bad_inputs_raise_clear_errors():
     _, f, x, labels = setup(jnp.float32)

@@ -391,3 +391,33 @@ def test_bad_inputs_raise_clear_errors():
         T.value_grad_and_trace(f, x, key, method="hutchinson", sigma=0.1)
     with pytest.raises(ValueError, match="batch_mode"):
         T.exact_trace(f, x, batch_mode="loop")
+
+
+@pytest.mark.usefixtures("fast_compilation")
+def test_a_repeated_eager_call_compiles_nothing():
+    """No hidden jit: an eager call runs per-operation programs (compiled once per shape) and the probe loop is a
+    Python loop eagerly, so calling an estimator twice compiles nothing the second time (it used to jit a fresh
+    closure on every call)."""
+    n = [0]
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            n[0] += 1
+
+    f, x = softplus_net()
+    key = jax.random.PRNGKey(3)
+    calls = {
+        "hutchinson": lambda: T.hutchinson_trace(f, x, key, num_probes=5, chunk_size=2),
+        "taylor": lambda: T.taylor_trace(f, x, key, sigma=0.1, num_probes=3, chunk_size=2, warn_rtol=None),
+        "exact": lambda: T.exact_trace(f, x, chunk_size=3),
+    }
+    for name, call in calls.items():
+        first = call()
+        jax.monitoring.register_event_duration_secs_listener(listener)
+        try:
+            n[0] = 0
+            second = call()
+        finally:
+            jax.monitoring.unregister_event_duration_listener(listener)
+        assert n[0] == 0, (name, n[0])
+        np.testing.assert_array_equal(np.asarray(first), np.asarray(second))
