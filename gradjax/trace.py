@@ -174,7 +174,7 @@ def exact_trace(f: ScalarFn, x: jax.Array, *, max_dim: int = 4096, chunk_size: i
     """Exact per-example Hessian trace ``tr H_b = Σ_{i=1}^D e_iᵀ H_b e_i``, shape ``[B]``.
 
     ``D`` Hessian-vector products (``jax.linearize`` of the gradient once, then the linear map on every basis
-    vector), ``chunk_size`` basis vectors at a time (``vmap``) with a ``lax.scan`` running sum, so memory is
+    vector), ``chunk_size`` basis vectors at a time (``vmap``) with a running sum (``chunked_sum``), so memory is
     ``O(chunk_size · B · D)``. Raises ``ValueError`` if ``D > max_dim``. The reference for the estimators below;
     thesis eq. 5.2 (score-matching) needs this trace.
     """
@@ -213,7 +213,7 @@ def hutchinson_trace(f: ScalarFn, x: jax.Array, key: jax.Array, *, num_probes: i
     ``2 Σ_{i≠j} H_ij²`` for Rademacher probes (the default: never larger).
 
     ``num_probes`` ``N`` (static int ≥ 1) are drawn as ``fold_in(key, n)`` and processed ``chunk_size`` at a
-    time (``lax.scan`` with a running sum: memory ``O(chunk_size · B · D)``, independent of ``N``;
+    time (a running sum, :func:`gradjax._chunking.chunked_sum`: memory ``O(chunk_size · B · D)``, independent of ``N``;
     ``chunk_size=None`` = all at once). The result does not depend on ``chunk_size``.
     """
     return _hutchinson(f, x, key, num_probes=num_probes, distribution=distribution, chunk_size=chunk_size,
