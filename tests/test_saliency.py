@@ -152,6 +152,21 @@ def test_every_method_jit_matches_eager(name, nopool):
     assert float(jnp.abs(eager).max()) > 0
 
 
+@pytest.mark.parametrize("name", ["fullgrad_maps", "integrated_gradients_with_delta", "noise_gradient_moments",
+                                  "tap_gradients"])
+def test_public_functions_outside_the_registry_jit_matches_eager(name, nopool):
+    _, h, x = nopool
+    fn = getattr(S, name)
+    opts = {"integrated_gradients_with_delta": dict(steps=3, chunk=2),
+            "noise_gradient_moments": dict(samples=3, chunk=2, key=rbg_key(1))}.get(name, {})
+    t = jnp.array([2, 0])
+    eager = fn(h, x, t, **opts)
+    jitted = jax.jit(lambda h_, x_, t_: fn(h_, x_, t_, **opts))(h, x, t)
+    assert jax.tree.structure(eager) == jax.tree.structure(jitted)
+    for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5 * (float(jnp.abs(a).max()) + 0.1))
+
+
 @pytest.mark.parametrize("name", sorted(S.SALIENCY_METHODS))
 def test_a_repeated_eager_call_compiles_nothing(name, nopool):
     """Nothing in gradjax jits itself: an eager call runs JAX's per-operation programs (compiled once per shape),
