@@ -1,5 +1,11 @@
 """What every experiment script shares: the CLI (``--scale``, ``--dataset``, ``--out``), scale presets, data
-loading, training a classifier with the library's engine, and writing ``results.json`` + a markdown table."""
+loading, training a classifier with the library's engine, and writing ``results.json`` + a markdown table.
+
+Multi-process (multi-host) runs: every parser from :func:`base_parser` has ``--coordinator-address``,
+``--num-processes``, ``--process-id`` and ``--distributed-timeout`` (or the ``GRADJAX_*`` environment variables,
+see :mod:`gradjax.distributed`), and its ``parse_args`` starts ``jax.distributed`` with them before anything else
+touches JAX. :func:`train_classifier` then trains with the sharded step on the global mesh (each process reads
+its rows of every global batch), and :func:`write_results` writes on process 0 only."""
 from __future__ import annotations
 
 import argparse
@@ -18,6 +24,7 @@ import numpy as np
 import optax
 
 from gradjax import data as gdata
+from gradjax import distributed as gdist
 from gradjax import train as gtrain
 from gradjax.models import create_model
 
@@ -47,8 +54,19 @@ SCALES = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """``parse_args`` also starts the multi-process runtime from the ``--coordinator-address/--num-processes/
+    --process-id`` flags or the environment (:func:`gradjax.distributed.initialize_from_args`; a no-op for a
+    single-process run)."""
+
+    def parse_args(self, args=None, namespace=None):
+        ns = super().parse_args(args, namespace)
+        gdist.initialize_from_args(ns)
+        return ns
+
+
 def base_parser(description: str, *, default_dataset: str = "digits") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--scale", choices=sorted(SCALES), default="small")
     p.add_argument("--dataset", default=default_dataset,
                    help="'digits' (scikit-learn, embedded), 'mnist_digits' (5,000 real MNIST digits embedded in "
@@ -63,6 +81,7 @@ def base_parser(description: str, *, default_dataset: str = "digits") -> argpars
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--activation", choices=["relu", "softplus"], default="relu")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    gdist.add_arguments(p)
     return p
 
 
@@ -108,12 +127,23 @@ def _training_setup(model_name: str, width: float, activation: str, num_classes:
     return model, tx, step, gtrain.make_eval_step(model.apply), init_fn
 
 
+@functools.lru_cache(maxsize=16)
+def _sharded_step(model_name: str, width: float, activation: str, num_classes: int, lr: float, total_steps: int,
+                  loss_fn_builder, mesh) -> Any:
+    """The multi-process train step: the same loss as :func:`_training_setup`'s, sharded over ``mesh``."""
+    model = _training_setup(model_name, width, activation, num_classes, lr, total_steps, loss_fn_builder)[0]
+    return gtrain.sharded_train_step(loss_fn_builder(model.apply), mesh, num_classes=num_classes)
+
+
 def train_classifier(train: gdata.ArrayDataset, test: gdata.ArrayDataset, scale: Scale, *, seed: int = 0,
                      activation: str = "relu", checkpoint_dir: Optional[str] = None, log_path: Optional[str] = None,
                      progress: bool = True, loss_fn_builder=None) -> tuple[gtrain.TrainState, list[dict], Any]:
     """Train ``scale.model`` with SGD + momentum + cosine schedule; returns (state, metric records, model).
 
-    Calls with the same model, data size and schedule reuse one compiled train step."""
+    Calls with the same model, data size and schedule reuse one compiled train step. In a multi-process run
+    (``jax.process_count() > 1``) the step is sharded over all devices of all processes, ``batch_size`` is the
+    global batch (a multiple of the global device count), each process reads only its rows of every batch, and
+    evaluation is the distributed one; the returned state is replicated over all devices."""
     bs = min(scale.batch_size, len(train))
     steps_per_epoch = max(1, gdata.steps_per_epoch(train, bs))
     model, tx, step, eval_step, init_fn = _training_setup(scale.model, scale.width, activation, train.num_classes, scale.lr,
@@ -121,8 +151,17 @@ def train_classifier(train: gdata.ArrayDataset, test: gdata.ArrayDataset, scale:
                                                  loss_fn_builder or gtrain.classification_loss)
     state = gtrain.create_train_state(model, tx, train.images[:2], seed=seed, init_fn=init_fn)
     eval_fn = lambda s: gtrain.evaluate(s, gdata.batches(test, 256, shuffle=False, drop_remainder=False), eval_step)
+    epoch_batches = lambda epoch, start: gdata.batches(train, bs, seed=seed, epoch=epoch, start=start)
+    if jax.process_count() > 1:
+        mesh = gdist.global_mesh()
+        step = _sharded_step(scale.model, scale.width, activation, train.num_classes, scale.lr,
+                             scale.epochs * steps_per_epoch, loss_fn_builder or gtrain.classification_loss, mesh)
+        state = gdist.replicate(state, mesh)
+        eval_bs = max(len(mesh.devices.flat), 256 // len(mesh.devices.flat) * len(mesh.devices.flat))
+        eval_fn = lambda s: gdist.evaluate(s, test, eval_bs, mesh)
+        epoch_batches = lambda epoch, start: gdist.global_batches(train, bs, mesh, seed=seed, epoch=epoch, start=start)
     state, records = gtrain.fit(
-        state, step, lambda epoch, start: gdata.batches(train, bs, seed=seed, epoch=epoch, start=start),
+        state, step, epoch_batches,
         num_epochs=scale.epochs, steps_per_epoch=steps_per_epoch, checkpoint_dir=checkpoint_dir, log_path=log_path,
         eval_fn=eval_fn, progress=progress)
     return state, records, model
@@ -146,6 +185,9 @@ def environment() -> dict:
 
 
 def write_results(out: str, results: dict, table_md: str) -> None:
+    """Write ``results.json`` and ``results.md`` to ``out`` (process 0 only in a multi-process run)."""
+    if not gdist.is_main_process():
+        return
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
     with open(os.path.join(out, "results.md"), "w") as f:
