@@ -530,8 +530,14 @@ def make_eval_step(apply_fn: Callable) -> Callable[[TrainState, Batch], dict]:
 
 
 def evaluate(state: TrainState, batches: Iterable[Batch], eval_step: Optional[Callable] = None) -> dict:
-    """Accuracy and mean cross-entropy over ``batches`` (host-side sums of :func:`make_eval_step`)."""
+    """Accuracy and mean cross-entropy over ``batches`` (host-side sums of :func:`make_eval_step`).
+
+    In a multi-process run each process evaluates all of ``batches`` with a local copy of the (replicated) state;
+    :func:`gradjax.distributed.evaluate` splits the work over all devices instead."""
     eval_step = eval_step or make_eval_step(state.apply_fn)
+    if _multiprocess():  # a state replicated over all processes: every process evaluates its own full copy
+        state = jax.tree.map(lambda x: np.asarray(x) if isinstance(x, jax.Array) and not x.is_fully_addressable
+                             else x, state)
     tot = {"correct": 0.0, "cross_entropy_sum": 0.0, "count": 0}
     for batch in batches:
         check_images(batch["image"], "batch['image']")
