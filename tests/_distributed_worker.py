@@ -24,7 +24,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 K, IMG = 5, (8, 8, 1)
-GLOBAL_BATCH, N_TRAIN, N_TEST, EVAL_BATCH = 16, 64, 20, 8
+GLOBAL_BATCH, N_TRAIN, N_TEST, EVAL_BATCH = 16, 48, 20, 8
 EPOCHS, STEPS_PER_EPOCH, CHECKPOINT_EVERY = 2, N_TRAIN // GLOBAL_BATCH, 2
 KINDS = ("grad_norm", "jacobian")
 

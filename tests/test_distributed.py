@@ -111,11 +111,12 @@ def _one_device_reference(kind):
     return _flat(state), ev
 
 
+@pytest.mark.slow  # ~150 s of CPU in all (3 processes compile the steps); ~90 s wall on 2 idle cores
 def test_two_processes_match_single_process_and_resume_after_kill(tmp_path):
     assert jax.device_count() >= 8, "conftest should give 8 fake CPU devices"
     out, cache = tmp_path / "out", tmp_path / "xla-cache"
     out.mkdir()
-    first = Launch(tmp_path, "run", _two(_free_port(), out, "--kill-after", 3), cache)
+    first = Launch(tmp_path, "run", _two(_free_port(), out, "--kill-after", 4), cache)
     try:
         # meanwhile, the references in this process: single-process 8-device (the same fit/global_batches/evaluate
         # code with one process) and the 1-device engine
@@ -124,7 +125,7 @@ def test_two_processes_match_single_process_and_resume_after_kill(tmp_path):
         for kind in W.KINDS:
             s8, _, ev8 = W.train(kind, mesh8)
             refs[kind] = (_flat(s8), ev8, *_one_device_reference(kind))
-        # wait until both processes trained to the end, then checkpointed step 3 of a second run
+        # wait until both processes trained to the end, then checkpointed step 4 of a second run
         deadline = time.time() + 240
         while not all((out / f"ready-p{p}").exists() for p in (0, 1)):
             if any(p.poll() is not None for p in first.procs):
@@ -133,7 +134,7 @@ def test_two_processes_match_single_process_and_resume_after_kill(tmp_path):
                 pytest.fail(f"workers did not reach the kill point in time:\n{first.output()}")
             time.sleep(0.2)
     finally:
-        first.kill()  # SIGKILL both, mid-run (the second run has 5 of its 8 steps to go)
+        first.kill()  # SIGKILL both, mid-run (the second run is in its second epoch, 2 of 6 steps to go)
     assert "train:" in first.output(0) and "train:" not in first.output(1), "progress bar on process 0 only"
     for kind in W.KINDS:
         p8, ev8, p1, ev1 = refs[kind]
@@ -151,9 +152,10 @@ def test_two_processes_match_single_process_and_resume_after_kill(tmp_path):
         assert not np.allclose(p1["batch_stats/block0/bn/mean"], 0.0)
         # metrics written once, by process 0: one train record per step and one eval record per epoch
         lines = [json.loads(l) for l in (out / f"{kind}-metrics.jsonl").read_text().splitlines()]
-        assert [r["step"] for r in lines if "loss" in r] == list(range(1, 9))
-        assert [r["step"] for r in lines if "eval_accuracy" in r] == [4, 8]
-        assert sorted(os.listdir(out / f"ckpt-{kind}")) == ["2", "3"]
+        total = W.EPOCHS * W.STEPS_PER_EPOCH
+        assert [r["step"] for r in lines if "loss" in r] == list(range(1, total + 1))
+        assert [r["step"] for r in lines if "eval_accuracy" in r] == [W.STEPS_PER_EPOCH, total]
+        assert sorted(os.listdir(out / f"ckpt-{kind}")) == ["2", "4"]
 
     second = Launch(tmp_path, "resume", _two(_free_port(), out, "--resume"), cache)
     try:
@@ -164,7 +166,7 @@ def test_two_processes_match_single_process_and_resume_after_kill(tmp_path):
         for pid in (0, 1):
             resumed = _load(out / f"{kind}-resumed-p{pid}.npz")
             _close(resumed, _load(out / f"{kind}-p0.npz"), f"{kind}: resumed vs uninterrupted", atol=0, rtol=0)
-            assert json.loads((out / f"{kind}-resumed-p{pid}.json").read_text())["step"] == 8
+            assert json.loads((out / f"{kind}-resumed-p{pid}.json").read_text())["step"] == W.EPOCHS * W.STEPS_PER_EPOCH
 
 
 def test_bad_configuration_fails_fast_with_clear_message(tmp_path):
