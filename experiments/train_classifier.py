@@ -14,6 +14,7 @@ import time
 
 from experiments import common
 from gradjax import data as gdata
+from gradjax import distributed as gdist
 from gradjax import train as gtrain
 from gradjax import viz
 
@@ -38,11 +39,12 @@ def main(argv=None) -> dict:
                                   [[args.dataset, scale.model, scale.width, scale.epochs, ev["accuracy"], seconds]])
     common.write_results(out, results, table)
     # the JSON-lines log holds the whole run, also when this call only resumed it (then ``records`` is partial)
-    log = os.path.join(out, "metrics.jsonl")
-    viz.training_curves(log if os.path.exists(log) else records, os.path.join(out, "training_curve.png"),
-                        title=f"{scale.model} on {args.dataset}")
-    print(table)
-    print(f"outputs in {out}")
+    if gdist.is_main_process():  # one figure per run, not one per process
+        log = os.path.join(out, "metrics.jsonl")
+        viz.training_curves(log if os.path.exists(log) else records, os.path.join(out, "training_curve.png"),
+                            title=f"{scale.model} on {args.dataset}")
+        print(table)
+        print(f"outputs in {out}")
     return results
 
 
