@@ -46,14 +46,13 @@ key for every class (common random numbers, so classes are compared on the same 
 equals the per-class calls). The function is pure and never jits itself: wrap it, e.g.
 ``jax.jit(lambda k: input_agnostic(logits_fn, "all", key=k, input_shape=(32, 32, 1)))``. Memory is bounded in
 the number of samples: every sum over samples runs ``chunk_size`` samples at a time in a ``lax.scan`` with a
-running sum (a local helper, :func:`_sample_sum`: the shared ``gradjax/_chunking.py`` had not landed when this
-module was written). Each sample is drawn from its own key, so results do not depend on ``chunk_size``
+running sum (:func:`gradjax._chunking.chunked_sum`, the loop every estimator of gradjax shares). Each sample is drawn from its own key, so results do not depend on ``chunk_size``
 (up to float summation order). Deterministic for a key.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +61,8 @@ import optax
 from jax import lax
 
 from gradjax import _validation as V
+from gradjax._chunking import chunked_sum
+from gradjax.gradients import value_and_input_gradient
 from gradjax.model import Model, as_logits_fn
 
 Array = jax.Array
@@ -167,26 +168,6 @@ def _box(low, high, shape) -> tuple[Array, Array]:
     return lo, hi
 
 
-def _sample_sum(fn: Callable[[Array, Array], Any], keys: Array, chunk: int) -> Any:
-    """``sum_i fn_i``, where ``fn(keys_chunk [c], weights [c])`` returns the weighted sum over its chunk; ``chunk``
-    keys at a time in a ``lax.scan`` with a running sum (memory independent of ``len(keys)``). The last chunk is
-    padded with repeats of the last key at weight 0; one chunk runs without a loop."""
-    n = int(keys.shape[0])
-    chunk = max(1, min(int(chunk), n))
-    n_chunks = -(-n // chunk)
-    idx = np.minimum(np.arange(n_chunks * chunk), n - 1).reshape(n_chunks, chunk)
-    w = (np.arange(n_chunks * chunk) < n).astype(np.float32).reshape(n_chunks, chunk)
-    keys_c, w_c = keys[idx], jnp.asarray(w)
-    if n_chunks == 1:
-        return fn(keys_c[0], w_c[0])
-    init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, keys_c[0], w_c[0]))
-
-    def body(acc, inp):
-        return jax.tree.map(jnp.add, acc, fn(*inp)), None
-
-    return lax.scan(body, init, (keys_c, w_c))[0]
-
-
 def fidelity(model: Model, rho: Array, target_class, *, key: Array, samples: int = 256, low=0.0, high=1.0,
              distribution: str = "mixed", lowfreq_factor: int = 4, chunk_size: int = 128) -> Array:
     """Targeted success rate ``mean_s [argmax f(clip(X_s + rho, low, high)) = c]`` over ``samples`` fresh
@@ -195,12 +176,12 @@ def fidelity(model: Model, rho: Array, target_class, *, key: Array, samples: int
     shape = tuple(rho.shape)
     lo, hi = _box(low, high, shape)
 
-    def count(keys, w):
+    def hits(keys):
         x = jax.vmap(lambda k: _draw_one(k, shape, lo, hi, distribution, lowfreq_factor))(keys)
         pred = jnp.argmax(logits_fn(jnp.clip(x + rho, lo, hi)), axis=-1)
-        return jnp.sum(w * (pred == target_class))
+        return (pred == target_class).astype(jnp.float32)
 
-    return _sample_sum(count, jax.random.split(key, samples), chunk_size) / samples
+    return chunked_sum(hits, jax.random.split(key, samples), chunk=chunk_size) / samples
 
 
 # ------------------------------------------------------------------------------------------------ the method
@@ -321,25 +302,27 @@ def input_agnostic(model: Model, target_class: Union[int, Array, Sequence[int], 
 
     def one_class(c):
         def loss_and_grad(rho, step_key):
-            def chunk_fn(keys, w):
+            def chunk_fn(keys):
+                # per-sample CE and its gradient w.r.t. that sample's copy of rho (= its input-gradient through
+                # the clip): one VJP for the chunk (sum trick; eval-mode samples are independent)
                 x = draw(keys)
 
-                def batch_loss(r):
+                def per_sample_ce(r):
                     logits = logits_fn(jnp.clip(x + r, lo, hi))
-                    ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.full((x.shape[0],), c))
-                    return jnp.sum(w * ce)
+                    return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.full((x.shape[0],), c))
 
-                return jax.value_and_grad(batch_loss)(rho)
+                rho_b = jnp.broadcast_to(rho, x.shape)
+                return value_and_input_gradient(per_sample_ce, rho_b)
 
-            total, g = _sample_sum(chunk_fn, jax.random.split(step_key, samples), chunk_size)
+            total, g = chunked_sum(chunk_fn, jax.random.split(step_key, samples), chunk=chunk_size)
             return total / samples, g / samples
 
         def fid(rho):
-            def count(keys, w):
+            def hits(keys):
                 pred = jnp.argmax(logits_fn(jnp.clip(draw(keys) + rho, lo, hi)), axis=-1)
-                return jnp.sum(w * (pred == c))
+                return (pred == c).astype(jnp.float32)
 
-            return _sample_sum(count, fid_keys, max(chunk_size, 1)) / fidelity_samples
+            return chunked_sum(hits, fid_keys, chunk=max(chunk_size, 1)) / fidelity_samples
 
         def ia_step(carry, inp):
             rho, opt_state = carry
