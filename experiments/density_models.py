@@ -154,6 +154,21 @@ def density_diagnostics(apply_fn, variables, x, y, key, *, num_probes: int = 8) 
             "trace_mean": jnp.mean(t.trace), "trace_median": jnp.median(t.trace)}
 
 
+@functools.partial(jax.jit, static_argnames=("apply_fn",))
+def _batch_stat_correct(apply_fn, params, model_state, x, y):
+    return jnp.sum(jnp.argmax(gm.apply_train(apply_fn, params, model_state, x)[0], -1) == y)
+
+
+def batch_stat_accuracy(apply_fn, params, model_state, images, labels, *, batch_size: int = 250) -> float:
+    """Test accuracy with BatchNorm normalizing by each test batch's own moments (not the running averages):
+    separates a running-statistics mismatch from a worse classifier."""
+    n = (len(images) // batch_size) * batch_size or len(images)
+    bs = min(batch_size, n)
+    correct = sum(int(_batch_stat_correct(apply_fn, params, model_state, jnp.asarray(images[i:i + bs]),
+                                          jnp.asarray(labels[i:i + bs]))) for i in range(0, n, bs))
+    return correct / n
+
+
 @functools.partial(jax.jit, static_argnames=("apply_fn", "num_probes", "sigma"))
 def _policy_traces(apply_fn, params, model_state, x, y, key, *, num_probes: int, sigma: float):
     logits, _, moments = gm.apply_train(apply_fn, params, model_state, x)
@@ -286,7 +301,10 @@ class Trainer:
         n = min(sc.diag_examples, len(test_ds))
         diag = jax.device_get(density_diagnostics(self.model.apply, state.variables, jnp.asarray(test_ds.images[:n]),
                                                   jnp.asarray(test_ds.labels[:n]), jax.random.PRNGKey(seed)))
+        bs_acc = batch_stat_accuracy(self.model.apply, state.params, state.model_state, test_ds.images,
+                                     test_ds.labels)
         result = {"objective": objective, "seed": seed, "test_accuracy": ev["accuracy"],
+                  "test_accuracy_batch_stats": bs_acc,
                   "test_cross_entropy": ev["cross_entropy"], "steps": int(state.step), "train_seconds": seconds,
                   "diverged": diverged, "settings": cfg.settings, "run_dir": run_dir,
                   **{k: float(v) for k, v in diag.items()}}

@@ -1,0 +1,140 @@
+"""Cost of one score-matching train step with each Hessian-trace estimator, relative to a cross-entropy step
+(thesis §5.3.2: the Taylor estimator needs "a single additional forward pass", Hutchinson "two backward passes"
+per probe).
+
+    python -m benchmarks.score_matching_cost                       # ResNet-18 (softplus), width 1/8, 16x16, B=64
+    python -m benchmarks.score_matching_cost --model mlp --image-size 8 --repeats 20
+
+Every step is the real engine step (``gradjax.train.jit_train_step`` of a combinator loss, frozen-moments
+BatchNorm policy, SGD). Time: the minimum (robust to other load on a shared machine; the median is also recorded)
+wall time of ``--repeats`` steps after one warm-up (compile excluded).
+Memory: XLA's temporary buffer size of the compiled step (``compiled.memory_analysis().temp_size_in_bytes``).
+Also timed: one eval forward pass ``F``, so the marginal cost of the trace term (SM step − gradient-norm step,
+which shares the CE + double-backprop gradient-norm part) can be read in forward passes. Expected (training
+steps differentiate every pass, so a forward costs ≈ F + its backward ≈ 3F):
+
+* CE step ≈ 3F; gradient-norm step ≈ CE + frozen pass + input backward + their backward ≈ 3× CE;
+* Taylor one-sided / control-variate: + 1 forward per probe (≈ 3F in training); antithetic: + 2 per probe;
+* Hutchinson: + one HVP (forward-over-reverse ≈ 2 backward passes, ×3 in training) per probe;
+* Hutch++ (m mat-vecs): m HVPs.
+Writes ``benchmarks/results/score_matching_cost-<backend>.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gradjax import train as gtrain
+from gradjax.losses import combine
+from gradjax.losses import score_matching as SM
+from gradjax.models import create_model
+
+VARIANTS = {
+    "cross_entropy": None,
+    "gradient_norm": ("gn", {}),
+    "sm_taylor_one_sided": ("sm", dict(estimator="taylor", form="one_sided")),
+    "sm_taylor_control_variate": ("sm", dict(estimator="taylor", form="control_variate")),
+    "sm_taylor_antithetic": ("sm", dict(estimator="taylor", form="antithetic")),
+    "sm_hutchinson": ("sm", dict(estimator="hutchinson", num_probes=1)),
+    "sm_hutchpp_3": ("sm", dict(estimator="hutchpp", num_matvecs=3)),
+    "anti_sm_taylor_one_sided": ("anti", dict(estimator="taylor", form="one_sided")),
+}
+
+
+def _terms(kind):
+    terms = [combine.cross_entropy(1.0)]
+    if kind is None:
+        return terms
+    k, opts = kind
+    if k == "gn":
+        terms.append(SM.gradient_norm_term(1e-3))
+    elif k == "sm":
+        terms.append(SM.score_matching_term(1e-3, mu=1e-4, sigma=0.01, **opts))
+    else:
+        terms.append(SM.anti_score_matching_term(1e-4, tau=1000.0, sigma=1e-3, **opts))
+    return terms
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="resnet18")
+    p.add_argument("--width", type=float, default=0.125)
+    p.add_argument("--image-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = p.parse_args(argv)
+    model = create_model(args.model, 10, activation="softplus", beta=10.0, width=args.width)
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.uniform(size=(args.batch_size, args.image_size, args.image_size, 1)).astype(np.float32),
+             "label": rng.integers(0, 10, args.batch_size).astype(np.int32)}
+    tx = optax.sgd(0.01, momentum=0.9)
+    state0 = gtrain.create_train_state(model, tx, batch["image"][:2], seed=0)
+
+    fwd = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    jax.block_until_ready(fwd(state0.variables, batch["image"]))
+    ts = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fwd(state0.variables, batch["image"]))
+        ts.append(time.perf_counter() - t0)
+    forward_s = min(ts)
+
+    rows = {}
+    for name in args.variants:
+        loss_fn = combine.make_loss_fn(model.apply, _terms(VARIANTS[name]))
+        step = jax.jit(gtrain.make_train_step(loss_fn))
+        t0 = time.perf_counter()
+        compiled = step.lower(state0, batch).compile()
+        compile_s = time.perf_counter() - t0
+        mem = compiled.memory_analysis()
+        temp = int(getattr(mem, "temp_size_in_bytes", 0)) if mem is not None else None
+        state = state0
+        state, m = compiled(state, batch)
+        jax.block_until_ready(m)
+        ts = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            state, m = compiled(state, batch)
+            jax.block_until_ready(m)
+            ts.append(time.perf_counter() - t0)
+        rows[name] = {"step_s": min(ts), "step_median_s": statistics.median(ts), "compile_s": compile_s,
+                      "temp_bytes": temp}
+        print(name, rows[name], flush=True)
+
+    ce = rows.get("cross_entropy")
+    gn = rows.get("gradient_norm")
+    for name, r in rows.items():
+        if ce:
+            r["time_vs_ce"] = r["step_s"] / ce["step_s"]
+            r["memory_vs_ce"] = (r["temp_bytes"] / ce["temp_bytes"]) if ce["temp_bytes"] else None
+        if gn and name.startswith(("sm_", "anti_")):
+            r["trace_cost_in_forwards"] = (r["step_s"] - gn["step_s"]) / forward_s
+    res = {"config": vars(args), "forward_s": forward_s, "ce_step_in_forwards": ce["step_s"] / forward_s if ce else None,
+           "rows": rows, "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
+           "cpu_count": os.cpu_count()}
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"score_matching_cost-{jax.default_backend()}.json")
+    with open(path, "w") as fh:
+        json.dump(res, fh, indent=2)
+    print(f"\nforward F = {1e3 * forward_s:.2f} ms; CE step = {res['ce_step_in_forwards']:.2f} F")
+    print("| variant | step (ms) | × CE time | × CE temp memory | trace part (in F) |\n|---|---|---|---|---|")
+    for name, r in rows.items():
+        tr = r.get("trace_cost_in_forwards")
+        mem = r.get("memory_vs_ce")
+        print(f"| {name} | {1e3 * r['step_s']:.1f} | {r.get('time_vs_ce', float('nan')):.2f} | "
+              f"{mem if mem is None else f'{mem:.2f}'} | {'' if tr is None else f'{tr:.1f}'} |")
+    return res
+
+
+if __name__ == "__main__":
+    main()
