@@ -17,18 +17,24 @@ from gradjax import fullgrad as _fg
 from gradjax._chunking import chunked_sum
 from gradjax.gradients import PREDICTED, Target, resolve_target
 from gradjax.model import require_handle
-from gradjax.saliency.noise_family import noise_scale, noisy_inputs
-from gradjax.saliency.postprocess import postprocess_map
+from gradjax.saliency.noise_family import NOISE_RANGES, noise_scale, noisy_inputs
+from gradjax.saliency.postprocess import RESCALE_EPS, postprocess_map
 
 Array = jax.Array
 
 __all__ = ["FullGradMaps", "fullgrad_maps", "fullgrad", "fullgrad_noabs", "fullgrad_simple", "smooth_fullgrad",
-           "tap_gradients", "SMOOTH_AVERAGES"]
+           "tap_gradients", "SMOOTH_AVERAGES", "INPUT_SUMS"]
 
 tap_gradients = _fg.tap_gradients
 
 SMOOTH_AVERAGES = ("raw", "saliency")
 """What :func:`smooth_fullgrad` averages over the noise."""
+
+INPUT_SUMS = ("after", "before")
+"""Where the input term ``grad_x f ⊙ x`` ``[B, H, W, C]`` is summed over its channels, relative to ``psi``:
+``"after"`` — ``sum_c psi(.)_c`` with abs and rescaling over all channels jointly, like every layer map (the reference
+``FullGrad``; eq. 3.2); ``"before"`` — ``psi(sum_c (.)_c)``, the signed channel sum is taken first (the reference
+``SmoothFullGrad``). They agree for 1-channel inputs."""
 
 
 class FullGradMaps(NamedTuple):
@@ -48,15 +54,23 @@ class FullGradMaps(NamedTuple):
     decomposition: Any
 
 
-def _aggregate(input_term: Array, layer_terms: Mapping[str, Array], size, postprocess, rescale, align_corners):
+def _aggregate(input_term: Array, layer_terms: Mapping[str, Array], size, postprocess, rescale, align_corners,
+               eps=RESCALE_EPS, input_sum="after"):
     """``psi(input_term) + sum_l psi(layer_terms[l])`` over the spatial terms (eq. 3.2): ``(total, input, layers)``."""
-    kw = dict(postprocess=postprocess, rescale=rescale, align_corners=align_corners)
+    V.check_choice(input_sum, INPUT_SUMS, "input_sum")
+    kw = dict(postprocess=postprocess, rescale=rescale, align_corners=align_corners, eps=eps)
+    if input_sum == "before":
+        input_term = jnp.sum(input_term, axis=-1, keepdims=True)
     input_map = postprocess_map(input_term, size, **kw)
     layer_maps = {k: postprocess_map(v, size, **kw) for k, v in layer_terms.items() if v.ndim == 4}
     total = input_map
     for m in layer_maps.values():
         total = total + m
     return total, input_map, layer_maps
+
+
+DEFAULT_MERGE = "conv_bn"
+"""Default ``merge`` of the FullGrad maps: a convolution and its BatchNorm are one layer (see :func:`fullgrad_maps`)."""
 
 
 def _prepare(model, x, method: str):
@@ -69,7 +83,8 @@ def _decompose(handle, x, target, merge):
 
 
 def fullgrad_maps(model, x: Array, target: Target = PREDICTED, *, key=None, postprocess: str = "abs_rescale",
-                  rescale: str = "layer", merge: str = "none", align_corners: bool = True) -> FullGradMaps:
+                  rescale: str = "layer", merge: str = DEFAULT_MERGE, align_corners: bool = True,
+                  eps: float = RESCALE_EPS, input_sum: str = "after") -> FullGradMaps:
     """FullGrad (thesis §3.4.2, eq. 3.2) with its per-layer maps:
 
         ``S_f(x) = psi(grad_x f(x) ⊙ x) + sum_{l in L} sum_{c in c_l} psi(f^b(x)_{l,c})``
@@ -77,36 +92,61 @@ def fullgrad_maps(model, x: Array, target: Target = PREDICTED, *, key=None, post
     with ``f^b_l = grad_{z_l} f ⊙ b_l`` from :func:`gradjax.fullgrad.full_gradients` (one forward and one
     backward pass) and ``psi = bilinearUpsample o rescale o abs`` (``postprocess="abs_rescale"``). The channels of
     each term are summed (the input term too). Only spatial (convolutional) bias sites have maps; Dense biases are
-    left out, as in the thesis. ``merge`` groups bias sites into layers (``"none"``: every conv / BatchNorm /
-    activation site is a layer, as in the reference code; ``"conv_bn"``, ``"block"``: see
-    :func:`gradjax.fullgrad.full_gradients`). For ``postprocess="none"`` the pre-``psi`` terms sum (before
-    upsampling) to ``f(x)`` minus the Dense terms (completeness, eq. 3.3). Needs a :class:`ModelHandle`.
+    left out, as in the thesis. For ``postprocess="none"`` the pre-``psi`` terms sum (before upsampling) to
+    ``f(x)`` minus the Dense terms (completeness, eq. 3.3). Needs a :class:`ModelHandle`.
+
+    The defaults are the reference code's ``FullGrad.saliency`` (idiap/fullgrad-saliency): per example and layer,
+    ``|m|`` is rescaled over all its channels jointly as ``(m - min) / (max - min + eps)`` with ``eps=1e-6``,
+    upsampled bilinearly (``align_corners=True``) and summed over channels; the input term ``grad_x f ⊙ x`` is
+    post-processed the same way (``input_sum="after"``; ``"before"`` sums its channels first, as the reference
+    ``SmoothFullGrad``, see :data:`INPUT_SUMS`).
+
+    Args:
+      postprocess: ``psi``, see :data:`gradjax.saliency.postprocess.POSTPROCESS` (§3.6 variants).
+      rescale: ``"layer"`` (default, the reference code) or ``"channel"`` (every channel rescaled separately).
+      merge: grouping of the bias sites into layers (:func:`gradjax.fullgrad.full_gradients`). ``"conv_bn"``
+        (default) counts a convolution and its BatchNorm as one layer: their maps are summed before ``psi``, which
+        is exactly ``grad_{z_bn} f ⊙ b_fused``, the bias-gradient of the conv+BN folded into one convolution
+        (the inference-time network), so the map does not depend on how a constant is split between a conv bias
+        that BatchNorm makes redundant and BatchNorm's mean and bias (a reparametrization that leaves the function
+        unchanged). ``"none"`` makes every conv / BatchNorm / activation site a layer, as the reference code does
+        for a VGG-BN (``getBiases`` lists conv and BN biases separately); ``"block"`` sums per top-level module.
+        On gradjax's VGG (conv biases initialized at zero, with zero gradient through BatchNorm, so ~0 after
+        training) ``"none"`` adds one near-zero map per conv; with ``eps=1e-6`` each has weight
+        ``~max|f^b_conv| / 1e-6`` (~1e-3 for conv biases ~1e-9), so ``"none"`` and ``"conv_bn"`` nearly agree;
+        with ``eps=0`` (or larger gradients) ``"none"`` stretches those round-off maps to full weight.
+      eps: rescaling epsilon (:func:`gradjax.saliency.postprocess.rescale`); ``0`` = exact [0, 1] stretch (gradjax
+        before 2026-11-23).
+      input_sum: see :data:`INPUT_SUMS`.
     """
     handle, x = _prepare(model, x, "fullgrad")
     V.check_choice(merge, _fg.MERGE_MODES, "merge")
     dec = _decompose(handle, x, target, merge)
     total, input_map, layer_maps = _aggregate(dec.input_gradient * x, dec.bias_gradients, x.shape[1:3],
-                                              postprocess, rescale, align_corners)
+                                              postprocess, rescale, align_corners, eps, input_sum)
     return FullGradMaps(total, input_map, layer_maps, dec)
 
 
 def fullgrad(model, x: Array, target: Target = PREDICTED, *, key=None, postprocess: str = "abs_rescale",
-             rescale: str = "layer", merge: str = "none", align_corners: bool = True) -> Array:
+             rescale: str = "layer", merge: str = DEFAULT_MERGE, align_corners: bool = True,
+             eps: float = RESCALE_EPS, input_sum: str = "after") -> Array:
     """FullGrad saliency ``[B, H, W]`` (thesis eq. 3.2); see :func:`fullgrad_maps` for the options and parts."""
     return fullgrad_maps(model, x, target, postprocess=postprocess, rescale=rescale, merge=merge,
-                         align_corners=align_corners).saliency
+                         align_corners=align_corners, eps=eps, input_sum=input_sum).saliency
 
 
-def fullgrad_noabs(model, x: Array, target: Target = PREDICTED, *, key=None, merge: str = "none",
+def fullgrad_noabs(model, x: Array, target: Target = PREDICTED, *, key=None, merge: str = DEFAULT_MERGE,
                    align_corners: bool = True) -> Array:
     """FullGrad without absolute value: ``psi_m = bilinearUpsample`` (thesis §3.6 and §3.10.1, "FullGrad (no
     abs)" of Tables 3.1/3.2): signed, un-rescaled maps summed over channels and layers. ``[B, H, W]``.
-    (Min-max rescaling without abs is ``fullgrad(..., postprocess="rescale")``.)"""
+    (Min-max rescaling without abs is ``fullgrad(..., postprocess="rescale")``.) Linear in the maps, so ``merge``
+    does not change it."""
     return fullgrad(model, x, target, postprocess="none", merge=merge, align_corners=align_corners)
 
 
 def fullgrad_simple(model, x: Array, target: Target = PREDICTED, *, key=None, postprocess: str = "abs_rescale",
-                    rescale: str = "layer", align_corners: bool = True) -> Array:
+                    rescale: str = "layer", align_corners: bool = True, eps: float = RESCALE_EPS,
+                    input_sum: str = "after") -> Array:
     """Simple FullGrad (the ``SimpleFullGrad`` of the reference code idiap/fullgrad-saliency; not in the thesis):
     FullGrad's aggregation with each bias-gradient ``grad_{z_l} f ⊙ b_l`` replaced by the plain feature
     gradient ``grad_{z_l} f`` at every spatial bias site (conv / BatchNorm outputs, i.e. before the ReLU; also
@@ -114,37 +154,54 @@ def fullgrad_simple(model, x: Array, target: Target = PREDICTED, *, key=None, po
 
         ``S(x) = psi(grad_x f ⊙ x) + sum_l sum_c psi(grad_{z_l} f)_c``
 
-    It needs no bias values and satisfies no completeness property. ``[B, H, W]``.
+    It needs no bias values and satisfies no completeness property. ``[B, H, W]``. ``eps``/``input_sum``: as
+    :func:`fullgrad_maps`.
     """
     handle, x = _prepare(model, x, "fullgrad_simple")
     taps = _fg.tap_gradients(handle, x, target)
     return _aggregate(taps.input_gradient * x, taps.tap_gradients, x.shape[1:3], postprocess, rescale,
-                      align_corners)[0]
+                      align_corners, eps, input_sum)[0]
 
 
 def smooth_fullgrad(model, x: Array, target: Target = PREDICTED, *, key=None, samples: int = 16,
                     noise_level: float = 0.15, chunk: int = 4, average: str = "raw",
-                    postprocess: str = "abs_rescale", rescale: str = "layer", merge: str = "none",
-                    align_corners: bool = True) -> Array:
-    """Smooth FullGrad: FullGrad averaged over noisy inputs ``x + n``, ``n ~ N(0, sigma_b^2)``,
-    ``sigma_b = noise_level * (max(x_b) - min(x_b))`` per example, ``samples`` draws (key required).
+                    postprocess: str = "abs_rescale", rescale: str = "layer", merge: str = DEFAULT_MERGE,
+                    align_corners: bool = True, eps: float = RESCALE_EPS, input_sum: str = "before",
+                    noise_range: str = "batch") -> Array:
+    """Smooth FullGrad (the reference code's ``SmoothFullGrad``, idiap/fullgrad-saliency; not in the thesis):
+    FullGrad averaged over noisy inputs ``x + n``, ``n ~ N(0, sigma^2)``, ``samples`` draws (key required).
 
-    ``average="raw"`` (default, as the reference ``SmoothFullGrad``): average the pre-``psi`` terms
-    ``grad_x f ⊙ (x + n)`` and every ``f^b_l`` over the noise, then post-process and aggregate (eq. 3.2).
-    ``average="saliency"``: average the final FullGrad maps. The target is resolved once at the clean ``x``.
-    Samples are processed ``chunk`` at a time with a running sum (:func:`gradjax._chunking.chunked_sum`).
-    ``[B, H, W]``.
+    Defaults follow the reference code:
+
+      * ``noise_range="batch"``: ``sigma = noise_level * (max(x) - min(x))`` over the whole batch (the reference
+        code's ``image.max() - image.min()``), so an example's noise depends on its batch; ``"example"`` uses each
+        example's own range ``sigma_b = noise_level * (max(x_b) - min(x_b))`` (SmoothGrad's convention, batch-
+        independent; gradjax's only rule before 2026-11-23).
+      * ``input_sum="before"``: the input term ``grad_x f ⊙ (x + n)`` is summed over channels *before* abs and
+        rescaling (the reference code's ``grd.sum(1)``); ``"after"`` post-processes it like a layer map and sums
+        its channels afterwards, as :func:`fullgrad` (gradjax before 2026-11-23). Same for 1-channel inputs.
+      * ``eps=1e-6``: the rescaling epsilon, as :func:`fullgrad_maps`.
+
+    ``average="raw"`` (default, as the reference): average the pre-``psi`` terms ``grad_x f ⊙ (x + n)`` and every
+    ``f^b_l`` over the noise, then post-process and aggregate (eq. 3.2). (The reference *sums* the terms over the
+    draws; with ``eps`` that equals averaging with ``eps / samples``, a difference far below float tolerance.)
+    ``average="saliency"``: average the final FullGrad maps. The target is resolved once at the clean ``x`` (the
+    reference, given no target, re-takes the arg-max at every noisy input). Samples are processed ``chunk`` at a
+    time with a running sum (:func:`gradjax._chunking.chunked_sum`). With ``noise_level=0`` it is
+    ``fullgrad(..., input_sum=input_sum)``. ``[B, H, W]``.
     """
     handle, x = _prepare(model, x, "smooth_fullgrad")
     V.check_choice(average, SMOOTH_AVERAGES, "average")
     V.check_choice(merge, _fg.MERGE_MODES, "merge")
+    V.check_choice(input_sum, INPUT_SUMS, "input_sum")
+    V.check_choice(noise_range, NOISE_RANGES, "noise_range")
     samples = V.check_count(samples, "samples")
     chunk = V.check_count(chunk, "chunk")
     keys = jax.random.split(V.check_key(key, "smooth_fullgrad"), samples)
     t = resolve_target(handle.logits(x), target)
-    sigma = noise_scale(x, noise_level)
+    sigma = noise_scale(x, noise_level, noise_range)
     B, size = x.shape[0], x.shape[1:3]
-    kw = dict(postprocess=postprocess, rescale=rescale, align_corners=align_corners)
+    kw = dict(postprocess=postprocess, rescale=rescale, align_corners=align_corners, eps=eps, input_sum=input_sum)
 
     def terms(kc):  # c keys -> per-sample terms with a leading axis c
         c = kc.shape[0]

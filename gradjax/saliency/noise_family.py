@@ -20,14 +20,29 @@ from gradjax.saliency.postprocess import reduce_channels
 
 Array = jax.Array
 
-__all__ = ["noise_gradient_moments", "smoothgrad", "smoothgrad_squared", "vargrad", "noise_scale", "noisy_inputs"]
+__all__ = ["noise_gradient_moments", "smoothgrad", "smoothgrad_squared", "vargrad", "noise_scale", "noisy_inputs",
+           "NOISE_RANGES"]
 
 
-def noise_scale(x: Array, noise_level) -> Array:
-    """Per-example noise scale ``sigma_b = noise_level * (max(x_b) - min(x_b))``, broadcastable to ``x``
-    (``[B, 1, ..., 1]``; Smilkov et al. 2017)."""
+NOISE_RANGES = ("example", "batch")
+"""Over what the input range of the noise scale ``noise_level * (max(x) - min(x))`` is taken (:func:`noise_scale`)."""
+
+
+def noise_scale(x: Array, noise_level, over: str = "example") -> Array:
+    """Noise scale ``sigma = noise_level * (max(x) - min(x))``, broadcastable to ``x`` (``[B, 1, ..., 1]``).
+
+    ``over="example"`` (default): ``sigma_b`` from each example's own range (Smilkov et al. 2017; independent of
+    what else is in the batch). ``over="batch"``: one ``sigma`` from the whole batch's range, as the reference
+    ``SmoothFullGrad`` (``image.max() - image.min()`` over the batch tensor); an example's noise then depends on
+    the other examples of its batch.
+    """
+    V.check_choice(over, NOISE_RANGES, "over")
     flat = x.reshape(x.shape[0], -1)
-    sigma = jnp.asarray(noise_level, x.dtype) * (flat.max(axis=1) - flat.min(axis=1))
+    if over == "batch":
+        rng = jnp.broadcast_to(jnp.max(flat) - jnp.min(flat), (x.shape[0],))
+    else:
+        rng = flat.max(axis=1) - flat.min(axis=1)
+    sigma = jnp.asarray(noise_level, x.dtype) * rng
     return sigma.reshape((x.shape[0],) + (1,) * (x.ndim - 1))
 
 
