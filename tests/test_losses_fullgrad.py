@@ -133,18 +133,20 @@ def test_parameter_gradients_match_finite_differences(nets, x64):
 def test_prop10_multiplicative_bias_noise(nets, x64):
     """Prop. 10: E_xi (y - f(x; b ⊙ xi))^2 ≈ (y - f)^2 + sigma^2 ||b ⊙ grad_b f||^2 for xi ~ N(1, sigma^2) on the
     biases of one layer (block1's conv bias and BatchNorm folded bias: one noise variable per bias parameter,
-    shared over positions), checked at y = f(x), where the first-order cross term -2 (y - f) E[f(b ⊙ xi) - f] is
-    zero by construction (for a ReLU/max-pool network that cross term is *not* negligible: kinks make
-    E[f(b ⊙ xi) - f] of order sigma^2 too; see the docstring of bias_gradient_penalty).
+    shared over positions), on a softplus VGG (smooth, so the Taylor argument of Prop. 10 applies), checked at
+    y = f(x), where the cross term -2 (y - f) E[f(b ⊙ xi) - f] is zero by construction. (That cross term is
+    second order too — sigma^2/2 tr of the bias Hessian, or kink crossings for ReLU/max-pool — and Prop. 10's
+    first-order argument drops it; see :func:`gradjax.losses.fullgrad_matching.bias_gradient_penalty`.)
 
     Tolerance: in the Taylor regime ``f(b ⊙ xi) - f ~ N(0, sigma^2 ||b ⊙ grad_b f||^2)``, so the Monte-Carlo mean
-    of its square over N draws (antithetic pairs carry no extra information about an even function) has relative
-    standard error sqrt(2 / N) per example: 3.2 % for N = 2000; rtol = 4 standard errors. The first-order
-    (linearized) difference is also checked on the same draws, exactly: the remainder is < 2 % at sigma = 0.01."""
+    of its square over N draws has relative standard error sqrt(2 / N) per example: 3.2 % for N = 2000;
+    rtol = 4 standard errors. On the same draws, the non-linear remainder E[d^2 - d_lin^2] (d_lin the first-order
+    Taylor term) is < 10 % of the penalty at sigma = 0.01 (measured up to 6 %: softplus beta = 10 is sharp and
+    max-pooling is not smooth)."""
     n = nets
     to64 = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), t)
     x, v = to64(n["x"]), to64(n["vt"])
-    model, y = n["teacher"], n["y"]
+    model, y = VGG(TEACHER_CFG, K, activation="softplus"), n["y"]   # smooth: f(b ⊙ xi) has a Taylor expansion
     h = _h(model, v)
     layers = ["block1/conv", "block1/bn"]
     maps, _ = FM.bias_gradient_maps(h, x, y, merge="none")
@@ -170,9 +172,9 @@ def test_prop10_multiplicative_bias_noise(nets, x64):
           for i, l in enumerate(layers)}
     d = jax.lax.map(delta_f, es, batch_size=500)                            # [N, B]
     mc = jnp.mean(jnp.square(d), axis=0)                                    # E (y - f(b ⊙ xi))^2 at y = f
-    np.testing.assert_allclose(np.asarray(mc), np.asarray(sigma ** 2 * penalty), rtol=4 * np.sqrt(2 / N))
     lin = sum(es[l] @ grad_b[l].T for l in layers)                          # first-order Taylor, [N, B]
-    assert float(jnp.max(jnp.abs(jnp.mean(d ** 2 - lin ** 2, 0)) / (sigma ** 2 * penalty))) < 0.02
+    np.testing.assert_allclose(np.asarray(mc), np.asarray(sigma ** 2 * penalty), rtol=4 * np.sqrt(2 / N))
+    assert float(jnp.max(jnp.abs(jnp.mean(d ** 2 - lin ** 2, 0)) / (sigma ** 2 * penalty))) < 0.1
     # the 'unit' noise variant (independent noise per position) is a different quantity
     unit = FM.bias_gradient_penalty(maps, layers, noise="unit")
     assert not np.allclose(np.asarray(unit), np.asarray(penalty))
@@ -219,8 +221,9 @@ def test_pairing_by_module_path_survives_reordering(nets):
     a, b = _Ordered(), _Reordered()
     va = _perturb_bn(a.init(jax.random.PRNGKey(3), n["x"]), 6)
     vb_init = b.init(jax.random.PRNGKey(3), n["x"])
-    assert list(vb_init["params"])[:3] == ["b2", "b1", "b0"]   # definition order differs ...
-    vb = _reverse_keys(jax.tree.map(lambda t: t, va))          # ... use a's values, dict order reversed
+    # b defines its blocks in reverse order (setup); give it a's values with every dict's key order reversed
+    vb = _reverse_keys(jax.tree.map(lambda t: t, va))
+    assert list(vb["params"]) == ["head", "b2", "b1", "b0"]
     assert jax.tree.structure(vb_init) == jax.tree.structure(va)
     ha, hb = _h(a, va), _h(b, vb)
     assert FM.default_layers(ha, n["x"]) == FM.default_layers(hb, n["x"]) == ("b0", "b1", "b2")
@@ -280,7 +283,7 @@ def test_terms_through_jit_train_step(nets):
     assert bool(m1["finite"]) and int(s1.step) == 1
     for name in ("fg", "bias_grad", "bias_wd", "fg_abs"):
         v = float(m1[f"term/{name}"])
-        assert np.isfinite(v) and v > 0, name
+        assert np.isfinite(v) and (v > 0 or name == "bias_wd"), name   # biases start at 0
     moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(s1.params),
                                                                jax.tree.leaves(state.params)))
     assert moved > 0
