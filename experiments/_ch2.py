@@ -100,9 +100,9 @@ class Trainer:
     def run(self, train_ds: gdata.ArrayDataset, *, seed: int, frozen: Any = None, init_params: Any = None,
             log_path: Optional[str] = None) -> gtrain.TrainState:
         state = gtrain.create_train_state(self.model, self.tx, train_ds.images[:2], seed=seed, init_fn=self.init_fn)
-        if init_params is not None:
-            state = state.replace(params=init_params[0], model_state=init_params[1],
-                                  opt_state=self.tx.init(init_params[0]))
+        if init_params is not None:  # copies: the compiled step donates (deletes) its input state's buffers
+            params, model_state = jax.tree.map(lambda a: jnp.array(a, copy=True), init_params)
+            state = state.replace(params=params, model_state=model_state, opt_state=self.tx.init(params))
         state, self.last_records = gtrain.fit(state, self.step, sampled_batches(train_ds, self.batch_size, seed),
                                               num_epochs=1, steps_per_epoch=self.steps, progress=False,
                                               log_every=max(1, self.steps // 10), frozen=frozen, log_path=log_path)

@@ -80,6 +80,7 @@ def _terms(keys):
 def main(argv=None) -> dict:
     p = _ch2.add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
+    p.add_argument("--n-per-class", default=None, help="comma-separated subset sizes (default: the scale's)")
     args = p.parse_args(argv)
     pre = PRESETS[args.scale]
     dataset = args.dataset or pre.dataset or _ch2.default_dataset()
@@ -97,7 +98,8 @@ def main(argv=None) -> dict:
         test = test.subset(np.arange(min(len(test), pre.max_test)))
     K = train.num_classes
     per_class_max = int(np.bincount(train.labels).min())
-    ns = [n for n in pre.n_per_class if n <= per_class_max]
+    wanted = [int(v) for v in args.n_per_class.split(",")] if args.n_per_class else list(pre.n_per_class)
+    ns = [n for n in wanted if n <= per_class_max]
 
     def steps_for(n_examples: int, fixed: int) -> int:
         if args.steps:

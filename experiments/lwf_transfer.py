@@ -88,7 +88,7 @@ PRESETS = {
     "smoke": Preset("mnist_digits", "digits", (0, 1, 2, 3, 4), (5, 6, 7, 8, 9), "resnet18", "vgg9", 1 / 16, (5,),
                     1, 2, 2, 8, 5, max_test=64),
     "small": Preset("mnist_digits", "digits", (0, 1, 2, 3, 4), (5, 6, 7, 8, 9), "resnet18", "vgg9", 1 / 16,
-                    (5, 10, 50), 2, 600, 120, 32, 10),
+                    (5, 10, 50), 2, 300, 120, 32, 10),
     "paper": Preset("cifar100", "cifar10", tuple(range(100)), tuple(range(10)), "resnet18", "vgg9", 1.0,
                     (5, 10, 25, 50, 0), 2, 0, 0, 8, 10, lr=1e-3, optimizer="sgd"),
 }
@@ -126,6 +126,7 @@ def main(argv=None) -> dict:
     p.add_argument("--source", default=None, help="source-task dataset (teacher)")
     p.add_argument("--target", default=None, help="target-task dataset (student)")
     p.add_argument("--methods", default=",".join(METHODS), help="Table 2.3 methods (comma-separated)")
+    p.add_argument("--n-per-class", default=None, help="Table 2.3 subset sizes, comma-separated (0 = all)")
     args = p.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",")]
     bad = [m for m in methods if m not in METHODS]
@@ -198,7 +199,8 @@ def main(argv=None) -> dict:
     md = [f"LwF transfer — teacher {pre.teacher} on {source} classes {list(pre.source_classes)} "
           f"({100 * teacher_acc:.2f} %), student two-head {pre.student} on {target} classes "
           f"{list(pre.target_classes)}, width {pre.width:g}, {seeds} seed(s); target test accuracy % (mean ± std)"]
-    ns = [n for n in pre.n_per_class if n <= per_class_max]
+    wanted = [int(v) for v in args.n_per_class.split(",")] if args.n_per_class else list(pre.n_per_class)
+    ns = [n for n in wanted if n <= per_class_max]
     if "2.3" in tables:
         r23 = {m: {} for m in methods}
         for n in ns:
@@ -206,6 +208,7 @@ def main(argv=None) -> dict:
                 r23[m][str(n or "Full")] = _ch2.mean_std([run(m, n, s)[0] for s in range(seeds)])
                 print(f"2.3 n={n or 'Full'} {m:24s} {_ch2.fmt(r23[m][str(n or 'Full')])} ({time.time() - t0:.0f} s)",
                       flush=True)
+                _ch2.write(out, {"partial": True, "teacher_accuracy": teacher_acc, "table2_3": r23}, "partial run")
         results["table2_3"] = r23
         cols = [str(n or "Full") for n in ns]
         md += ["", "Table 2.3", "", _ch2.markdown(["per class"] + cols, [[m] + [_ch2.fmt(r23[m][c]) for c in cols]

@@ -54,7 +54,7 @@ class Preset:
 
 PRESETS = {
     "smoke": Preset("", "vgg4", 1 / 16, 1, 2, 8, 1, max_train=64, max_test=64),
-    "small": Preset("", "vgg9", 1 / 16, 3, 400, 32, 3),
+    "small": Preset("", "vgg9", 1 / 16, 2, 300, 32, 3),
     "paper": Preset("cifar100", "vgg9", 1.0, 1, 0, 128, 5, epochs=500),
 }
 
@@ -95,6 +95,27 @@ def main(argv=None) -> dict:
             raise ValueError(f"unknown configs {bad}; choose from {list(cfgs)}.")
         cfgs = {c: cfgs[c] for c in names}
 
+    def report():
+        header = ["sigma"] + [f"{s:g}" for s in SIGMAS]
+        rows = [[n] + [_ch2.fmt(results[n][str(s)]) for s in SIGMAS] for n in results]
+        trows = [[f"{n} (thesis)"] + [f"{v:.2f}" for v in THESIS[n]] for n in results if n in THESIS]
+        table = (f"Table 2.2 — {dataset}, {pre.model} width {pre.width:g}, {steps} steps, {seeds} seed(s), "
+                 f"{pre.draws} noise draws; test accuracy % under Gaussian noise on normalized images (mean ± std over "
+                 f"seeds)\n\n" + _ch2.markdown(header, rows) + "\n\nThesis (VGG-9, CIFAR-100, one run):\n\n"
+                 + _ch2.markdown(header, trows))
+        _ch2.plot_lines(os.path.join(out, "table2_2.png"), list(SIGMAS),
+                        {n: [results[n][str(s)] for s in SIGMAS] for n in results},
+                        xlabel="test noise sigma (normalized units)", ylabel="test accuracy (%)",
+                        title=f"Noise robustness ({dataset}, {pre.model})")
+        res = {"table": "2.2", "scale": args.scale, "dataset": dataset, "model": pre.model, "width": pre.width,
+               "seeds": seeds, "steps": steps, "batch_size": pre.batch_size, "noise_draws": pre.draws,
+               "penalty": "lambda * ||grad_x CE(x, y)||^2 (eq. 2.3 form, label class), double backprop, frozen BN moments",
+               "l2_gamma": 1e-3, "dropout": 0.25, "optimizer": f"adam {pre.lr} -> {pre.lr / 10} at 80% of steps",
+               "results": results, "thesis": THESIS, "wall_s": time.time() - t0, "environment": _ch2.environment(),
+               "command": "python -m experiments.noise_robustness " + " ".join(argv if argv is not None else sys.argv[1:])}
+        _ch2.write(out, res, table)
+        return res, table
+
     results = {}
     for name, (terms, drop) in cfgs.items():
         model = create_model(pre.model, K, width=pre.width, dropout=drop)
@@ -110,25 +131,9 @@ def main(argv=None) -> dict:
         results[name] = {str(s): _ch2.mean_std(v) for s, v in per_sigma.items()}
         print(f"{name:12s} " + "  ".join(_ch2.fmt(results[name][str(s)]) for s in SIGMAS)
               + f"  ({time.time() - t0:.0f} s)", flush=True)
+        report()  # partial results after every configuration
 
-    header = ["sigma"] + [f"{s:g}" for s in SIGMAS]
-    rows = [[n] + [_ch2.fmt(results[n][str(s)]) for s in SIGMAS] for n in results]
-    trows = [[f"{n} (thesis)"] + [f"{v:.2f}" for v in THESIS[n]] for n in results if n in THESIS]
-    table = (f"Table 2.2 — {dataset}, {pre.model} width {pre.width:g}, {steps} steps, {seeds} seed(s), "
-             f"{pre.draws} noise draws; test accuracy % under Gaussian noise on normalized images (mean ± std over "
-             f"seeds)\n\n" + _ch2.markdown(header, rows) + "\n\nThesis (VGG-9, CIFAR-100, one run):\n\n"
-             + _ch2.markdown(header, trows))
-    _ch2.plot_lines(os.path.join(out, "table2_2.png"), list(SIGMAS),
-                    {n: [results[n][str(s)] for s in SIGMAS] for n in results},
-                    xlabel="test noise sigma (normalized units)", ylabel="test accuracy (%)",
-                    title=f"Noise robustness ({dataset}, {pre.model})")
-    res = {"table": "2.2", "scale": args.scale, "dataset": dataset, "model": pre.model, "width": pre.width,
-           "seeds": seeds, "steps": steps, "batch_size": pre.batch_size, "noise_draws": pre.draws,
-           "penalty": "lambda * ||grad_x CE(x, y)||^2 (eq. 2.3 form, label class), double backprop, frozen BN moments",
-           "l2_gamma": 1e-3, "dropout": 0.25, "optimizer": f"adam {pre.lr} -> {pre.lr / 10} at 80% of steps",
-           "results": results, "thesis": THESIS, "wall_s": time.time() - t0, "environment": _ch2.environment(),
-           "command": "python -m experiments.noise_robustness " + " ".join(argv if argv is not None else sys.argv[1:])}
-    _ch2.write(out, res, table)
+    res, table = report()
     print(table)
     return res
 
