@@ -258,7 +258,7 @@ def bias_gradient_penalty(maps: Mapping[str, Array], layers: Sequence[str], *, n
     sampling error). The expansion's cross term ``-2 (y - f) E[f(b ⊙ xi) - f]`` is dropped by the first-order
     argument but is itself of order ``sigma^2`` (``sigma^2/2`` times the trace of the bias Hessian weighted by
     ``b^2`` for a smooth net; ReLU/max-pool kink crossings otherwise): on a tiny ReLU VGG at ``sigma = 0.01`` we
-    measured ``|E[f(b ⊙ xi) - f]|`` 5–25 times ``sigma^2 ||b ⊙ grad_b f||^2``, so with ``|y - f| ~ 1`` the noisy
+    measured ``|E[f(b ⊙ xi) - f]|`` 2–25 times ``sigma^2 ||b ⊙ grad_b f||^2``, so with ``|y - f| ~ 1`` the noisy
     loss and loss + penalty differ by more than the penalty itself.
     """
     if noise not in ("parameter", "unit"):
