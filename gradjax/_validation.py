@@ -143,3 +143,22 @@ def normalize_target(target, batch: int, num_classes: int | None = None, name: s
         target = jnp.broadcast_to(target, (batch,))
     check_labels(target, num_classes, batch, name)
     return target
+
+
+def normalize_classes(target_class, num_classes: int, name: str = "target_class"):
+    """Classes for a per-class method: an int (one class), an int array ``[K']``, or ``"all"`` (every class).
+
+    Returns ``(classes [K'] int array, single)`` where ``single`` says the caller asked for one class (so the result
+    is returned without the class axis). Dtype and range ``[0, num_classes)`` are checked."""
+    single = isinstance(target_class, (int, np.integer)) or (hasattr(target_class, "ndim") and target_class.ndim == 0)
+    if isinstance(target_class, str):
+        if target_class != "all":
+            raise ValueError(f"{name} must be an int, an int array or 'all'; got {target_class!r}.")
+        return jnp.arange(num_classes), False
+    classes = target_class if hasattr(target_class, "dtype") else np.asarray(target_class)
+    if getattr(classes, "dtype", None) == np.int64 and not jax.config.jax_enable_x64:
+        classes = np.asarray(classes, np.int32)
+    check_integer(classes, name)
+    classes = jnp.reshape(classes, (-1,))
+    check_labels(classes, num_classes, None, name)
+    return classes, single

@@ -279,18 +279,7 @@ def input_agnostic(model: Model, target_class: Union[int, Array, Sequence[int], 
     else:
         lr = 0.05 * radius if normalization == "global" else 0.02 * span
 
-    single = isinstance(target_class, (int, np.integer)) or (hasattr(target_class, "ndim") and target_class.ndim == 0)
-    if isinstance(target_class, str):
-        if target_class != "all":
-            raise ValueError(f"target_class must be an int, an int array or 'all'; got {target_class!r}.")
-        classes = jnp.arange(num_classes)
-    else:
-        classes = target_class if hasattr(target_class, "dtype") else np.asarray(target_class)
-        if getattr(classes, "dtype", None) == np.int64 and not jax.config.jax_enable_x64:
-            classes = np.asarray(classes, np.int32)
-        V.check_integer(classes, "target_class")
-        classes = jnp.reshape(classes, (-1,))
-        V.check_labels(classes, num_classes, None, "target_class")
+    classes, single = V.normalize_classes(target_class, num_classes)
 
     k_opt, k_fid, k_curve = jax.random.split(key, 3)
     fid_keys = jax.random.split(k_fid, fidelity_samples)

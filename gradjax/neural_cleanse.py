@@ -28,7 +28,6 @@ from typing import NamedTuple, Sequence, Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax import lax
 
@@ -76,18 +75,7 @@ def neural_cleanse(model: Model, images: Array, target_class: Union[int, Array, 
     if not 0 < success_threshold <= 1:
         raise ValueError(f"success_threshold must lie in (0, 1]; got {success_threshold}.")
     num_classes = int(jax.eval_shape(logits_fn, jax.ShapeDtypeStruct((1, h, w, c), images.dtype)).shape[-1])
-    single = isinstance(target_class, (int, np.integer)) or (hasattr(target_class, "ndim") and target_class.ndim == 0)
-    if isinstance(target_class, str):
-        if target_class != "all":
-            raise ValueError(f"target_class must be an int, an int array or 'all'; got {target_class!r}.")
-        classes = jnp.arange(num_classes)
-    else:
-        classes = target_class if hasattr(target_class, "dtype") else np.asarray(target_class)
-        if getattr(classes, "dtype", None) == np.int64 and not jax.config.jax_enable_x64:
-            classes = np.asarray(classes, np.int32)
-        V.check_integer(classes, "target_class")
-        classes = jnp.reshape(classes, (-1,))
-        V.check_labels(classes, num_classes, None, "target_class")
+    classes, single = V.normalize_classes(target_class, num_classes)
 
     lo = jnp.broadcast_to(jnp.asarray(low, jnp.float32), (h, w, c))
     hi = jnp.broadcast_to(jnp.asarray(high, jnp.float32), (h, w, c))
