@@ -16,3 +16,5 @@ from gradjax.losses.distillation import (activation_matching, jacobian_matching,
                                          noisy_activation_matching, normalized_gradient_matching,
                                          normalized_jacobian_matching, stochastic_jacobian_matching)
 from gradjax.losses.regularizers import gradient_norm_penalty, l2_penalty, noisy_cross_entropy
+from gradjax.losses import fooling, score_matching  # ch. 5: score-matching family (eq. 5.4), fooling (eq. 5.7)
+from gradjax.losses import fullgrad_matching  # ch. 4: full-gradient matching (eq. 4.3), bias-gradient penalty (Prop. 10)
