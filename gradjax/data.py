@@ -63,13 +63,16 @@ class ArrayDataset:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
+        """``(H, W, C)`` of the images."""
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
 
     @property
     def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(mean, std)`` per channel used to standardize the images."""
         return self.mean, self.std
 
     def subset(self, indices: np.ndarray) -> "ArrayDataset":
+        """The examples at ``indices`` (same normalization)."""
         return replace(self, images=self.images[indices], labels=self.labels[indices])
 
     def denormalize(self, images: np.ndarray) -> np.ndarray:
@@ -311,6 +314,7 @@ def batches(ds: ArrayDataset, batch_size: int, *, seed: int = 0, epoch: int = 0,
 
 
 def steps_per_epoch(ds: ArrayDataset, batch_size: int, drop_remainder: bool = True) -> int:
+    """The number of batches :func:`batches` yields per epoch."""
     return len(ds) // batch_size if drop_remainder else -(-len(ds) // batch_size)
 
 

@@ -119,7 +119,7 @@ def resolve_target(logits: jax.Array, target: Target) -> jax.Array:
     """Class indices ``[B]`` (int32) for ``target`` at ``logits [B, K]``: the array itself (a scalar broadcast to the
     batch), or ``argmax_k logits[b, k]`` for :data:`PREDICTED` (thesis §2.4.1, "top class"; no gradient flows
     through the arg-max). The one target normalizer of gradjax: checks rank, dtype, batch size and, on concrete
-    values, ``0 <= t < K`` (:func:`gradjax._validation.normalize_target`)."""
+    values, ``0 <= t < K`` (``gradjax._validation.normalize_target``)."""
     _check_logits(logits)
     target = V.normalize_target(target, logits.shape[0], logits.shape[1])
     if isinstance(target, str):

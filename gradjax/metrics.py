@@ -259,7 +259,8 @@ def roar(train_and_evaluate: Callable[[Any, Any, Any, Any], float], train_images
     the caller's (e.g. a closure over :mod:`gradjax.train`).
 
     Args:
-      train_saliency / test_saliency: ``[N, H, W]`` maps of the train / test images.
+      train_saliency: ``[N, H, W]`` maps of the train images.
+      test_saliency: ``[N, H, W]`` maps of the test images.
       batch_size: images masked per jitted call (memory bound for large datasets).
 
     Returns :class:`RoarResult`. For the random baseline use :func:`roar_random_baseline`.
@@ -305,8 +306,9 @@ def roar_random_baseline(train_and_evaluate, train_images, train_labels, test_im
 # ----------------------------------------------------------------------------------------------------------------
 
 class DigitFlipResult(NamedTuple):
-    """Attributes (``[B]`` unless noted):
+    """Result of :func:`digit_flip` (arrays ``[B]`` unless noted).
 
+    Attributes:
       delta_log_odds: ``log_odds_before - log_odds_after`` — the drop of ``log p_source / p_target`` caused by the
         erasure; larger is better (thesis Table 3.1).
       log_odds_before, log_odds_after: ``f_source - f_target`` (= ``log p_s / p_t`` under softmax).

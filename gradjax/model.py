@@ -71,6 +71,7 @@ class ModelHandle:
 
     @property
     def kwargs(self) -> dict:
+        """``apply_kwargs`` as a dict."""
         return dict(self.apply_kwargs)
 
     def logits(self, x: Array, *, interceptor: Optional[Callable] = None) -> Array:

@@ -366,8 +366,8 @@ def taylor_trace(f: ScalarFn, x: jax.Array, key: jax.Array, *, sigma: float, num
 
     **The σ trade-off.** Bias ``O(σ²)`` wants small σ; the one-sided spread ``≈ 2‖∇f‖/σ`` per sample and the float
     round-off ``≈ 4 eps |f(x)| / σ²`` want large σ. In float32 (``eps ≈ 1.2e-7``) a σ of ``1e-3`` already gives a
-    round-off of ~0.5·|f| per sample. When called eagerly (not under ``jit``), a ``RuntimeWarning`` is raised if
-    the estimated round-off floor exceeds ``warn_rtol`` × |estimate| (``warn_rtol=None`` disables it); under
+    round-off of ~0.5·``|f|`` per sample. When called eagerly (not under ``jit``), a ``RuntimeWarning`` is raised if
+    the estimated round-off floor exceeds ``warn_rtol`` × ``|estimate|`` (``warn_rtol=None`` disables it); under
     ``jit`` call :func:`taylor_noise_floor` once outside instead.
 
     ``fx`` (``[B]``) skips the forward pass at ``x`` when the caller already has it. Probes are the same as

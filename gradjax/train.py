@@ -68,11 +68,12 @@ Batch = Mapping[str, Any]
 class StepContext(NamedTuple):
     """The ``ctx`` argument of a loss function.
 
-    rng: this step's PRNG key, ``fold_in(state.rng, state.step)`` (then folded with the device index under
-      ``pmap``, so that noise differs between devices); independent of how the run was split by restarts.
-    step: int32 scalar, the number of updates applied so far (for schedules of regularizer weights etc.).
-    frozen: the pytree given to ``step(state, batch, frozen)`` (``None`` if not given): fixed inputs such as a
-      teacher's variables; an argument of the compiled step, identical on every device.
+    Attributes:
+      rng: this step's PRNG key, ``fold_in(state.rng, state.step)`` (then folded with the device index under
+        ``pmap``, so that noise differs between devices); independent of how the run was split by restarts.
+      step: int32 scalar, the number of updates applied so far (for schedules of regularizer weights etc.).
+      frozen: the pytree given to ``step(state, batch, frozen)`` (``None`` if not given): fixed inputs such as a
+        teacher's variables; an argument of the compiled step, identical on every device.
     """
 
     rng: jax.Array
@@ -108,6 +109,7 @@ class TrainState(struct.PyTreeNode):
     @classmethod
     def create(cls, *, apply_fn: Callable, params: PyTree, tx: optax.GradientTransformation,
                model_state: Optional[Mapping] = None, rng: jax.Array) -> "TrainState":
+        """A state at step 0: ``tx.init(params)`` as optimizer state, ``diverged = False``."""
         return cls(step=jnp.zeros((), jnp.int32), params=params, model_state=dict(model_state or {}),
                    opt_state=tx.init(params), rng=rng, diverged=jnp.zeros((), bool), apply_fn=apply_fn, tx=tx)
 
@@ -264,13 +266,14 @@ def make_train_step(loss_fn: LossFn, *, axis_name: Optional[str] = None
 class ArraySpec:
     """What one batch entry must be (checked on the host before the compiled step).
 
-    rank: number of axes *including* the batch axis (images 4, labels 1, 2-D points 2); ``None`` = any (>= 1).
-    kind: ``"float"`` (a floating dtype), ``"int"`` (an integer dtype) or ``"any"``.
-    shape: optional per-example shape (without the batch axis); ``None`` entries match any size.
-    num_classes: for ``"int"`` entries, values must lie in ``[0, num_classes)``.
-    finite: for ``"float"`` entries, no NaN/inf (scanned on a step's first call only; later NaNs are caught by the
-      divergence guard).
-    optional: the entry may be absent.
+    Attributes:
+      rank: number of axes *including* the batch axis (images 4, labels 1, 2-D points 2); ``None`` = any (>= 1).
+      kind: ``"float"`` (a floating dtype), ``"int"`` (an integer dtype) or ``"any"``.
+      shape: optional per-example shape (without the batch axis); ``None`` entries match any size.
+      num_classes: for ``"int"`` entries, values must lie in ``[0, num_classes)``.
+      finite: for ``"float"`` entries, no NaN/inf (scanned on a step's first call only; later NaNs are caught by
+        the divergence guard).
+      optional: the entry may be absent.
     """
 
     rank: Optional[int] = None
@@ -503,10 +506,12 @@ def shard_batch(batch: Batch, num_devices: Optional[int] = None) -> Batch:
 
 
 def put_replicated(tree: PyTree, mesh: Mesh) -> PyTree:
+    """Place every leaf of ``tree`` (a state, a teacher's variables) on all devices of ``mesh``, replicated."""
     return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
 def put_sharded(batch: Batch, mesh: Mesh, axis: str = "data") -> Batch:
+    """Split every ``[B, ...]`` entry of ``batch`` over ``mesh`` along its leading axis (``B`` must divide)."""
     n = mesh.shape[axis]
     for v in jax.tree.leaves(batch):
         if v.shape[0] % n:
@@ -569,6 +574,7 @@ def replicate_global(tree: PyTree) -> PyTree:
 
 
 def state_to_pytree(state: TrainState) -> dict:
+    """The array fields of a :class:`TrainState` as a plain dict (what a checkpoint stores)."""
     return {k: getattr(state, k) for k in _STATE_FIELDS}
 
 
@@ -602,9 +608,11 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
 
     def latest_step(self) -> Optional[int]:
+        """The step of the newest checkpoint in the directory, or ``None`` if there is none."""
         return self.manager.latest_step()
 
     def save(self, state: TrainState, *, force: bool = True) -> None:
+        """Save ``state`` under its step (asynchronously; a step already saved is skipped)."""
         step = int(jax.device_get(state.step))
         if step in self.manager.all_steps():
             return
@@ -629,9 +637,11 @@ class Checkpointer:
         return template.replace(**{k: jax.tree.map(jnp.asarray, restored[k]) for k in _STATE_FIELDS})
 
     def wait(self) -> None:
+        """Block until pending asynchronous saves are written."""
         self.manager.wait_until_finished()
 
     def close(self) -> None:
+        """Wait for pending saves and release the checkpoint manager."""
         self.manager.wait_until_finished()
         self.manager.close()
 
@@ -649,6 +659,7 @@ class MetricsLogger:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
     def log(self, record: dict) -> None:
+        """Keep ``record`` (array values converted to floats) and append it to the file as one JSON line."""
         record = {k: (float(v) if isinstance(v, (np.floating, np.integer, jax.Array, np.ndarray)) else v) for k, v in record.items()}
         self.records.append(record)
         if self.path:

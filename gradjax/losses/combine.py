@@ -66,10 +66,12 @@ class TermInputs:
 
     @property
     def x(self) -> Array:
+        """The batch's inputs, ``batch["image"]``."""
         return self.batch["image"]
 
     @property
     def labels(self) -> Optional[Array]:
+        """The batch's labels, ``batch["label"]`` (``None`` for an unlabelled batch)."""
         return self.batch.get("label")
 
     def student(self, x: Array) -> Array:
@@ -100,6 +102,7 @@ class TermInputs:
         return self.teacher_apply_fn(self._teacher_variables(), x, train=False)
 
     def teacher_features(self, x: Array, layers: Sequence[str]) -> tuple[Array, dict]:
+        """``(logits, {layer: features})`` of the teacher in eval mode (variables from ``ctx.frozen['teacher']``)."""
         return A.capture_features(self.teacher_apply_fn, self._teacher_variables(), x, layers, train=False)
 
 

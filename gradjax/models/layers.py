@@ -18,6 +18,7 @@ same structure and can be zipped. Both are no-ops unless the caller asks for the
 ``biases`` mutable), so training pays nothing.
 
 Taps:
+
 * :class:`TappedConv` / :class:`TappedDense`: the learned bias ``b``.
 * :class:`TappedBatchNorm`: the implicit bias ``beta - gamma * mean / sqrt(var + eps)`` of
   ``y = gamma (x - mean) / sqrt(var + eps) + beta`` (eval mode with the running statistics, or a frozen-moments
