@@ -331,6 +331,11 @@ def full_gradients(model: ModelHandle, x, target=PREDICTED, *, merge: str = "non
                    mutable: Sequence[str] = ()) -> FullGradients:
     """Full-gradients ``(grad_x f, {f^b_l})`` of the selected logit of each example (thesis §3.4, eq. 3.1/3.3).
 
+    .. math::
+
+       f(x) = \\nabla_x f(x)^\\top x + \\sum_{l} \\sum_{\\text{positions}} \\nabla_{z_l} f(x) \\odot b_l
+       \\qquad \\text{(completeness, eq. 3.3)}
+
     Computes, for each example ``i`` with ``f = logits[i, target[i]]``,
 
       * ``input_gradient[i] = grad_x f``                                            ``[B, *x.shape[1:]]``

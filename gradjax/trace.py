@@ -206,6 +206,11 @@ def hutchinson_trace(f: ScalarFn, x: jax.Array, key: jax.Array, *, num_probes: i
                      batch_mode: BatchMode = "sum") -> jax.Array:
     """Hutchinson's estimator of the per-example Hessian trace, shape ``[B]`` (thesis §5.3.2).
 
+    .. math::
+
+       \\operatorname{tr} H \\approx \\frac{1}{N} \\sum_{n=1}^{N} \\epsilon_n^\\top H \\epsilon_n,
+       \\qquad \\mathbb{E}[\\epsilon \\epsilon^\\top] = I
+
     ``tr H ≈ 1/N Σ_{n=1}^N ε_nᵀ H ε_n`` with ``E[εεᵀ] = I``, unbiased. ``H ε`` by forward-over-reverse
     (Pearlmutter's trick, §5.3.2: the thesis counts it as "two backward passes" per probe); the forward and
     backward pass at ``x`` are linearized once and re-used by every probe. Variance of one probe:
@@ -346,6 +351,11 @@ def taylor_trace(f: ScalarFn, x: jax.Array, key: jax.Array, *, sigma: float, num
                  grad_fx: jax.Array | None = None, fx: jax.Array | None = None, chunk_size: int | None = 8,
                  batch_mode: BatchMode = "sum", warn_rtol: float | None = 0.05) -> jax.Array:
     """Forward-only Taylor estimator of the per-example Hessian trace, shape ``[B]`` (thesis §5.3.2, §5.8).
+
+    .. math::
+
+       \\mathrm{TTE} = \\frac{2}{N \\sigma^2} \\sum_{n=1}^{N} \\big( f(x + \\sigma \\epsilon_n) - f(x) \\big)
+       = \\operatorname{tr} H + O(\\sigma^2) \\text{ in expectation} \\qquad \\text{(eq. 5.9)}
 
     With ``v_n = σ ε_n`` (so ``v_n ~ N(0, σ² I)`` for Gaussian ``ε_n``, exactly as the thesis writes it) and
     ``N = num_probes``:
