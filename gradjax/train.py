@@ -696,8 +696,13 @@ def fit(state: TrainState, train_step: Callable, epoch_batches: Callable[[int, i
     ckpt = Checkpointer(checkpoint_dir) if checkpoint_dir else None
     if ckpt is not None and ckpt.latest_step() is not None:
         restored = ckpt.restore(host(state))
-        # jitted steps with in_shardings re-place a single-device state themselves; pmap needs the device axis.
-        state = replicate(restored) if is_pmapped else restored
+        # pmap needs the device axis; otherwise put every leaf where the given state had it (e.g. replicated over a
+        # mesh), so a resumed run calls the already compiled step with the same input placement (no recompile).
+        if is_pmapped:
+            state = replicate(restored)
+        else:
+            state = jax.tree.map(lambda r, t: jax.device_put(r, t.sharding) if isinstance(t, jax.Array) else r,
+                                 restored, state)
     logger = MetricsLogger(log_path)
     total = num_epochs * steps_per_epoch if max_steps is None else min(max_steps, num_epochs * steps_per_epoch)
     step0 = int(jax.device_get(host(state).step))

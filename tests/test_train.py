@@ -141,6 +141,22 @@ def test_resume_mid_run_gives_same_final_parameters(tmp_path):
     _assert_trees_close(resumed.opt_state, full.opt_state, atol=1e-6, rtol=1e-6)
 
 
+def test_resume_of_a_sharded_run_reuses_the_compiled_step(tmp_path):
+    """A resumed run puts the restored state where the given state lived (replicated over the mesh), so the already
+    compiled sharded step is called with the same input placement and does not compile again."""
+    ds = _digits_subset()
+    model, state = _setup()
+    mesh = gtrain.data_mesh(jax.devices()[:2])
+    step = gtrain.sharded_train_step(gtrain.classification_loss(model.apply), mesh, num_classes=10, donate=False)
+    placed = gtrain.put_replicated(state, mesh)
+    ckpt = str(tmp_path / "ckpt")
+    part, _ = _run_fit(placed, model, ds, ckpt_dir=ckpt, max_steps=2, step=step)
+    assert int(part.step) == 2 and step.compiled._cache_size() == 1
+    resumed, _ = _run_fit(placed, model, ds, ckpt_dir=ckpt, num_epochs=1, step=step)
+    assert int(resumed.step) == 3
+    assert step.compiled._cache_size() == 1
+
+
 def test_nonfinite_step_changes_nothing_and_is_sticky():
     """The divergence guard keeps parameters, model state *and* optimizer state (the momentum of a NaN step would be
     NaN) and the step counter; after it, even good batches change nothing."""
