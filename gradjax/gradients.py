@@ -66,6 +66,7 @@ __all__ = [
     "select",
     "per_example_sum",
     "logits_and_target_gradient",
+    "logits_and_jacobian",
     "value_and_input_gradient",
     "logit_gradient",
     "logits_and_logit_gradient",
@@ -121,6 +122,8 @@ def resolve_target(logits: jax.Array, target: Target) -> jax.Array:
     through the arg-max). The one target normalizer of gradjax: checks rank, dtype, batch size and, on concrete
     values, ``0 <= t < K`` (``gradjax._validation.normalize_target``)."""
     _check_logits(logits)
+    if callable(target):  # a rule on the logits of the same pass, e.g. a teacher's top class
+        target = target(jax.lax.stop_gradient(logits))
     target = V.normalize_target(target, logits.shape[0], logits.shape[1])
     if isinstance(target, str):
         return jnp.argmax(jax.lax.stop_gradient(logits), axis=-1).astype(jnp.int32)
@@ -173,7 +176,8 @@ def logits_and_target_gradient(logits_fn: Callable[[Any], Any], primal: Any, tar
     ``logits_fn`` at ``primal`` is pulled back with the cotangent ``onehot(t) [B, K]``, which selects logit
     ``t_b`` of example ``b``: the sum trick (see the module docstring), exact per-example gradients when examples
     are independent (eval mode). ``target`` is an int array ``[B]`` (a scalar is broadcast) or :data:`PREDICTED`
-    (``t_b = argmax_k f_k``, no gradient through the arg-max).
+    (``t_b = argmax_k f_k``, no gradient through the arg-max), or a callable ``logits -> [B]`` evaluated on this
+    pass's logits (under ``stop_gradient``).
 
     Low level: checks the logits' shape and the target (rank, dtype, batch size; the class range on concrete
     values) but not ``primal`` — public functions validate their inputs before calling it.
@@ -182,6 +186,18 @@ def logits_and_target_gradient(logits_fn: Callable[[Any], Any], primal: Any, tar
     t = resolve_target(logits, target)
     gradient = pullback(jax.nn.one_hot(t, logits.shape[1], dtype=logits.dtype))
     return TargetGradient(logits, t, gradient, aux)
+
+
+def logits_and_jacobian(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(f(x) [B, K], J [B, K, *x.shape[1:]])`` with ``J[b, k] = grad_{x_b} f_k(x_b)``: one forward pass and ``K``
+    pullbacks of the same :func:`jax.vjp` (``vmap``-ed over the one-hot cotangents ``eye(K)[k]`` broadcast over the
+    batch — the sum trick, exact when examples are independent). The full input-Jacobian of thesis §2.4.1 /
+    Propositions 1–2. Low level: static checks only; differentiable (double backprop)."""
+    logits, pullback, _ = _vjp(logits_fn, x, False)
+    _check_logits(logits, jnp.shape(x)[0])
+    B, K = jnp.shape(logits)
+    cot = jnp.broadcast_to(jnp.eye(K, dtype=logits.dtype)[:, None, :], (K, B, K))
+    return logits, jnp.moveaxis(jax.vmap(pullback)(cot), 0, 1)  # [K, B, ...] -> [B, K, ...]
 
 
 def _single(fn: Callable, has_aux: bool = False) -> Callable:
@@ -447,14 +463,7 @@ def jacobian(
         raise ValueError("mode='full' returns every class; target must be None.")
     x = V.check_input(x)
     V.check_choice(batch_mode, _BATCH_MODES, "batch_mode")
-    B = jnp.shape(x)[0]
     if batch_mode == "sum":
-        logits, pullback, _ = _vjp(logits_fn, x, False)
-        _check_logits(logits, B)
-        K = jnp.shape(logits)[1]
-        # cotangent k selects logit k of every example: eye(K)[k] broadcast over the batch -> [K, B, K]
-        cot = jnp.broadcast_to(jnp.eye(K, dtype=logits.dtype)[:, None, :], (K, B, K))
-        jac = jax.vmap(pullback)(cot)  # [K, B, ...]
-        return jnp.moveaxis(jac, 0, 1)
+        return logits_and_jacobian(logits_fn, x)[1]
     _num_classes(logits_fn, x, False)
     return jax.vmap(jax.jacrev(_single(logits_fn)))(x)

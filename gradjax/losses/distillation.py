@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from gradjax import _validation as V
+from gradjax import gradients as G
 
 Array = jax.Array
 LogitsFn = Callable[[Array], Array]
@@ -128,19 +129,10 @@ def jacobian_rows(logits_fn: LogitsFn, x: Array, rows) -> tuple[Array, Array]:
     (or a function ``logits -> rows``, evaluated on the same forward pass), or the full input-Jacobian
     ``[B, K, ...]`` when ``rows is None`` — from one ``jax.vjp`` (sum trick; the examples of ``logits_fn`` must be
     independent). Differentiable (double backprop)."""
-    logits, pullback = jax.vjp(logits_fn, x)
-    if callable(rows):
-        rows = rows(logits)
-    if jnp.ndim(logits) != 2 or logits.shape[0] != x.shape[0]:
-        raise ValueError(f"logits_fn must map [B, ...] to logits [B, K]; got {tuple(jnp.shape(logits))} for a batch "
-                         f"of {x.shape[0]}.")
-    K = logits.shape[1]
-    if rows is not None:
-        (g,) = pullback(jax.nn.one_hot(rows, K, dtype=logits.dtype))
-        return logits, g
-    cot = jnp.broadcast_to(jnp.eye(K, dtype=logits.dtype)[:, None, :], (K, x.shape[0], K))
-    (jac,) = jax.vmap(pullback)(cot)
-    return logits, jnp.moveaxis(jac, 0, 1)
+    if rows is None:
+        return G.logits_and_jacobian(logits_fn, x)
+    tg = G.logits_and_target_gradient(logits_fn, x, rows)
+    return tg.logits, tg.gradient
 
 
 def jacobian_matching(student_fn: LogitsFn, teacher_fn: LogitsFn, x: Array, *, output: Output = "target",
