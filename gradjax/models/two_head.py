@@ -15,8 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gradjax.models.layers import TappedDense, global_average_pool, max_pool
-from gradjax.models.vgg import VGG_CONFIGS, ConvBlock, Layer
+from gradjax.models.layers import TappedDense, global_average_pool
+from gradjax.models.vgg import VGG_CONFIGS, Layer, vgg_trunk
 
 __all__ = ["TwoHeadVGG", "split_heads", "target_slice", "source_slice"]
 
@@ -44,16 +44,8 @@ class TwoHeadVGG(nn.Module):
         if self.num_target < 1 or self.num_source < 1:
             raise ValueError(f"both heads need >= 1 class; got num_target={self.num_target}, "
                              f"num_source={self.num_source}.")
-        i = 0
-        for layer in self.layers:
-            if layer == "M":
-                x = max_pool(x)
-                if self.dropout:
-                    x = nn.Dropout(self.dropout, deterministic=not train)(x)
-            else:
-                x = ConvBlock(max(1, int(round(layer * self.width))), self.activation, self.beta, True,
-                              axis_name=self.axis_name, name=f"block{i}")(x, train=train)
-                i += 1
+        x = vgg_trunk(x, self.layers, train=train, width=self.width, activation=self.activation, beta=self.beta,
+                      axis_name=self.axis_name, dropout=self.dropout)
         h = global_average_pool(x)
         return jnp.concatenate([TappedDense(self.num_target, name="head_target")(h),
                                 TappedDense(self.num_source, name="head_source")(h)], axis=-1)

@@ -50,6 +50,26 @@ class ConvBlock(nn.Module):
         return Activation(self.activation, self.beta, name="act")(x)
 
 
+def vgg_trunk(x: jax.Array, layers: Sequence[Layer], *, train: bool, width: float = 1.0, activation: str = "relu",
+              beta: float = 10.0, use_bn: bool = True, axis_name: Optional[str] = None,
+              dropout: float = 0.0) -> jax.Array:
+    """The VGG feature stack ``[B, H, W, C] -> [B, h, w, c]``: a :class:`ConvBlock` per channel count (named
+    ``block{i}``) and 2x2 max-pooling (then ``Dropout(dropout)`` when ``dropout > 0``) per ``"M"``. Called inside a
+    compact ``__call__`` (:class:`VGG`, :class:`gradjax.models.two_head.TwoHeadVGG`), so the blocks are submodules of
+    that model and their paths (``"block1"``, ...) are the same in every VGG-based model."""
+    i = 0
+    for layer in layers:
+        if layer == "M":
+            x = max_pool(x)
+            if dropout:
+                x = nn.Dropout(dropout, deterministic=not train)(x)
+        else:
+            x = ConvBlock(max(1, int(round(layer * width))), activation, beta, use_bn, axis_name=axis_name,
+                          name=f"block{i}")(x, train=train)
+            i += 1
+    return x
+
+
 class VGG(nn.Module):
     """VGG with BatchNorm, global average pooling and one Dense layer.
 
@@ -80,15 +100,6 @@ class VGG(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         if x.ndim != 4:  # static shape check only: values are validated at the library boundary (gradjax._validation)
             raise ValueError(f"VGG needs NHWC images [B, H, W, C] (rank 4); got shape {tuple(x.shape)}.")
-        i = 0
-        for layer in self.layers:
-            if layer == "M":
-                x = max_pool(x)
-                if self.dropout:
-                    x = nn.Dropout(self.dropout, deterministic=not train)(x)
-            else:
-                x = ConvBlock(max(1, int(round(layer * self.width))), self.activation, self.beta, self.use_bn,
-                              axis_name=self.axis_name, name=f"block{i}")(x, train=train)
-                i += 1
-        x = global_average_pool(x)
-        return TappedDense(self.num_classes, name="head")(x)
+        x = vgg_trunk(x, self.layers, train=train, width=self.width, activation=self.activation, beta=self.beta,
+                      use_bn=self.use_bn, axis_name=self.axis_name, dropout=self.dropout)
+        return TappedDense(self.num_classes, name="head")(global_average_pool(x))
