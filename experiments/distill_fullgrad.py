@@ -24,10 +24,13 @@ import time
 from dataclasses import dataclass
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import serialization
 
 from experiments import _ch2
 from gradjax import data as gdata
+from gradjax import gradients as G
 from gradjax.losses import combine as C
 from gradjax.losses import fullgrad_matching as FM
 from gradjax.model import ModelHandle
@@ -95,10 +98,90 @@ def _terms(keys, pairs):
     return [make[k]() for k in keys]
 
 
+def input_gradient_angle(student_grad: jax.Array, teacher_grad: jax.Array) -> jax.Array:
+    """``arccos(<g_s, g_t> / (||g_s|| ||g_t||))`` in degrees per example (``[B, ...] -> [B]``; 90 for a zero
+    gradient) — the quantity of thesis Fig. 4.1a."""
+    a = student_grad.reshape(student_grad.shape[0], -1)
+    b = teacher_grad.reshape(teacher_grad.shape[0], -1)
+    den = jnp.linalg.norm(a, axis=1) * jnp.linalg.norm(b, axis=1)
+    cos = jnp.where(den > 0, jnp.sum(a * b, axis=1) / jnp.where(den > 0, den, 1.0), 0.0)
+    return jnp.degrees(jnp.arccos(jnp.clip(cos, -1.0, 1.0)))
+
+
+def gradient_angle_term(name: str = "angle") -> C.Term:
+    """A metric-only term (weight 0, no gradient): the angle between the student's (frozen-moments pass) and the
+    teacher's correct-class input-gradients on the training batch, logged as ``term/angle`` (thesis Fig. 4.1a)."""
+    def fn(inp):
+        gs = G.logit_gradient(inp.student, inp.x, inp.labels)
+        gt = G.logit_gradient(inp.teacher, inp.x, inp.labels)
+        return jax.lax.stop_gradient(input_gradient_angle(gs, gt))
+    return C.term(name, fn, 0.0)
+
+
+def train_teacher(pre: Preset, dataset: str, train, test, *, steps: int, cache_dir=None):
+    """``(teacher model, variables, test accuracy)``: ``pre.teacher`` trained with CE on the whole training split
+    through the one engine; with ``cache_dir`` the variables are stored there (msgpack) and reused by later runs of
+    the chapter-4 scripts with the same dataset, architecture, width and step budget."""
+    K = train.num_classes
+    model = create_model(pre.teacher, K, width=pre.width)
+    path = None
+    if cache_dir:
+        path = os.path.join(cache_dir, f"{dataset}-{pre.teacher}-w{pre.width:g}-{steps}steps-lr{pre.lr:g}.msgpack")
+    if path and os.path.exists(path):
+        template = _ch2._init_fn(model)(jax.random.PRNGKey(0), train.images[:2])
+        with open(path, "rb") as f:
+            variables = serialization.from_bytes(template, f.read())
+        print(f"teacher loaded from {path}", flush=True)
+    else:
+        trainer = _ch2.Trainer(model, C.make_loss_fn(model.apply, [C.cross_entropy()]),
+                               _ch2.adam_step_decay(pre.lr, steps, pre.drop_at), steps=steps,
+                               batch_size=pre.batch_size, num_classes=K)
+        variables = trainer.run(train, seed=1000).variables
+        if path:
+            os.makedirs(cache_dir, exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(serialization.to_bytes(variables))
+    return model, variables, _ch2.accuracy(model.apply, variables, test)[0]
+
+
+def layer_pairs(student_model, teacher_model, teacher_vars, x0) -> tuple:
+    """The default (student, teacher) layer pairs (earliest conv of three resolutions, by module path)."""
+    s_vars = _ch2._init_fn(student_model)(jax.random.PRNGKey(0), x0)
+    return FM.default_pairs(ModelHandle(student_model.apply, s_vars), ModelHandle(teacher_model.apply, teacher_vars),
+                            x0)
+
+
+def student_trainer(student_model, teacher_model, method: str, pairs, *, pre: Preset, steps: int, num_classes: int,
+                    angle: bool = False) -> _ch2.Trainer:
+    """One compiled trainer for ``method`` (:data:`METHODS`); ``angle=True`` adds :func:`gradient_angle_term`."""
+    terms = _terms(METHODS[method], pairs) + ([gradient_angle_term()] if angle else [])
+    loss = C.make_loss_fn(student_model.apply, terms, teacher_apply_fn=teacher_model.apply)
+    return _ch2.Trainer(student_model, loss, _ch2.adam_step_decay(pre.lr, steps, pre.drop_at), steps=steps,
+                        batch_size=pre.batch_size, num_classes=num_classes)
+
+
+def steps_for(pre: Preset, n_examples: int, fixed: int, override=None) -> int:
+    """The step budget: ``override``, else ``pre.epochs`` epochs of ``n_examples`` (paper), else ``fixed``."""
+    if override:
+        return override
+    if pre.epochs:
+        return pre.epochs * max(1, n_examples // pre.batch_size)
+    return fixed
+
+
+def load_data(pre: Preset, dataset: str, data_dir=None):
+    train, test = _ch2.load(dataset, data_dir=data_dir)
+    if pre.max_test:
+        test = test.subset(np.arange(min(len(test), pre.max_test)))
+    return train, test
+
+
 def main(argv=None) -> dict:
     p = _ch2.add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
     p.add_argument("--n-per-class", default=None, help="comma-separated subset sizes (default: the scale's)")
+    p.add_argument("--teacher-cache", default=None, help="directory to store/reuse the trained teacher (default: "
+                   "runs/ch4_teachers, none at smoke scale)")
     args = p.parse_args(argv)
     pre = PRESETS[args.scale]
     dataset = args.dataset or pre.dataset or _ch2.default_dataset()
@@ -111,36 +194,20 @@ def main(argv=None) -> dict:
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
 
-    train, test = _ch2.load(dataset, data_dir=args.data_dir)
-    if pre.max_test:
-        test = test.subset(np.arange(min(len(test), pre.max_test)))
+    train, test = load_data(pre, dataset, args.data_dir)
     K = train.num_classes
     per_class_max = int(np.bincount(train.labels).min())
     wanted = [int(v) for v in args.n_per_class.split(",")] if args.n_per_class else list(pre.n_per_class)
     ns = [n for n in wanted if n <= per_class_max]
 
-    def steps_for(n_examples: int, fixed: int) -> int:
-        if args.steps:
-            return args.steps
-        if pre.epochs:
-            return pre.epochs * max(1, n_examples // pre.batch_size)
-        return fixed
-
-    teacher_model = create_model(pre.teacher, K, width=pre.width)
-    t_steps = steps_for(len(train), pre.teacher_steps)
-    teacher_trainer = _ch2.Trainer(teacher_model, C.make_loss_fn(teacher_model.apply, [C.cross_entropy()]),
-                                   _ch2.adam_step_decay(pre.lr, t_steps, pre.drop_at), steps=t_steps,
-                                   batch_size=pre.batch_size, num_classes=K)
-    tstate = teacher_trainer.run(train, seed=1000)
-    teacher_vars = tstate.variables
-    teacher_acc = _ch2.accuracy(teacher_model.apply, teacher_vars, test)[0]
+    t_steps = steps_for(pre, len(train), pre.teacher_steps, args.steps)
+    cache = args.teacher_cache or (None if args.scale == "smoke" else os.path.join("runs", "ch4_teachers"))
+    teacher_model, teacher_vars, teacher_acc = train_teacher(pre, dataset, train, test, steps=t_steps,
+                                                             cache_dir=cache)
     print(f"teacher {pre.teacher} test accuracy {100 * teacher_acc:.2f} % ({time.time() - t0:.0f} s)", flush=True)
 
     student_model = create_model(pre.student, K, width=pre.width)
-    x0 = train.images[:2]
-    s_vars = jax.jit(lambda z: student_model.init(jax.random.PRNGKey(0), z, train=False))(x0)
-    pairs = FM.default_pairs(ModelHandle(student_model.apply, s_vars), ModelHandle(teacher_model.apply, teacher_vars),
-                             x0)
+    pairs = layer_pairs(student_model, teacher_model, teacher_vars, train.images[:2])
     print(f"layer pairs (student, teacher): {pairs}", flush=True)
     frozen = {"teacher": teacher_vars}
     trainers, results = {}, {m: {} for m in methods}
@@ -149,17 +216,16 @@ def main(argv=None) -> dict:
             accs = []
             for s in range(seeds):
                 sub = gdata.n_per_class_subset(train, n, seed=s)
-                steps = steps_for(len(sub), pre.student_steps)
+                steps = steps_for(pre, len(sub), pre.student_steps, args.steps)
                 key = (m, steps)
                 if key not in trainers:
-                    loss = C.make_loss_fn(student_model.apply, _terms(METHODS[m], pairs),
-                                          teacher_apply_fn=teacher_model.apply)
-                    trainers[key] = _ch2.Trainer(student_model, loss, _ch2.adam_step_decay(pre.lr, steps, pre.drop_at),
-                                                 steps=steps, batch_size=pre.batch_size, num_classes=K)
+                    trainers[key] = student_trainer(student_model, teacher_model, m, pairs, pre=pre, steps=steps,
+                                                    num_classes=K)
                 st = trainers[key].run(sub, seed=s, frozen=frozen)
                 accs.append(_ch2.accuracy(student_model.apply, st.variables, test)[0])
             results[m][n] = _ch2.mean_std(accs)
             print(f"n={n:4d} {m:8s} {_ch2.fmt(results[m][n])}  ({time.time() - t0:.0f} s)", flush=True)
+        _ch2.write(out, {"partial": True, "results": results, "teacher_accuracy": teacher_acc}, "partial\n")
 
     header = ["per class"] + [str(n) for n in ns]
     rows = [[m] + [_ch2.fmt(results[m][n]) for n in ns] for m in methods]

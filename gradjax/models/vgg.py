@@ -41,10 +41,11 @@ class ConvBlock(nn.Module):
     use_bn: bool = True
     conv_bias: bool = True
     axis_name: Optional[str] = None
+    padding: str = "zero"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        x = TappedConv(self.features, (3, 3), use_bias=self.conv_bias, name="conv")(x)
+        x = TappedConv(self.features, (3, 3), use_bias=self.conv_bias, padding=self.padding, name="conv")(x)
         if self.use_bn:
             x = TappedBatchNorm(axis_name=self.axis_name, name="bn")(x, train=train)
         return Activation(self.activation, self.beta, name="act")(x)
@@ -52,11 +53,22 @@ class ConvBlock(nn.Module):
 
 def vgg_trunk(x: jax.Array, layers: Sequence[Layer], *, train: bool, width: float = 1.0, activation: str = "relu",
               beta: float = 10.0, use_bn: bool = True, axis_name: Optional[str] = None,
-              dropout: float = 0.0) -> jax.Array:
+              dropout: float = 0.0, dropout_block: Optional[int] = None,
+              dropout_block_rate: float = 0.5, padding: str = "zero") -> jax.Array:
     """The VGG feature stack ``[B, H, W, C] -> [B, h, w, c]``: a :class:`ConvBlock` per channel count (named
     ``block{i}``) and 2x2 max-pooling (then ``Dropout(dropout)`` when ``dropout > 0``) per ``"M"``. Called inside a
     compact ``__call__`` (:class:`VGG`, :class:`gradjax.models.two_head.TwoHeadVGG`), so the blocks are submodules of
-    that model and their paths (``"block1"``, ...) are the same in every VGG-based model."""
+    that model and their paths (``"block1"``, ...) are the same in every VGG-based model.
+
+    ``dropout_block=i``: ``Dropout(dropout_block_rate)`` on the output of ``block{i}`` only (after its activation)
+    — the "dropout on that layer" baseline of thesis Table 4.3 (p = 0.5). Dropout has no parameters, so module
+    paths do not change. ``ValueError`` when ``i`` is not a block index. ``padding``: the convolutions' border
+    rule (:data:`gradjax.models.layers.PADDINGS`)."""
+    n_blocks = sum(1 for layer in layers if layer != "M")
+    if dropout_block is not None and not 0 <= dropout_block < n_blocks:
+        raise ValueError(f"dropout_block must be a block index in [0, {n_blocks}); got {dropout_block}.")
+    if dropout_block is not None and not 0.0 <= dropout_block_rate < 1.0:
+        raise ValueError(f"dropout_block_rate must be in [0, 1); got {dropout_block_rate}.")
     i = 0
     for layer in layers:
         if layer == "M":
@@ -65,7 +77,9 @@ def vgg_trunk(x: jax.Array, layers: Sequence[Layer], *, train: bool, width: floa
                 x = nn.Dropout(dropout, deterministic=not train)(x)
         else:
             x = ConvBlock(max(1, int(round(layer * width))), activation, beta, use_bn, axis_name=axis_name,
-                          name=f"block{i}")(x, train=train)
+                          padding=padding, name=f"block{i}")(x, train=train)
+            if i == dropout_block and dropout_block_rate > 0:
+                x = nn.Dropout(dropout_block_rate, deterministic=not train)(x)
             i += 1
     return x
 
@@ -82,6 +96,10 @@ class VGG(nn.Module):
       dropout: rate of a ``Dropout`` layer after every max-pool (0 = none; the dropout baseline of thesis Table 2.2
         uses 0.25 — its position is unstated there, after each pooling stage is our choice). Active when
         ``train=True``; the caller passes ``rngs={"dropout": key}`` (``gradjax.losses.make_loss_fn(dropout=True)``).
+      dropout_block, dropout_block_rate: ``Dropout(dropout_block_rate)`` on the output of ``block{dropout_block}``
+        only (``None`` = none; thesis Table 4.3's per-layer dropout baseline, p = 0.5); module paths unchanged.
+      padding: the convolutions' border rule, ``"zero"`` (default), ``"reflect"`` or ``"circular"``
+        (:data:`gradjax.models.layers.PADDINGS`).
 
     ``__call__(x [B, H, W, C], train=False) -> logits [B, num_classes]``. Blocks are named ``block{i}``, the
     Dense layer ``head``.
@@ -95,11 +113,16 @@ class VGG(nn.Module):
     use_bn: bool = True
     axis_name: Optional[str] = None
     dropout: float = 0.0
+    dropout_block: Optional[int] = None
+    dropout_block_rate: float = 0.5
+    padding: str = "zero"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         if x.ndim != 4:  # static shape check only: values are validated at the library boundary (gradjax._validation)
             raise ValueError(f"VGG needs NHWC images [B, H, W, C] (rank 4); got shape {tuple(x.shape)}.")
         x = vgg_trunk(x, self.layers, train=train, width=self.width, activation=self.activation, beta=self.beta,
-                      use_bn=self.use_bn, axis_name=self.axis_name, dropout=self.dropout)
+                      use_bn=self.use_bn, axis_name=self.axis_name, dropout=self.dropout,
+                      dropout_block=self.dropout_block, dropout_block_rate=self.dropout_block_rate,
+                      padding=self.padding)
         return TappedDense(self.num_classes, name="head")(global_average_pool(x))
