@@ -87,3 +87,19 @@ def test_input_gradient_angle():
     o = jnp.array([[[2.0, -1.0], [0.0, 0.0]]])
     np.testing.assert_allclose(ang(g, o), [90.0], atol=1e-4)
     np.testing.assert_allclose(ang(g, jnp.zeros_like(g)), [90.0], atol=1e-4)
+
+
+def test_gradient_angle_smoke(tmp_path):
+    """Fig. 4.1's script: angle curves logged during training through the engine (metric-only term), both panels,
+    panel (b) reusing panel (a)'s identical FG run."""
+    from experiments import gradient_angle as GA
+    out = str(tmp_path / "f41")
+    res = GA.main(["--scale", "smoke", "--methods", "FG", "--students", "vgg4", "--steps", "4", "--out", out])
+    for f in ("results.json", "results.md", "fig4_1a.png", "fig4_1b.png"):
+        assert os.path.exists(os.path.join(out, f)), f
+    a = res["a"]["FG"]
+    assert a["steps"] and all(len(c) == len(a["steps"]) for c in a["runs"])
+    assert all(0.0 <= v <= 180.0 for c in a["runs"] for v in c)
+    assert res["b"]["vgg4"] is a
+    with pytest.raises(ValueError, match="--parts"):
+        GA.main(["--scale", "smoke", "--parts", "c", "--out", out])
