@@ -1,0 +1,187 @@
+"""The implicit class-conditional density model of a classifier (thesis ch. 5, §5.3, Fig. 5.1, Table 5.1).
+
+A classifier's logits define, for each class ``i``, an unnormalized log-density
+
+    log p_θ(x | y = i) = f_i(x) − log Z_i,      Z_i = ∫ exp(f_i(x)) dx,
+
+known only up to the constant ``log Z_i``. What can be measured without ``Z_i``:
+
+* :func:`log_density` — ``f_i(x)`` (the log-density up to ``log Z_i``);
+* :func:`density_ratios` — ``p(x + η | i) / p(x | i) = exp(f_i(x + η) − f_i(x))`` for Gaussian ``η ~ N(0, s² I)``
+  over a grid of noise standard deviations ``s`` (Fig. 5.1): a model whose density is concentrated on the data has
+  ratios well below 1 as soon as ``s > 0``; the thesis finds score-matched and gradient-norm models keep the ratio
+  flatter over a wider range. For a quadratic ``f``, ``E_η[f(x + η) − f(x)] = (s² / 2) tr ∇²f(x)``, so the mean
+  log-ratio against ``s²`` has slope ``½ tr ∇²f`` (:func:`log_ratio_slope`);
+* :func:`gan_test` — the GAN-test of Shmelkov et al. (2018) as used in Table 5.1: the accuracy, on class-``i``
+  samples *generated from* a model, of an independently trained classifier (the *judge*, another architecture that
+  never saw the generating model's parameters; :func:`check_independent_judge`).
+
+Conventions: ``logits_fn(x) -> [B, K]`` is an eval-mode callable (or a :class:`gradjax.model.ModelHandle`); images
+are ``[B, ...]`` with a leading batch axis; labels are int ``[B]``. Everything is pure and jittable; nothing jits
+itself; randomness takes an explicit ``key``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from gradjax import _validation as V
+from gradjax.gradients import select
+from gradjax.model import as_logits_fn
+
+Array = jax.Array
+
+__all__ = ["log_density", "DensityRatios", "density_ratios", "log_ratio_slope", "gan_test",
+           "check_independent_judge", "THESIS_NOISE_STDS"]
+
+THESIS_NOISE_STDS = tuple(float(s) for s in np.linspace(0.0, 0.5, 11))
+"""Default noise grid of Fig. 5.1 (PROTOCOLS "Decisions": noise std 0 … 0.5)."""
+
+
+def _logits(logits_fn, x: Array) -> Array:
+    out = as_logits_fn(logits_fn)(x)
+    if jnp.ndim(out) != 2 or out.shape[0] != jnp.shape(x)[0]:
+        raise ValueError(f"logits_fn must return [B, K] logits for x of batch {jnp.shape(x)[0]}; got shape "
+                         f"{tuple(jnp.shape(out))}.")
+    return out
+
+
+def log_density(logits_fn, x: Array, labels: Optional[Array] = None) -> Array:
+    """Class-conditional log-density up to a constant (thesis §5.3): ``log p(x | y=i) + log Z_i = f_i(x)``.
+
+    Returns ``[B]`` (``f_{labels_b}(x_b)``) or, with ``labels=None``, all classes ``[B, K]``.
+    """
+    x = V.check_input(x)
+    logits = _logits(logits_fn, x)
+    if labels is None:
+        return logits
+    labels = jnp.asarray(labels)
+    V.check_labels(labels, logits.shape[1], x.shape[0])
+    return select(logits, labels.astype(jnp.int32))
+
+
+class DensityRatios(NamedTuple):
+    """Density ratios over a noise grid.
+
+    Attributes:
+      noise_stds: ``[S]``.
+      log_ratio: ``[S, N, B]`` — ``f_y(x_b + s ε_{n,b}) − f_y(x_b)`` for noise draw ``n`` (the same ``ε`` at every
+        ``s``: common random numbers, so the curve over ``s`` is smooth and exactly 0 at ``s = 0``).
+    """
+
+    noise_stds: Array
+    log_ratio: Array
+
+    @property
+    def ratio(self) -> Array:
+        """``[S, N, B]`` — ``exp(log_ratio)``."""
+        return jnp.exp(self.log_ratio)
+
+    @property
+    def mean_ratio(self) -> Array:
+        """``[S]`` — the ratio averaged over draws and examples (Fig. 5.1's curve)."""
+        return jnp.mean(self.ratio, axis=(1, 2))
+
+    @property
+    def mean_log_ratio(self) -> Array:
+        """``[S]`` — the log-ratio averaged over draws and examples (robust to a few huge ratios)."""
+        return jnp.mean(self.log_ratio, axis=(1, 2))
+
+
+def density_ratios(logits_fn, x: Array, labels: Array, key: Array, *,
+                   noise_stds: Sequence[float] = THESIS_NOISE_STDS, num_draws: int = 1,
+                   clip: Optional[tuple[float, float]] = None) -> DensityRatios:
+    """``exp(f_i(x + η) − f_i(x))`` with ``η = s ε``, ``ε ~ N(0, I)``, for every ``s`` in ``noise_stds`` (Fig. 5.1).
+
+    Args:
+      logits_fn: eval-mode ``x -> [B, K]``.
+      x: ``[B, ...]`` data. labels: ``[B]`` the class ``i`` of each example (the label class, PROTOCOLS).
+      key: a ``jax.random`` key; ``num_draws`` noise draws per example, shared by all ``s``:
+        ``ε = jax.random.normal(key, (num_draws, *x.shape), x.dtype)``.
+      clip: optionally clip ``x + η`` to ``(low, high)`` (e.g. ``(0, 1)``: stay in the image domain); default
+        none (the thesis adds noise and evaluates).
+
+    Returns a :class:`DensityRatios` (``log_ratio`` ``[S, num_draws, B]``). The grid is evaluated with
+    :func:`jax.lax.map` (memory of one ``s`` at a time). Jittable.
+    """
+    x = V.check_input(x)
+    V.check_key(key, "density_ratios")
+    num_draws = V.check_count(num_draws, "num_draws")
+    labels = jnp.asarray(labels)
+    stds = jnp.atleast_1d(jnp.asarray(noise_stds, x.dtype))
+    if stds.ndim != 1:
+        raise ValueError(f"noise_stds must be a 1-D sequence; got shape {stds.shape}.")
+    if V.is_concrete(stds) and (not np.all(np.isfinite(np.asarray(stds))) or np.any(np.asarray(stds) < 0)):
+        raise ValueError(f"noise_stds must be finite and >= 0; got {np.asarray(stds).tolist()}.")
+    if clip is not None and (len(clip) != 2 or not clip[0] < clip[1]):
+        raise ValueError(f"clip must be (low, high) with low < high; got {clip!r}.")
+    f0 = log_density(logits_fn, x, labels)  # [B], validates labels
+    eps = jax.random.normal(key, (num_draws, *x.shape), x.dtype)
+
+    def at(s):
+        z = x[None] + s * eps
+        if clip is not None:
+            z = jnp.clip(z, clip[0], clip[1])
+        fz = jax.vmap(lambda zn: log_density(logits_fn, zn, labels))(z)  # [N, B]
+        return fz - f0[None]
+
+    return DensityRatios(stds, lax.map(at, stds))
+
+
+def log_ratio_slope(noise_stds, mean_log_ratio) -> float:
+    """Least-squares slope ``a`` of ``mean_log_ratio ≈ a s²`` through the origin: ``a = Σ s² m / Σ s⁴``.
+
+    For a quadratic log-density ``E[f(x + sε) − f(x)] = (s²/2) tr ∇²f``, so ``a`` estimates ``½ tr ∇²f`` averaged
+    over the data; a flatter density near the data (the thesis's claim for score-matching) has ``|a|`` smaller.
+    Host-side (NumPy) helper for reporting."""
+    s = np.asarray(noise_stds, np.float64)
+    m = np.asarray(mean_log_ratio, np.float64)
+    if s.shape != m.shape or s.ndim != 1:
+        raise ValueError(f"noise_stds and mean_log_ratio must be 1-D of equal length; got {s.shape} and {m.shape}.")
+    d = float(np.sum(s ** 4))
+    if d == 0.0:
+        raise ValueError("noise_stds must contain a nonzero value to fit a slope.")
+    return float(np.sum(s ** 2 * m) / d)
+
+
+def gan_test(judge_logits_fn, samples: Array, labels: Array) -> Array:
+    """GAN-test accuracy (Shmelkov et al. 2018; thesis Table 5.1): the fraction of class-conditional samples that an
+    independently trained classifier — the judge — assigns to the class they were generated for,
+
+        GAN-test = (1/B) Σ_b 1[argmax_k judge_k(x̃_b) = y_b].
+
+    ``judge_logits_fn`` must not be (or share parameters with) the model that generated ``samples``; check with
+    :func:`check_independent_judge`. Returns a scalar in [0, 1]. Jittable."""
+    samples = V.check_input(samples)
+    labels = jnp.asarray(labels)
+    logits = _logits(judge_logits_fn, samples)
+    V.check_labels(labels, logits.shape[1], samples.shape[0])
+    return jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
+
+
+def _leaves(tree: Any) -> list[np.ndarray]:
+    return [np.asarray(a) for a in jax.tree.leaves(tree) if hasattr(a, "shape")]
+
+
+def check_independent_judge(judge_params: Any, generator_params: Any) -> None:
+    """Raise ``ValueError`` unless the judge is independent of the generating model: the two parameter trees must
+    have different structures (another architecture, as the GAN-test requires) and share no parameter array
+    (no non-constant leaf of one equals a leaf of the other; constant arrays such as zero-initialized biases carry
+    no information and are skipped). Host-side; call it before :func:`gan_test`."""
+    if jax.tree.structure(judge_params) == jax.tree.structure(generator_params):
+        shapes_j = [a.shape for a in _leaves(judge_params)]
+        shapes_g = [a.shape for a in _leaves(generator_params)]
+        if shapes_j == shapes_g:
+            raise ValueError("the GAN-test judge has the generator's architecture (same parameter tree and shapes); "
+                             "use an independently trained classifier of another architecture.")
+    gen = {}
+    for a in _leaves(generator_params):
+        gen.setdefault(a.shape, []).append(a)
+    for a in _leaves(judge_params):
+        if np.ptp(a) > 0 and any(np.array_equal(a, b) for b in gen.get(a.shape, [])):
+            raise ValueError(f"the GAN-test judge shares a parameter array of shape {a.shape} with the generator; "
+                             "it must never see the generating model's parameters.")
