@@ -41,6 +41,27 @@ def test_noise_robustness_smoke(tmp_path):
         noise_robustness.main(["--scale", "smoke", "--configs", "lambda=3", "--out", out])
 
 
+def test_noise_robustness_dropout_placements():
+    """``dropout`` drops only the last conv block's output (before the classifier); ``dropout-pools`` drops after
+    every max-pool; the lambda/l2 models have none. Module paths (hence parameters) are the same for all."""
+    import jax
+    import jax.numpy as jnp
+
+    cfgs = noise_robustness.configs()
+    models = {n: noise_robustness.build_model("vgg4", 3, 1 / 16, p, r) for n, (_, p, r) in cfgs.items()}
+    assert models["dropout"].dropout_block == 2 and models["dropout"].dropout_block_rate == 0.25
+    assert models["dropout"].dropout == 0.0 and models["dropout-pools"].dropout == 0.25
+    assert models["l2"].dropout == 0.0 and models["l2"].dropout_block is None
+    x = jnp.ones((2, 8, 8, 1))
+    variables = models["l2"].init(jax.random.PRNGKey(0), x)
+    for name in ("dropout", "dropout-pools"):
+        assert jax.tree.structure(models[name].init(jax.random.PRNGKey(0), x)) == jax.tree.structure(variables)
+        a, b = (models[name].apply(variables, x, train=True, rngs={"dropout": jax.random.PRNGKey(k)},
+                                   mutable=["batch_stats"])[0] for k in (1, 2))
+        assert not np.allclose(a, b), f"{name}: dropout inactive in train mode"
+        np.testing.assert_array_equal(models[name].apply(variables, x), models["l2"].apply(variables, x))
+
+
 def test_lwf_transfer_smoke(tmp_path):
     out = str(tmp_path / "lwf")
     res = lwf_transfer.main(["--scale", "smoke", "--tables", "2.3", "--out", out,
