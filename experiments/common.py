@@ -113,13 +113,14 @@ def load_splits(args, scale: Scale) -> tuple[gdata.ArrayDataset, gdata.ArrayData
 
 @functools.lru_cache(maxsize=16)
 def _training_setup(model_name: str, width: float, activation: str, num_classes: int, lr: float, total_steps: int,
-                    loss_fn_builder) -> tuple[Any, optax.GradientTransformation, Any, Any, Any]:
+                    loss_fn_builder, model_options: tuple = ()) -> tuple[Any, optax.GradientTransformation, Any, Any, Any]:
     """(model, optimizer, compiled train step, eval step, compiled init) for one configuration, built once per
     process.
 
     The optimizer is static in :class:`~gradjax.train.TrainState` and the loss closes over ``model.apply``, so
-    rebuilding them would make every retraining (ROAR trains one model per removal fraction) recompile."""
-    model = create_model(model_name, num_classes, activation=activation, width=width)
+    rebuilding them would make every retraining (ROAR trains one model per removal fraction) recompile.
+    ``model_options``: extra :func:`gradjax.models.create_model` keywords as ``((name, value), ...)`` (hashable)."""
+    model = create_model(model_name, num_classes, activation=activation, width=width, **dict(model_options))
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(100, total_steps // 10 + 1), total_steps)
     tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(schedule, momentum=0.9, nesterov=True))
     step = gtrain.jit_train_step(loss_fn_builder(model.apply), num_classes=num_classes)
@@ -137,22 +138,27 @@ def _sharded_step(model_name: str, width: float, activation: str, num_classes: i
 
 def train_classifier(train: gdata.ArrayDataset, test: gdata.ArrayDataset, scale: Scale, *, seed: int = 0,
                      activation: str = "relu", checkpoint_dir: Optional[str] = None, log_path: Optional[str] = None,
-                     progress: bool = True, loss_fn_builder=None) -> tuple[gtrain.TrainState, list[dict], Any]:
+                     progress: bool = True, loss_fn_builder=None,
+                     model_options: Optional[dict] = None) -> tuple[gtrain.TrainState, list[dict], Any]:
     """Train ``scale.model`` with SGD + momentum + cosine schedule; returns (state, metric records, model).
 
     Calls with the same model, data size and schedule reuse one compiled train step. In a multi-process run
     (``jax.process_count() > 1``) the step is sharded over all devices of all processes, ``batch_size`` is the
     global batch (a multiple of the global device count), each process reads only its rows of every batch, and
-    evaluation is the distributed one; the returned state is replicated over all devices."""
+    evaluation is the distributed one; the returned state is replicated over all devices. ``model_options``: extra
+    :func:`gradjax.models.create_model` keywords (e.g. ``{"padding": "circular"}``; single-process runs)."""
     bs = min(scale.batch_size, len(train))
     steps_per_epoch = max(1, gdata.steps_per_epoch(train, bs))
     model, tx, step, eval_step, init_fn = _training_setup(scale.model, scale.width, activation, train.num_classes, scale.lr,
                                                  scale.epochs * steps_per_epoch,
-                                                 loss_fn_builder or gtrain.classification_loss)
+                                                 loss_fn_builder or gtrain.classification_loss,
+                                                 tuple(sorted((model_options or {}).items())))
     state = gtrain.create_train_state(model, tx, train.images[:2], seed=seed, init_fn=init_fn)
     eval_fn = lambda s: gtrain.evaluate(s, gdata.batches(test, 256, shuffle=False, drop_remainder=False), eval_step)
     epoch_batches = lambda epoch, start: gdata.batches(train, bs, seed=seed, epoch=epoch, start=start)
     if jax.process_count() > 1:
+        if model_options:
+            raise ValueError("model_options are supported in single-process runs only.")
         mesh = gdist.global_mesh()
         step = _sharded_step(scale.model, scale.width, activation, train.num_classes, scale.lr,
                              scale.epochs * steps_per_epoch, loss_fn_builder or gtrain.classification_loss, mesh)

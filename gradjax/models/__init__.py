@@ -21,10 +21,11 @@ MODEL_NAMES = tuple(VGG_CONFIGS) + ("resnet18", "mlp")
 
 def create_model(name: str, num_classes: int, *, activation: str = "relu", beta: float = 10.0,
                  width: float = 1.0, axis_name: Optional[str] = None, hidden: tuple[int, ...] = (128, 128),
-                 dropout: float = 0.0) -> nn.Module:
+                 dropout: float = 0.0, padding: str = "zero") -> nn.Module:
     """Build a model by name. ``width`` scales every channel count (1.0 = thesis); ``axis_name`` is
     BatchNorm's cross-device axis for ``pmap`` training; ``dropout`` (VGG only) the rate of a dropout layer after
-    every max-pool (Table 2.2's baseline: 0.25)."""
+    every max-pool (Table 2.2's baseline: 0.25); ``padding`` (VGG only) the convolutions' border rule, ``"zero"``,
+    ``"reflect"`` or ``"circular"``."""
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1); got {dropout}.")
     if activation not in ("relu", "softplus"):
@@ -33,7 +34,10 @@ def create_model(name: str, num_classes: int, *, activation: str = "relu", beta:
         raise ValueError(f"num_classes must be >= 1; got {num_classes}.")
     key = name.lower().replace("-", "").replace("_", "")
     if key in VGG_CONFIGS:
-        return VGG(VGG_CONFIGS[key], num_classes, activation, beta, width, axis_name=axis_name, dropout=dropout)
+        return VGG(VGG_CONFIGS[key], num_classes, activation, beta, width, axis_name=axis_name, dropout=dropout,
+                   padding=padding)
+    if padding != "zero":
+        raise ValueError(f"padding is a VGG option; {name!r} has only zero padding.")
     if dropout:
         raise ValueError(f"dropout is a VGG option; {name!r} has none.")
     if key == "resnet18":

@@ -75,8 +75,21 @@ class TappedDense(nn.Module):
         return bias_tap(self, z + b, b)
 
 
+PADDINGS = ("zero", "reflect", "circular")
+"""How :class:`TappedConv` fills the border of its 'SAME' output: zeros (default), the mirrored image
+(``jnp.pad(mode="reflect")``) or the opposite edge (``mode="wrap"``, a torus: every position has the same number of
+paths to the output)."""
+
+
+def _same_pads(n: int, k: int, s: int) -> tuple[int, int]:
+    """(before, after) padding of one axis for 'SAME' output size ``ceil(n / s)`` (as ``lax``'s 'SAME')."""
+    total = max((-(-n // s) - 1) * s + k - n, 0)
+    return total // 2, total - total // 2
+
+
 class TappedConv(nn.Module):
-    """2-D convolution (NHWC, 'SAME' padding) ``z = W * x + b`` with ``b`` exposed as a bias tap."""
+    """2-D convolution (NHWC, 'SAME' output size) ``z = W * x + b`` with ``b`` exposed as a bias tap; ``padding``
+    is one of :data:`PADDINGS` (default ``"zero"``)."""
 
     features: int
     kernel_size: Sequence[int] = (3, 3)
@@ -84,13 +97,21 @@ class TappedConv(nn.Module):
     use_bias: bool = True
     kernel_init: Callable = nn.initializers.kaiming_normal()
     bias_init: Callable = nn.initializers.zeros_init()
+    padding: str = "zero"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {', '.join(PADDINGS)}; got {self.padding!r}.")
         kernel = self.param("kernel", self.kernel_init, (*self.kernel_size, x.shape[-1], self.features))
         kernel = kernel.astype(jnp.result_type(x, kernel))
+        pad = "SAME"
+        if self.padding != "zero":
+            pads = [_same_pads(n, k, s) for n, k, s in zip(x.shape[1:3], self.kernel_size, self.strides)]
+            x = jnp.pad(x, ((0, 0), *pads, (0, 0)), mode={"reflect": "reflect", "circular": "wrap"}[self.padding])
+            pad = "VALID"
         z = lax.conv_general_dilated(
-            x, kernel, window_strides=tuple(self.strides), padding="SAME",
+            x, kernel, window_strides=tuple(self.strides), padding=pad,
             dimension_numbers=("NHWC", "HWIO", "NHWC"))
         if not self.use_bias:
             return z

@@ -1,0 +1,96 @@
+"""The FullGrad randomization study (issue 14): conv padding modes, the study's variants and cascades."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from experiments import randomization_study as RS
+from gradjax import metrics as M
+from gradjax import saliency as S
+from gradjax.models import create_model
+from gradjax.models.layers import TappedConv
+
+pytestmark = pytest.mark.usefixtures("fast_compilation")
+
+
+@pytest.mark.parametrize("padding,mode", [("reflect", "reflect"), ("circular", "wrap")])
+def test_conv_padding_modes_match_numpy_padding(padding, mode):
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 5, 3))
+    conv = TappedConv(4, padding=padding)
+    v = conv.init(jax.random.PRNGKey(1), x)
+    k, b = v["params"]["kernel"], v["params"]["bias"]
+    xp = np.pad(np.asarray(x), ((0, 0), (1, 1), (1, 1), (0, 0)), mode=mode)
+    ref = lax.conv_general_dilated(jnp.asarray(xp), k, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(np.asarray(conv.apply(v, x)), np.asarray(ref + b), rtol=1e-5, atol=1e-5)
+    # zero padding is lax's 'SAME', and differs from the other modes at the border only
+    z = TappedConv(4).apply(v, x)
+    same = lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")) + b
+    np.testing.assert_allclose(np.asarray(z), np.asarray(same), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(z)[:, 1:-1, 1:-1], np.asarray(ref + b)[:, 1:-1, 1:-1], rtol=1e-5, atol=1e-5)
+
+
+def test_padding_errors():
+    with pytest.raises(ValueError, match="padding must be one of"):
+        TappedConv(2, padding="edge").init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 1)))
+    with pytest.raises(ValueError, match="VGG option"):
+        create_model("mlp", 10, padding="circular")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """VGG-4 (width 1/8) on 16x16: block resolutions 16 / 8 / 4, circular and zero padding, same weights."""
+    x = jax.random.normal(jax.random.PRNGKey(2), (3, 16, 16, 1))
+    zero, circ = (create_model("vgg4", 10, width=0.125, padding=p) for p in ("zero", "circular"))
+    v = zero.init(jax.random.PRNGKey(3), x[:1])
+    return zero, circ, v, x
+
+
+def test_circular_padding_removes_the_position_dependence_of_bias_gradients(tiny):
+    """With circular padding the network is equivariant to circular shifts by its total stride (8 here), so every
+    layer's feature gradient (hence bias-gradient) map shifts with the input: no position (centre) prior from the architecture. With zero
+    padding the border positions differ and the maps do not shift with the input."""
+    zero, circ, v, x = tiny
+    t = jnp.array([1, 2, 3])
+    shift = lambda a, s: jnp.roll(a, s, axis=(1, 2))  # noqa: E731
+    for model, equivariant in ((circ, True), (zero, False)):
+        h = S.ModelHandle(model.apply, v)
+        d0 = S.tap_gradients(h, x, t).tap_gradients  # grad_{z_l} f (the biases are 0 at initialization)
+        d1 = S.tap_gradients(h, shift(x, (8, 8)), t).tap_gradients
+        for k, g in d0.items():
+            if g.ndim != 4:
+                continue
+            s = 8 * g.shape[1] // 16  # the shift at this layer's resolution
+            err = float(jnp.max(jnp.abs(shift(g, (s, s)) - d1[k]))) / float(jnp.max(jnp.abs(g)))
+            assert (err < 1e-4) == equivariant, (k, err)
+
+
+def test_study_variants_are_sums_of_fullgrads_parts(tiny):
+    zero, _, v, x = tiny
+    h = S.ModelHandle(zero.apply, v)
+    t = jnp.array([0, 5, 9])
+    res = RS.layer_resolutions(h, x)
+    assert res == {"block0": 16, "block1": 8, "block2": 4}
+    fn = RS.make_study_fn(h, res, 16)
+    out = fn(v["params"], v["batch_stats"], x, t)
+    np.testing.assert_allclose(np.asarray(out["fullgrad"]), np.asarray(S.fullgrad(h, x, t)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out["fullgrad_old"]), np.asarray(S.fullgrad(h, x, t, merge="none", eps=0.0)),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out["gradient"]), np.asarray(S.input_gradient(h, x, t)), rtol=1e-5)
+    parts = {k: np.asarray(out[f"bias:{k}@{r}"]) for k, r in res.items()}
+    inp = np.asarray(out["input_term"])
+    np.testing.assert_allclose(np.asarray(out["bias_terms"]), sum(parts.values()), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out["min_res_8"]), inp + parts["block0"] + parts["block1"], rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out["res_weighted"]),
+                               inp + parts["block0"] + parts["block1"] / 2 + parts["block2"] / 4, rtol=1e-5, atol=1e-5)
+
+
+def test_stats_cascade_resets_the_randomized_layers_only():
+    bs = {"block0": {"bn": {"mean": jnp.ones(2)}}, "block1": {"bn": {"mean": 2 * jnp.ones(2)}}}
+    fresh = {"block0": {"bn": {"mean": jnp.zeros(2)}}, "block1": {"bn": {"mean": jnp.zeros(2)}}}
+    stages = RS.stats_cascade(bs, fresh, ["block0", "block1", "head"])
+    assert len(stages) == 4
+    assert stages[0] is not None and stages[0]["block1"] is bs["block1"] and stages[1]["block1"] is bs["block1"]
+    assert stages[2]["block1"] is fresh["block1"] and stages[2]["block0"] is bs["block0"]
+    assert stages[3]["block0"] is fresh["block0"]
