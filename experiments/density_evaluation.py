@@ -1,0 +1,511 @@
+"""Implicit density models II (thesis ch. 5, §5.5–5.6): density ratios (Fig. 5.1), activity-maximization and
+Langevin samples (Fig. 5.2), GAN-test (Table 5.1), discriminative pixel perturbation (Fig. 5.3a/b), gradient
+visualizations (Fig. 5.4), denoising (Fig. 5.8); optionally the λ × μ sweep (Table 5.2) and, beyond the thesis, the
+trace-estimator study at equal step cost.
+
+    python -m experiments.density_models --scale small --out runs/density-small          # the four models first
+    python -m experiments.density_evaluation --scale small --models runs/density-small --seeds 0 --keys 0 1 2 \\
+        --out runs/density-eval-small [--sweep] [--estimators]
+
+Thin over the library: :mod:`gradjax.density` (log-density, ratios, GAN-test, judge independence),
+:mod:`gradjax.sampling` (ascent / Langevin / denoising), :mod:`gradjax.discriminative` (pixel perturbation), and
+:mod:`experiments.density_models` (its ``Trainer`` trains the sweep's and the study's score-matching models,
+``load_trained`` loads the four models). The GAN-test judge is a classifier of another architecture
+(``--judge-model``, VGG by default) trained here with :func:`experiments.common.train_classifier` on the same raw
+[0, 1] training split, from its own seed; :func:`gradjax.density.check_independent_judge` is asserted against every
+generator.
+
+Settings where the thesis is silent (PROTOCOLS "Decisions"): samples start from ``U(0, 1)`` noise and run the
+authors' ascent (``x ← clip(x + η(∇f_y − λ_wd(x − 0.5)), 0, 1)``, 500 steps, η = 0.1, λ_wd = 1e-2 at paper scale);
+Langevin adds ``sqrt(2 η T) ξ`` (``--langevin-step``, ``--temperature``); denoising: noise 0.1, 200 steps, η = 0.01;
+density ratios: label class, test split, noise std 0 … 0.5, mean ratio and mean log-ratio; pixel perturbation: the
+thesis's settings (``--pixel-settings authors`` for the authors' code).
+
+Output under ``--out``: ``results.json``, ``results.md`` and PNGs (``ratios.png``, ``samples_<kind>.png``,
+``pixel_own.png``, ``pixel_baseline.png``, ``gradients.png``, ``denoise.png``).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import density_models as DM
+from experiments.common import Scale, environment, markdown_table, train_classifier, write_results
+from gradjax import density as D
+from gradjax import discriminative as P
+from gradjax import gradients as G
+from gradjax import sampling as S
+from gradjax import viz
+
+OBJECTIVES = DM.OBJECTIVES
+SHORT = {"baseline": "baseline", "score_matching": "SM", "anti_score_matching": "anti-SM", "gradient_norm": "GN"}
+
+THESIS_GAN_TEST = {"baseline": 59.47, "score_matching": 72.75, "anti_score_matching": 16.40, "gradient_norm": 80.07}
+"""Table 5.1, CIFAR-100 GAN-test (%) — reference values, not ours."""
+
+THESIS_TABLE_5_2 = {  # (lambda, mu) -> (accuracy %, GAN-test %), CIFAR-100 — reference values
+    (1e-2, 1e-2): (48.68, 51.60), (1e-2, 1e-3): (64.57, 58.90), (1e-2, 1e-4): (64.75, 76.46),
+    (1e-2, 1e-5): (9.08, 0.97), (1e-3, 1e-2): (64.64, 56.78), (1e-3, 1e-3): (71.37, 40.72),
+    (1e-3, 1e-4): (72.34, 73.39), (1e-3, 1e-5): (34.46, 3.3), (1e-4, 1e-2): (69.85, 41.30),
+    (1e-4, 1e-3): (73.97, 72.07), (1e-4, 1e-4): (75.65, 79.39), (1e-4, 1e-5): (72.97, 61.52),
+    (1e-5, 1e-2): (73.29, 68.94), (1e-5, 1e-3): (75.37, 85.64), (1e-5, 1e-4): (76.40, 63.96),
+    (1e-5, 1e-5): (74.80, 78.41), (1e-6, 1e-2): (75.43, 82.81), (1e-6, 1e-3): (75.90, 66.11),
+    (1e-6, 1e-4): (76.77, 65.91), (1e-6, 1e-5): (75.91, 65.52)}
+
+ESTIMATOR_STUDY = (  # equal step cost: two extra network evaluations per example for every row
+    ("taylor one-sided (eq. 5.9), 2 probes", dict(estimator="taylor", form="one_sided", num_probes=2)),
+    ("taylor antithetic, 1 probe pair", dict(estimator="taylor", form="antithetic", num_probes=1)),
+    ("taylor control variate, 2 probes", dict(estimator="taylor", form="control_variate", num_probes=2)),
+    ("hutchinson, 1 probe", dict(estimator="hutchinson", num_probes=1)),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalScale:
+    n_eval: int              # test examples for ratios, pixel perturbation, denoising
+    num_draws: int           # noise draws per example and noise level (density ratios)
+    per_class: int           # GAN-test samples per class
+    sample_steps: int
+    sample_lr: float
+    sample_wd: float
+    langevin_step: float
+    vis_steps: int
+    denoise_steps: int
+    judge_model: str
+    judge_width: float
+    judge_epochs: int
+    n_denoise: int
+    sweep_epochs: int
+    sweep_max_train: Optional[int]
+    noise_stds: tuple = D.THESIS_NOISE_STDS
+
+
+EVAL_SCALES = {
+    "smoke": EvalScale(16, 1, 2, 5, 0.1, 1e-2, 1e-3, 5, 5, "vgg4", 0.0625, 1, 8, 1, 64,
+                       noise_stds=(0.0, 0.1, 0.5)),
+    "small": EvalScale(250, 4, 10, 500, 0.1, 1e-2, 1e-3, 1000, 200, "vgg9", 0.25, 6, 64, 2, 2048),
+    "paper": EvalScale(10000, 4, 100, 500, 0.1, 1e-2, 1e-3, 1000, 200, "vgg9", 1.0, 100, 1000, 200, None),
+}
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+def _fn(apply_fn, variables):
+    return lambda x: apply_fn(variables, x, train=False)
+
+
+class Compiled:
+    """The evaluation functions, jitted once per architecture and reused for every model (variables are
+    arguments, never closed over)."""
+
+    def __init__(self, apply_fn, es: EvalScale):
+        self.ratios = jax.jit(lambda v, x, y, k: D.density_ratios(_fn(apply_fn, v), x, y, k,
+                                                                  noise_stds=es.noise_stds,
+                                                                  num_draws=es.num_draws).log_ratio)
+        self.sample = jax.jit(lambda v, y, k, shape, steps, lr, wd, t: S.sample_from_noise(
+            _fn(apply_fn, v), y, k, shape, steps=steps, step_size=lr, weight_decay=wd, temperature=t),
+            static_argnums=(3, 4, 5, 6, 7))
+        self.denoise = jax.jit(lambda v, x, y, k: S.denoise(_fn(apply_fn, v), x, y, k, steps=es.denoise_steps))
+        self.grad = jax.jit(lambda v, x, y: G.logit_gradient(_fn(apply_fn, v), x, y))
+        self.pixel = jax.jit(lambda ve, vg, x, y, fr, rel, fill: P.discriminative_pixel_perturbation(
+            _fn(apply_fn, ve), x, y, gradient_fn=_fn(apply_fn, vg), fractions=fr, relevance=rel, fill=fill),
+            static_argnums=(4, 5, 6))
+
+
+def _chunks(n, size):
+    return [(i, min(n, i + size)) for i in range(0, n, size)]
+
+
+def _ms(values):
+    v = np.asarray(values, np.float64)
+    return float(v.mean()), float(v.std())
+
+
+def train_judge(es: EvalScale, train_ds, test_ds, *, seed: int, out: str, judge_dir: Optional[str] = None,
+                progress: bool = False):
+    """The GAN-test judge: ``es.judge_model`` (ReLU) trained with the engine on the raw training split, from its own
+    seed. With ``judge_dir`` the run checkpoints there and a finished judge is reused (resumed, no training).
+    Returns ``(state, model, test accuracy)``."""
+    bs = 128 if len(train_ds) >= 1024 else max(8, len(train_ds) // 8)
+    sc = Scale(model=es.judge_model, width=es.judge_width, epochs=es.judge_epochs, batch_size=bs, lr=0.05)
+    state, _, model = train_classifier(train_ds, test_ds, sc, seed=seed, progress=progress, checkpoint_dir=judge_dir,
+                                       log_path=os.path.join(out, "judge_metrics.jsonl"))
+    judge = jax.jit(_fn(model.apply, state.variables))
+    pred = np.concatenate([np.argmax(np.asarray(judge(jnp.asarray(test_ds.images[a:b]))), -1)
+                           for a, b in _chunks(len(test_ds), 500)])
+    return state, model, float(np.mean(pred == test_ds.labels))
+
+
+def gan_test_of(compiled: Compiled, variables, judge_fn, num_classes: int, per_class: int, shape, key, *,
+                steps: int, lr: float, wd: float, temperature: float = 0.0, batch: int = 100):
+    """GAN-test accuracy of ``per_class`` samples per class from noise (and the samples)."""
+    labels = np.repeat(np.arange(num_classes), per_class).astype(np.int32)
+    keys = jax.random.split(key, len(_chunks(len(labels), batch)))
+    samples = []
+    for k, (a, b) in zip(keys, _chunks(len(labels), batch)):
+        r = compiled.sample(variables, jnp.asarray(labels[a:b]), k, (b - a, *shape), steps, lr, wd, temperature)
+        samples.append(np.asarray(r.samples))
+    samples = np.concatenate(samples)
+    return float(D.gan_test(judge_fn, jnp.asarray(samples), jnp.asarray(labels))), samples, labels
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def evaluate_models(models: dict, test_ds, es: EvalScale, keys, judge, *, pixel_settings: str = "thesis",
+                    parts=("ratios", "samples", "gan", "pixel", "grads", "denoise"), out: str = ".",
+                    compiled: Optional[Compiled] = None, langevin_keys: Optional[int] = None) -> dict:
+    """All evaluations of §5.5–5.6 on ``models`` = ``{objective: (apply_fn, variables)}`` (one architecture;
+    pass ``compiled`` to reuse the jitted functions of an earlier call on the same architecture)."""
+    compiled = compiled or Compiled(next(iter(models.values()))[0], es)
+    n = min(es.n_eval, len(test_ds))
+    x, y = test_ds.images[:n], test_ds.labels[:n].astype(np.int32)
+    shape, K = tuple(test_ds.image_shape), test_ds.num_classes
+    judge_fn = judge
+    res: dict = {}
+    bsz = 250
+
+    if "ratios" in parts:
+        res["density_ratios"] = {}
+        for obj, (_, v) in models.items():
+            per_key = []
+            for kk in keys:
+                lr = np.concatenate([np.asarray(compiled.ratios(v, jnp.asarray(x[a:b]), jnp.asarray(y[a:b]),
+                                                                jax.random.fold_in(jax.random.PRNGKey(kk), a)))
+                                     for a, b in _chunks(n, bsz)], axis=2)  # [S, N, n]
+                per_key.append({"mean_ratio": np.exp(lr).mean(axis=(1, 2)), "mean_log_ratio": lr.mean(axis=(1, 2)),
+                                "median_ratio": np.median(np.exp(lr), axis=(1, 2))})
+            mr = np.stack([p["mean_ratio"] for p in per_key])
+            ml = np.stack([p["mean_log_ratio"] for p in per_key])
+            md = np.stack([p["median_ratio"] for p in per_key])
+            res["density_ratios"][obj] = {
+                "noise_stds": list(es.noise_stds), "mean_ratio": mr.mean(0).tolist(), "mean_ratio_std": mr.std(0).tolist(),
+                "median_ratio": md.mean(0).tolist(), "mean_log_ratio": ml.mean(0).tolist(),
+                "log_ratio_slope": D.log_ratio_slope(es.noise_stds, ml.mean(0))}
+        viz._curves({SHORT[o]: (np.asarray(es.noise_stds), np.asarray(r["median_ratio"]))
+                     for o, r in res["density_ratios"].items()}, os.path.join(out, "ratios.png"),
+                    "noise std", "median exp(f_y(x+eta) - f_y(x))", "density ratios (Fig. 5.1)", False, 100)
+
+    if "gan" in parts:
+        res["gan_test"], res["gan_test_langevin"] = {}, {}
+        for obj, (_, v) in models.items():
+            accs, laccs = [], []
+            for i, kk in enumerate(keys):
+                key = jax.random.PRNGKey(10_000 + kk)
+                acc, _, _ = gan_test_of(compiled, v, judge_fn, K, es.per_class, shape, key,
+                                        steps=es.sample_steps, lr=es.sample_lr, wd=es.sample_wd)
+                accs.append(acc)
+                if langevin_keys is None or i < langevin_keys:
+                    lacc, _, _ = gan_test_of(compiled, v, judge_fn, K, es.per_class, shape, key,
+                                             steps=es.sample_steps, lr=es.langevin_step, wd=es.sample_wd,
+                                             temperature=1.0)
+                    laccs.append(lacc)
+            res["gan_test"][obj] = dict(zip(("mean", "std"), _ms(accs)), per_key=accs)
+            res["gan_test_langevin"][obj] = dict(zip(("mean", "std"), _ms(laccs)), per_key=laccs)
+
+    if "samples" in parts:  # Fig. 5.2: one sample per class, es.vis_steps steps, first key
+        labels = jnp.arange(K, dtype=jnp.int32)
+        key = jax.random.PRNGKey(30_000 + keys[0])
+        for kind, lr_, t in (("ascent", es.sample_lr, 0.0), ("langevin", es.langevin_step, 1.0)):
+            g = {obj: np.asarray(compiled.sample(v, labels, key, (K, *shape), es.vis_steps, lr_, es.sample_wd,
+                                                 t).samples) for obj, (_, v) in models.items()}
+            res.setdefault("vis_judge_accuracy", {})[kind] = {
+                obj: float(D.gan_test(judge_fn, jnp.asarray(im), labels)) for obj, im in g.items()}
+            _sample_grid(g, os.path.join(out, f"samples_{kind}.png"),
+                         f"{'activity maximization' if kind == 'ascent' else 'Langevin (T = 1)'}, {es.vis_steps} "
+                         "steps from U(0, 1) noise: one sample per class")
+
+    if "pixel" in parts:
+        st = P.THESIS if pixel_settings == "thesis" else P.AUTHORS
+        fr = tuple(st["fractions"])
+        fill = st["fill"]
+        base_v = models["baseline"][1] if "baseline" in models else None
+
+        def curve(ve, vg):
+            c = [np.asarray(compiled.pixel(ve, vg, jnp.asarray(x[a:b]), jnp.asarray(y[a:b]), fr, st["relevance"],
+                                           fill).correct) for a, b in _chunks(n, bsz)]
+            return np.concatenate(c, axis=1).mean(axis=1)
+
+        res["pixel_own"] = {o: curve(v, v).tolist() for o, (_, v) in models.items()}
+        if base_v is not None:
+            res["pixel_baseline"] = {o: curve(base_v, v).tolist() for o, (_, v) in models.items()}
+        res["pixel_fractions"] = list(fr)
+        res["pixel_settings"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in st.items()}
+        for name in ("pixel_own", "pixel_baseline"):
+            if name in res:
+                viz.perturbation_curves({SHORT[o]: (np.asarray(fr), np.asarray(c)) for o, c in res[name].items()},
+                                        os.path.join(out, f"{name}.png"), ylabel="accuracy",
+                                        title=("own gradients (Fig. 5.3a)" if name == "pixel_own" else
+                                               "baseline model, each model's gradients (Fig. 5.3b)"))
+
+    if "grads" in parts:
+        idx = _one_per_class(y, K)[:8]
+        maps = {SHORT[o]: np.asarray(compiled.grad(v, jnp.asarray(x[idx]), jnp.asarray(y[idx]))).sum(-1)
+                for o, (_, v) in models.items()}
+        viz.saliency_gallery(x[idx], maps, os.path.join(out, "gradients.png"), signed=list(maps),
+                             title="label-logit input-gradients (Fig. 5.4)")
+
+    if "denoise" in parts:
+        res["denoise"] = {}
+        m = min(n, es.n_denoise)
+        for obj, (_, v) in models.items():
+            rows = []
+            for kk in keys:
+                r = compiled.denoise(v, jnp.asarray(x[:m]), jnp.asarray(y[:m]), jax.random.PRNGKey(20_000 + kk))
+                s, st_, ld = np.asarray(r.samples), np.asarray(r.start), np.asarray(r.log_density)
+                rows.append({"mse_noisy": float(np.mean((st_ - x[:m]) ** 2)),
+                             "mse_denoised": float(np.mean((s - x[:m]) ** 2)),
+                             "f_gain": float(np.mean(ld[-1] - ld[0]))})
+            res["denoise"][obj] = {k: _ms([r[k] for r in rows]) for k in rows[0]}
+            if obj == next(iter(models)):
+                noisy_img = st_[:8]
+            res["denoise"][obj]["_images"] = s[:8]
+        _denoise_grid(x[:8], noisy_img, {o: res["denoise"][o].pop("_images") for o in res["denoise"]},
+                      os.path.join(out, "denoise.png"))
+    return res
+
+
+def _one_per_class(y, K):
+    idx = [int(np.flatnonzero(y == c)[0]) for c in range(K) if np.any(y == c)]
+    return np.asarray(idx)
+
+
+def _sample_grid(gallery: dict, path: str, title: str):
+    from matplotlib.figure import Figure
+    rows, cols = len(gallery), len(next(iter(gallery.values())))
+    fig = Figure(figsize=(1.0 * cols + 1, 1.0 * rows + 0.4))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for r, (obj, imgs) in enumerate(gallery.items()):
+        for c in range(cols):
+            img, cmap = viz._image_for_display(imgs[c]) if imgs[c].shape[-1] != 1 else (imgs[c][..., 0], "gray")
+            axes[r, c].imshow(img, cmap=cmap, vmin=0, vmax=1)
+            axes[r, c].set_xticks([]), axes[r, c].set_yticks([])
+            if c == 0:
+                axes[r, c].set_ylabel(SHORT.get(obj, obj), fontsize=8)
+            if r == 0:
+                axes[r, c].set_title(str(c), fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    viz._save(fig, path, 100)
+
+
+def _denoise_grid(clean, noisy, denoised: dict, path: str):
+    _sample_grid({"clean": clean, "noisy": noisy, **denoised}, path, "denoising (Fig. 5.8): ascent from data + noise")
+
+
+# ------------------------------------------------------------------------------------------- sweep and study
+def train_score_matching(scale, train_ds, test_ds, out: str, *, seed: int, preset: str = "thesis", **overrides):
+    """One score-matching model through :class:`experiments.density_models.Trainer` (the one engine)."""
+    tr = DM.Trainer(scale, train_ds, test_ds, preset=preset, overrides=overrides)
+    r = tr.run("score_matching", seed, out)
+    _, state, _ = DM.load_trained(r["run_dir"])
+    recs = [json.loads(l) for l in open(os.path.join(r["run_dir"], "metrics.jsonl"))]
+    train = [q for q in recs if "loss" in q and "elapsed_s" in q]
+    sps = ((train[-1]["elapsed_s"] - train[0]["elapsed_s"]) / max(1, train[-1]["step"] - train[0]["step"])
+           if len(train) >= 2 else float("nan"))
+    return r, state, tr.model.apply, sps
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--scale", choices=sorted(EVAL_SCALES), default="small")
+    p.add_argument("--models", default=None, help="output directory of experiments.density_models")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds of the models to evaluate")
+    p.add_argument("--keys", nargs="+", type=int, default=[0, 1, 2], help="sampling / noise key seeds")
+    p.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES))
+    p.add_argument("--parts", nargs="+", default=["ratios", "samples", "gan", "pixel", "grads", "denoise"],
+                   choices=["ratios", "samples", "gan", "pixel", "grads", "denoise"])
+    p.add_argument("--pixel-settings", choices=["thesis", "authors"], default="thesis")
+    p.add_argument("--judge-model", default=None)
+    p.add_argument("--judge-seed", type=int, default=1234)
+    p.add_argument("--judge-dir", default=None, help="checkpoint directory of the judge (a finished one is reused)")
+    p.add_argument("--langevin-keys", type=int, default=None,
+                   help="run the Langevin GAN-test for the first this many keys only (default: all)")
+    p.add_argument("--n-eval", type=int, default=None)
+    p.add_argument("--per-class", type=int, default=None)
+    p.add_argument("--sample-steps", type=int, default=None)
+    p.add_argument("--langevin-step", type=float, default=None)
+    p.add_argument("--sweep", action="store_true", help="train and evaluate the lambda x mu grid (Table 5.2)")
+    p.add_argument("--lams", nargs="+", type=float, default=[1e-2, 1e-3, 1e-4])
+    p.add_argument("--mus", nargs="+", type=float, default=[1e-2, 1e-3, 1e-4])
+    p.add_argument("--estimators", action="store_true", help="the trace-estimator study at equal step cost")
+    p.add_argument("--sweep-epochs", type=int, default=None)
+    p.add_argument("--sweep-max-train", type=int, default=None)
+    p.add_argument("--out", default=None)
+    p.add_argument("--progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    es = EVAL_SCALES[args.scale]
+    es = dataclasses.replace(es, **{k: v for k, v in dict(
+        judge_model=args.judge_model, n_eval=args.n_eval, per_class=args.per_class, sample_steps=args.sample_steps,
+        langevin_step=args.langevin_step, sweep_epochs=args.sweep_epochs,
+        sweep_max_train=args.sweep_max_train).items() if v is not None})
+    models_dir = args.models or os.path.join("runs", "density-small")
+    out = args.out or os.path.join("runs", f"density-eval-{args.scale}")
+    os.makedirs(out, exist_ok=True)
+    t_start = time.time()
+
+    loaded = {s: {o: DM.load_trained(os.path.join(models_dir, o, f"seed{s}")) for o in args.objectives}
+              for s in args.seeds}
+    cfg0 = next(iter(loaded[args.seeds[0]].values()))[2]
+    scale = dataclasses.replace(DM.SCALES[args.scale], dataset=cfg0.dataset, image_size=cfg0.image_shape[0],
+                                model=cfg0.model, width=cfg0.width)
+    train_ds, test_ds = DM.load_raw_splits(scale)
+    if tuple(test_ds.image_shape) != tuple(cfg0.image_shape):
+        raise ValueError(f"the models were trained on {cfg0.image_shape} images; the data here is "
+                         f"{test_ds.image_shape}.")
+
+    if es.judge_model == cfg0.model:
+        raise ValueError(f"--judge-model must be another architecture than the generators' ({cfg0.model}); "
+                         f"got {es.judge_model!r}.")
+    judge_state, judge_model, judge_acc = train_judge(es, train_ds, test_ds, seed=args.judge_seed, out=out,
+                                                      judge_dir=args.judge_dir and os.path.abspath(args.judge_dir),
+                                                      progress=args.progress)
+    judge = jax.jit(_fn(judge_model.apply, judge_state.variables))
+    for s in args.seeds:
+        for o, (_, st, _) in loaded[s].items():
+            D.check_independent_judge(judge_state.params, st.params)
+
+    compiled = Compiled(next(iter(loaded[args.seeds[0]].values()))[0].apply, es)
+    per_seed = {}
+    for s in args.seeds:
+        models = {o: (m.apply, st.variables) for o, (m, st, _) in loaded[s].items()}
+        per_seed[s] = evaluate_models(models, test_ds, es, args.keys, judge, pixel_settings=args.pixel_settings,
+                                      parts=args.parts, out=out, compiled=compiled,
+                                      langevin_keys=args.langevin_keys)
+    results = {"scale": dataclasses.asdict(es), "models": models_dir, "seeds": args.seeds, "keys": args.keys,
+               "judge": {"model": es.judge_model, "width": es.judge_width, "epochs": es.judge_epochs,
+                         "seed": args.judge_seed, "test_accuracy": judge_acc},
+               "per_seed": per_seed, "environment": environment(),
+               "command": "python -m experiments.density_evaluation " + " ".join(
+                   argv if argv is not None else __import__("sys").argv[1:])}
+    results["summary"] = summarize(per_seed, args.objectives)
+    md = report(results)
+
+    if args.sweep or args.estimators:
+        sw_scale = dataclasses.replace(scale, epochs=es.sweep_epochs, max_train=es.sweep_max_train)
+        sw_train, sw_test = DM.load_raw_splits(sw_scale)
+        base = None
+        if args.sweep:
+            rows = []
+            for lam in args.lams:
+                for mu in args.mus:
+                    r, st, _, sps = train_score_matching(sw_scale, sw_train, sw_test,
+                                                                os.path.join(out, "sweep", f"lam{lam:g}_mu{mu:g}"),
+                                                                seed=args.seeds[0], lam=lam, mu=mu)
+                    rows.append(_trained_row(r, st, compiled, judge, judge_state, es, test_ds, args.keys,
+                                             dict(lam=lam, mu=mu, seconds_per_step=sps)))
+            results["sweep"] = {"scale": dataclasses.asdict(sw_scale), "rows": rows}
+        if args.estimators:
+            rows = []
+            for name, ov in ESTIMATOR_STUDY:
+                r, st, _, sps = train_score_matching(sw_scale, sw_train, sw_test,
+                                                            os.path.join(out, "estimators", ov.get("form",
+                                                                                                   ov["estimator"])),
+                                                            seed=args.seeds[0], **ov)
+                rows.append(_trained_row(r, st, compiled, judge, judge_state, es, test_ds, args.keys,
+                                         dict(estimator=name, seconds_per_step=sps)))
+            results["estimators"] = {"scale": dataclasses.asdict(sw_scale), "rows": rows}
+        md = report(results)
+    results["seconds"] = time.time() - t_start
+    write_results(out, results, md)
+    print(md)
+    return results
+
+
+def _trained_row(r, st, compiled, judge, judge_state, es, test_ds, keys, extra) -> dict:
+    """Accuracy, GAN-test (over ``keys``) and density-ratio slope of one freshly trained model (same architecture
+    as the evaluated models: their compiled functions are reused)."""
+    D.check_independent_judge(judge_state.params, st.params)
+    ev = evaluate_models({"score_matching": (st.apply_fn, st.variables)}, test_ds, es, keys, judge,
+                         parts=("ratios", "gan"), out=os.path.dirname(r["run_dir"]), compiled=compiled)
+    return {**extra, "test_accuracy": r["test_accuracy"], "test_accuracy_batch_stats": r["test_accuracy_batch_stats"],
+            "diverged": r["diverged"], "steps": r["steps"], "gan_test": ev["gan_test"]["score_matching"],
+            "gan_test_langevin": ev["gan_test_langevin"]["score_matching"],
+            "log_ratio_slope": ev["density_ratios"]["score_matching"]["log_ratio_slope"],
+            "trace_mean": r["trace_mean"], "grad_sq_norm_mean": r["grad_sq_norm_mean"]}
+
+
+def summarize(per_seed: dict, objectives) -> dict:
+    """Mean ± std over training seeds (each seed's value already averaged over keys)."""
+    seeds = list(per_seed)
+    out = {}
+    for o in objectives:
+        d = {}
+        first = per_seed[seeds[0]]
+        if "gan_test" in first:
+            d["gan_test"] = _ms([per_seed[s]["gan_test"][o]["mean"] for s in seeds])
+            d["gan_test_key_std"] = float(np.mean([per_seed[s]["gan_test"][o]["std"] for s in seeds]))
+            d["gan_test_langevin"] = _ms([per_seed[s]["gan_test_langevin"][o]["mean"] for s in seeds])
+        if "density_ratios" in first:
+            d["log_ratio_slope"] = _ms([per_seed[s]["density_ratios"][o]["log_ratio_slope"] for s in seeds])
+            d["median_ratio"] = np.mean([per_seed[s]["density_ratios"][o]["median_ratio"] for s in seeds], 0).tolist()
+            d["mean_ratio"] = np.mean([per_seed[s]["density_ratios"][o]["mean_ratio"] for s in seeds], 0).tolist()
+        if "pixel_own" in first:
+            d["pixel_own"] = np.mean([per_seed[s]["pixel_own"][o] for s in seeds], 0).tolist()
+            if "pixel_baseline" in first:
+                d["pixel_baseline"] = np.mean([per_seed[s]["pixel_baseline"][o] for s in seeds], 0).tolist()
+        if "denoise" in first:
+            d["denoise"] = {k: _ms([per_seed[s]["denoise"][o][k][0] for s in seeds])
+                            for k in ("mse_noisy", "mse_denoised", "f_gain")}
+        out[o] = d
+    return out
+
+
+def report(results: dict) -> str:
+    summ, parts = results["summary"], []
+    first = results["per_seed"][results["seeds"][0]]
+    pc = lambda t: f"{100 * t[0]:.1f} ± {100 * t[1]:.1f}"
+    if any("gan_test" in s for s in summ.values()):
+        parts.append("GAN-test (Table 5.1), judge " + f"{results['judge']['model']} "
+                     f"({100 * results['judge']['test_accuracy']:.1f} % test acc.)\n\n" + markdown_table(
+                         ["model", "GAN-test % (ascent)", "GAN-test % (Langevin T=1)", "thesis %"],
+                         [[SHORT[o], pc(s["gan_test"]), pc(s["gan_test_langevin"]), THESIS_GAN_TEST[o]]
+                          for o, s in summ.items()]))
+    if any("median_ratio" in s for s in summ.values()):
+        stds = first["density_ratios"][next(iter(summ))]["noise_stds"]
+        parts.append("Density ratios (Fig. 5.1), median exp(f_y(x+eta) - f_y(x)) over test examples and draws\n\n"
+                     + markdown_table(["model"] + [f"s={v:g}" for v in stds] + ["slope of mean log-ratio vs s^2"],
+                                      [[SHORT[o]] + [float(v) for v in s["median_ratio"]] +
+                                       [f"{s['log_ratio_slope'][0]:.4g}"] for o, s in summ.items()]))
+    if any("pixel_own" in s for s in summ.values()):
+        fr = first["pixel_fractions"]
+        for key, title in (("pixel_own", "own gradients (Fig. 5.3a)"),
+                           ("pixel_baseline", "baseline model, each model's gradients (Fig. 5.3b)")):
+            if key in next(iter(summ.values())):
+                parts.append(f"Discriminative pixel perturbation, {title}: accuracy % after removing the least "
+                             "relevant fraction\n\n" + markdown_table(
+                                 ["gradients of"] + [f"{v:g}" for v in fr],
+                                 [[SHORT[o]] + [f"{100 * v:.1f}" for v in s[key]] for o, s in summ.items()]))
+    if any("denoise" in s for s in summ.values()):
+        parts.append("Denoising (Fig. 5.8): MSE to the clean image\n\n" + markdown_table(
+            ["model", "noisy", "denoised", "f_y gain"],
+            [[SHORT[o], s["denoise"]["mse_noisy"][0], s["denoise"]["mse_denoised"][0], s["denoise"]["f_gain"][0]]
+             for o, s in summ.items()]))
+    if "sweep" in results:
+        parts.append("lambda x mu sweep (Table 5.2 corner)\n\n" + markdown_table(
+            ["lambda", "mu", "acc %", "acc % (batch stats)", "GAN-test %", "thesis acc / GAN-test", "diverged"],
+            [[r["lam"], r["mu"], f"{100 * r['test_accuracy']:.1f}", f"{100 * r['test_accuracy_batch_stats']:.1f}",
+              f"{100 * r['gan_test']['mean']:.1f} ± {100 * r['gan_test']['std']:.1f}",
+              "/".join(str(v) for v in THESIS_TABLE_5_2.get((r["lam"], r["mu"]), ("-", "-"))),
+              r["diverged"] is not None] for r in results["sweep"]["rows"]]))
+    if "estimators" in results:
+        parts.append("Trace estimators at equal step cost (score-matching, thesis preset)\n\n" + markdown_table(
+            ["estimator", "acc %", "acc % (batch stats)", "GAN-test %", "log-ratio slope", "s / step"],
+            [[r["estimator"], f"{100 * r['test_accuracy']:.1f}", f"{100 * r['test_accuracy_batch_stats']:.1f}",
+              f"{100 * r['gan_test']['mean']:.1f} ± {100 * r['gan_test']['std']:.1f}", r["log_ratio_slope"],
+              r["seconds_per_step"]] for r in results["estimators"]["rows"]]))
+    return "\n\n".join(parts)
+
+
+if __name__ == "__main__":
+    main()
