@@ -210,10 +210,10 @@ def main(argv=None) -> dict:
     pairs = layer_pairs(student_model, teacher_model, teacher_vars, train.images[:2])
     print(f"layer pairs (student, teacher): {pairs}", flush=True)
     frozen = {"teacher": teacher_vars}
-    trainers, results = {}, {m: {} for m in methods}
+    trainers, results, last_terms = {}, {m: {} for m in methods}, {m: {} for m in methods}
     for n in ns:
         for m in methods:
-            accs = []
+            accs, pen = [], []
             for s in range(seeds):
                 sub = gdata.n_per_class_subset(train, n, seed=s)
                 steps = steps_for(pre, len(sub), pre.student_steps, args.steps)
@@ -223,7 +223,10 @@ def main(argv=None) -> dict:
                                                     num_classes=K)
                 st = trainers[key].run(sub, seed=s, frozen=frozen)
                 accs.append(_ch2.accuracy(student_model.apply, st.variables, test)[0])
+                rec = trainers[key].last_records
+                pen.append({k: (rec[0][k], rec[-1][k]) for k in rec[-1] if k.startswith("term/") or k == "accuracy"})
             results[m][n] = _ch2.mean_std(accs)
+            last_terms[m][n] = pen  # (first, last) logged train-batch value of each term, per seed
             print(f"n={n:4d} {m:8s} {_ch2.fmt(results[m][n])}  ({time.time() - t0:.0f} s)", flush=True)
         _ch2.write(out, {"partial": True, "results": results, "teacher_accuracy": teacher_acc}, "partial\n")
 
@@ -245,7 +248,7 @@ def main(argv=None) -> dict:
            "teacher_accuracy": teacher_acc, "teacher_steps": t_steps, "pairs": [list(p_) for p_ in pairs],
            "student_steps": sorted({k[1] for k in trainers}), "batch_size": pre.batch_size, "weight": WEIGHT,
            "optimizer": f"adam {pre.lr} -> {pre.lr / 10} at {pre.drop_at:.0%} of steps", "results": results,
-           "thesis": THESIS, "wall_s": time.time() - t0, "environment": _ch2.environment(),
+           "train_terms_first_last": last_terms, "thesis": THESIS, "wall_s": time.time() - t0, "environment": _ch2.environment(),
            "command": "python -m experiments.distill_fullgrad " + " ".join(argv if argv is not None else sys.argv[1:])}
     _ch2.write(out, res, table)
     print(table)

@@ -100,7 +100,7 @@ def main(argv=None) -> dict:
     def run(student: str, method: str, n: int) -> dict:
         model = create_model(student, K, width=pre.width)
         pairs = DF.layer_pairs(model, teacher_model, teacher_vars, train.images[:2])
-        accs, curves, steps_axis, steps = [], [], None, None
+        accs, curves, terms, steps_axis, steps = [], [], {}, None, None
         trainer = None
         for s in range(seeds):
             sub = gdata.n_per_class_subset(train, n, seed=s)
@@ -112,12 +112,18 @@ def main(argv=None) -> dict:
             accs.append(_ch2.accuracy(model.apply, st.variables, test)[0])
             steps_axis, c = _curve(trainer.last_records)
             curves.append(c)
+            for k in trainer.last_records[-1]:
+                if k.startswith("term/") and k != "term/angle" or k == "accuracy":
+                    terms.setdefault(k, []).append([r.get(k) for r in trainer.last_records])
         r = {"student": student, "method": method, "n_per_class": n, "pairs": [list(q) for q in pairs],
-             "steps": steps_axis, "runs": curves, "final_angle": _ch2.mean_std([c[-1] for c in curves]),
+             "steps": steps_axis, "runs": curves, "train_curves": terms,
+             "final_angle": _ch2.mean_std([c[-1] for c in curves]),
              "test_accuracy": _ch2.mean_std(accs)}
+        trend = ", ".join(f"{k} {np.mean([c[0] for c in v]):.3g} -> {np.mean([c[-1] for c in v]):.3g}"
+                          for k, v in terms.items())
         print(f"{student} {method:7s} n={n}: final angle {r['final_angle']['mean']:.1f} ± "
-              f"{r['final_angle']['std']:.1f} deg, test {_ch2.fmt(r['test_accuracy'])}  ({time.time() - t0:.0f} s)",
-              flush=True)
+              f"{r['final_angle']['std']:.1f} deg, test {_ch2.fmt(r['test_accuracy'])}  ({time.time() - t0:.0f} s); "
+              f"train {trend}", flush=True)
         return r
 
     res = {"figure": "4.1", "scale": args.scale, "dataset": dataset, "teacher": pre.teacher,
