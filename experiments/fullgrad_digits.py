@@ -14,6 +14,8 @@ Trains (or reuses, from ``--out``/checkpoints) a VGG classifier, computes every 
 """
 from __future__ import annotations
 
+import copy
+import json
 import os
 import sys
 import time
@@ -55,7 +57,50 @@ SIGNED_OPTIONS = {"gradient": {"reduce": "sum"}, "integrated_gradients": {"reduc
 def main(argv=None) -> dict:
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--num-images", type=int, default=None, help="test images to explain (default by scale)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="run once per seed (each in OUT/seed<n>) and write the mean ± std over seeds of every "
+                             "table entry to OUT/results_seeds.md / .json (default: one run with --seed)")
     args = parser.parse_args(argv)
+    if args.seeds:
+        return run_seeds(args)
+    return run(args)
+
+
+def run_seeds(args) -> dict:
+    """:func:`run` once per seed in ``args.seeds``; Tables 3.1/3.2 as mean ± std over seeds of the per-seed means."""
+    base = common.out_dir(args, "fullgrad")
+    runs = []
+    for seed in args.seeds:
+        a = copy.copy(args)
+        a.seed, a.out = seed, os.path.join(base, f"seed{seed}")
+        runs.append(run(a))
+    ms = lambda v: f"{np.mean(v):.3f} ± {np.std(v):.3f}"  # noqa: E731
+    rows32 = [[n] + [ms([r["table_3_2"][n][str(f)][0] for r in runs]) for f in TABLE_FRACTIONS]
+              + [" / ".join(THESIS_TABLE_3_2[n])] for n in TABLE_METHODS]
+    rows31 = [[n, ms([r["table_3_1"][n][0] for r in runs]), THESIS_TABLE_3_1[n]] for n in TABLE_METHODS]
+    accs = [r["test_accuracy"] for r in runs]
+    md = (f"{len(runs)} seeds {args.seeds} on {args.dataset}; test accuracy {ms(accs)}; mean ± std over seeds of "
+          "the per-seed means over images.\n\nTable 3.2 (pixel perturbation, smaller is better):\n\n"
+          + common.markdown_table(["method", "RF = 0.5", "RF = 0.7", "RF = 0.9", "thesis (MNIST, 0.5 / 0.7 / 0.9)"],
+                                  rows32)
+          + "\n\nTable 3.1 (digit flipping 8 -> 3, Δ log-odds, larger is better):\n\n"
+          + common.markdown_table(["method", "Δ log-odds (ours)", "thesis (MNIST)"], rows31) + "\n")
+    summary = {"seeds": args.seeds, "dataset": args.dataset, "test_accuracy": accs,
+               "table_3_2": {n: {str(f): [r["table_3_2"][n][str(f)][0] for r in runs] for f in TABLE_FRACTIONS}
+                             for n in TABLE_METHODS},
+               "table_3_1": {n: [r["table_3_1"][n][0] for r in runs] for n in TABLE_METHODS},
+               "perturbation_curves": {n: [r["perturbation_curves"][n][1] for r in runs] for n in TABLE_METHODS},
+               "environment": common.environment()}
+    with open(os.path.join(base, "results_seeds.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    with open(os.path.join(base, "results_seeds.md"), "w") as f:
+        f.write(md)
+    print(md)
+    return summary
+
+
+def run(args) -> dict:
+    """One run (one seed) of the main job; see the module docstring."""
     scale = common.resolve_scale(args)
     out = common.out_dir(args, "fullgrad")
     n_images = args.num_images or {"smoke": 16, "small": 200, "paper": 1000}[args.scale]

@@ -33,6 +33,8 @@ FULLGRAD_PARTS = {
     "fullgrad_input_term": lambda h, x, t, key=None: saliency.fullgrad_maps(h, x, t).input_map,
     "fullgrad_bias_terms": lambda h, x, t, key=None: (lambda m: m.saliency - m.input_map)(
         saliency.fullgrad_maps(h, x, t)),
+    # FullGrad as computed before issue 14 (rescaling without eps, every conv and BatchNorm its own layer)
+    "fullgrad_before_fix": lambda h, x, t, key=None: saliency.fullgrad(h, x, t, merge="none", eps=0.0),
 }
 
 
@@ -65,7 +67,7 @@ def run_roar(args, scale, train, test, handle, key, fractions, repeats: int, out
         return np.asarray(fractions), accs.mean(axis=0), accs.std(axis=0)
 
     roar_curves = {}
-    for name in tqdm(ROAR_METHODS + ("random",), desc="ROAR methods", disable=args.no_progress):
+    for name in tqdm(tuple(args.roar_methods) + ("random",), desc="ROAR methods", disable=args.no_progress):
         if name == "random":
             roar_curves[name] = roar_over_seeds(lambda te: metrics.roar_random_baseline(
                 te, train.images, train.labels, test.images, test.labels, fractions, key=key))
@@ -91,6 +93,8 @@ def main(argv=None) -> dict:
                         help="ROAR retraining seeds to average (default: 1, 3 at paper scale as the thesis)")
     parser.add_argument("--skip-roar", action="store_true", help="only the sanity check (minutes, not tens)")
     parser.add_argument("--retrain-epochs", type=int, default=None, help="epochs of each ROAR retraining")
+    parser.add_argument("--roar-methods", nargs="+", default=list(ROAR_METHODS),
+                        help="saliency methods (registry names) of the ROAR curves; random removal is always added")
     args = parser.parse_args(argv)
     scale = common.resolve_scale(args)
     out = common.out_dir(args, "roar_sanity")
