@@ -87,13 +87,13 @@ PRESETS = {
 }
 
 
-def _terms(keys, pairs):
+def _terms(keys, pairs, weight: float = WEIGHT):
     make = {
         "ce": lambda: C.cross_entropy(WEIGHT),
-        "act": lambda: C.activation_matching(WEIGHT),
-        "jac": lambda: C.jacobian_matching(WEIGHT),
-        "att": lambda: C.attention_matching(WEIGHT, pairs=pairs, p=1.0),
-        "fg": lambda: FM.full_gradient_matching_term(WEIGHT, pairs=pairs),
+        "act": lambda: C.activation_matching(weight),
+        "jac": lambda: C.jacobian_matching(weight),
+        "att": lambda: C.attention_matching(weight, pairs=pairs, p=1.0),
+        "fg": lambda: FM.full_gradient_matching_term(weight, pairs=pairs),
     }
     return [make[k]() for k in keys]
 
@@ -152,9 +152,10 @@ def layer_pairs(student_model, teacher_model, teacher_vars, x0) -> tuple:
 
 
 def student_trainer(student_model, teacher_model, method: str, pairs, *, pre: Preset, steps: int, num_classes: int,
-                    angle: bool = False) -> _ch2.Trainer:
-    """One compiled trainer for ``method`` (:data:`METHODS`); ``angle=True`` adds :func:`gradient_angle_term`."""
-    terms = _terms(METHODS[method], pairs) + ([gradient_angle_term()] if angle else [])
+                    angle: bool = False, weight: float = WEIGHT) -> _ch2.Trainer:
+    """One compiled trainer for ``method`` (:data:`METHODS`); ``angle=True`` adds :func:`gradient_angle_term`;
+    ``weight``: of every matching term (CE keeps :data:`WEIGHT`)."""
+    terms = _terms(METHODS[method], pairs, weight) + ([gradient_angle_term()] if angle else [])
     loss = C.make_loss_fn(student_model.apply, terms, teacher_apply_fn=teacher_model.apply)
     return _ch2.Trainer(student_model, loss, _ch2.adam_step_decay(pre.lr, steps, pre.drop_at), steps=steps,
                         batch_size=pre.batch_size, num_classes=num_classes)
@@ -182,6 +183,8 @@ def main(argv=None) -> dict:
     p.add_argument("--n-per-class", default=None, help="comma-separated subset sizes (default: the scale's)")
     p.add_argument("--teacher-cache", default=None, help="directory to store/reuse the trained teacher (default: "
                    "runs/ch4_teachers, none at smoke scale)")
+    p.add_argument("--weight", type=float, default=WEIGHT, help="weight of every matching term (thesis: 10; CE "
+                   "keeps 10) — for sensitivity diagnostics, reported beside the thesis setting")
     args = p.parse_args(argv)
     pre = PRESETS[args.scale]
     dataset = args.dataset or pre.dataset or _ch2.default_dataset()
@@ -220,7 +223,7 @@ def main(argv=None) -> dict:
                 key = (m, steps)
                 if key not in trainers:
                     trainers[key] = student_trainer(student_model, teacher_model, m, pairs, pre=pre, steps=steps,
-                                                    num_classes=K)
+                                                    num_classes=K, weight=args.weight)
                 st = trainers[key].run(sub, seed=s, frozen=frozen)
                 accs.append(_ch2.accuracy(student_model.apply, st.variables, test)[0])
                 rec = trainers[key].last_records
@@ -237,7 +240,7 @@ def main(argv=None) -> dict:
     thesis_rows = [[f"{m} (thesis, {ref_name})"] + [f"{ref['rows'][m][ref['n'].index(n)]:.2f}" if n in ref["n"]
                                                       else "—" for n in ns] for m in methods]
     table = (f"Tables 4.1/4.2 — {dataset}, teacher {pre.teacher} ({100 * teacher_acc:.2f} %), student {pre.student}, "
-             f"width {pre.width:g}, {seeds} seed(s), weights {WEIGHT:g}, pairs {list(pairs)}, test accuracy % "
+             f"width {pre.width:g}, {seeds} seed(s), CE weight {WEIGHT:g}, matching weights {args.weight:g}, pairs {list(pairs)}, test accuracy % "
              f"(mean ± std)\n\n" + _ch2.markdown(header, rows)
              + f"\n\nThesis ({ref_name}, teacher {ref['teacher']} %):\n\n" + _ch2.markdown(header, thesis_rows))
     _ch2.plot_lines(os.path.join(out, "table4_1.png"), ns, {m: [results[m][n] for n in ns] for m in methods},
@@ -246,7 +249,7 @@ def main(argv=None) -> dict:
     res = {"table": "4.1/4.2", "scale": args.scale, "dataset": dataset, "teacher": pre.teacher,
            "student": pre.student, "width": pre.width, "seeds": seeds, "n_per_class": ns,
            "teacher_accuracy": teacher_acc, "teacher_steps": t_steps, "pairs": [list(p_) for p_ in pairs],
-           "student_steps": sorted({k[1] for k in trainers}), "batch_size": pre.batch_size, "weight": WEIGHT,
+           "student_steps": sorted({k[1] for k in trainers}), "batch_size": pre.batch_size, "weight": args.weight, "ce_weight": WEIGHT,
            "optimizer": f"adam {pre.lr} -> {pre.lr / 10} at {pre.drop_at:.0%} of steps", "results": results,
            "train_terms_first_last": last_terms, "thesis": THESIS, "wall_s": time.time() - t0, "environment": _ch2.environment(),
            "command": "python -m experiments.distill_fullgrad " + " ".join(argv if argv is not None else sys.argv[1:])}
