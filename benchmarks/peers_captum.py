@@ -24,6 +24,10 @@ two attributions.
 """
 from __future__ import annotations
 
+from benchmarks._common import configure_xla
+
+XLA_PRESET = configure_xla()
+
 import argparse
 import json
 import os
@@ -35,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks._common import interleaved, load_note, machine
 from gradjax import saliency
 from gradjax.models import create_model
 from gradjax.models.vgg import VGG_CONFIGS
@@ -128,6 +133,7 @@ def main(argv=None) -> dict:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--channels", type=int, default=3)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--xla", default="default", help="XLA:CPU flag preset (benchmarks/_common.py)")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"))
     args = p.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -169,6 +175,9 @@ def main(argv=None) -> dict:
             gradjax_fn("integrated_gradients", steps=32, reduce=None),
             lambda: IntegratedGradients(tmodel).attribute(xt, target=tt, n_steps=32, method="riemann_middle",
                                                           internal_batch_size=8 * args.batch_size)),
+        "integrated_gradients (Captum default: 50 Gauss-Legendre steps)": (
+            gradjax_fn("integrated_gradients", steps=50, rule="gauss_legendre", reduce=None),
+            lambda: IntegratedGradients(tmodel).attribute(xt, target=tt, n_steps=50, method="gausslegendre")),
         "smoothgrad_sq (16 samples)": (
             gradjax_fn("smoothgrad_sq", samples=16, reduce=None),
             lambda: NoiseTunnel(Saliency(tmodel)).attribute(xt, target=tt, nt_type="smoothgrad_sq", nt_samples=16,
@@ -182,32 +191,50 @@ def main(argv=None) -> dict:
                 (args.image_size, args.image_size), "bilinear")[:, 0]),
         "fullgrad": (gradjax_fn("fullgrad"), lambda: torch_fullgrad(tmodel, xt, tt)),
     }
-    compare = {"gradient", "integrated_gradients (32 steps)", "guided_backprop", "gradcam (last block)", "fullgrad"}
+    compare = {"gradient", "integrated_gradients (32 steps)", "guided_backprop", "gradcam (last block)", "fullgrad",
+               "integrated_gradients (Captum default: 50 Gauss-Legendre steps)"}
 
-    rows = {}
+    # all rows round-robin in one loop (a load change on the shared machine hits every row alike)
+    fns = {}
     for name, (ours, peer) in cases.items():
-        t_ours = median_seconds(ours, args.repeats, jax.block_until_ready)
-        t_peer = median_seconds(peer, args.repeats, lambda a: a)
+        fns[name + " / gradjax"] = ours
+        fns[name + " / peer"] = peer
+    sync = {k: (lambda a: a) for k in fns if k.endswith(" / peer")}
+    med, runs, loads = interleaved(fns, args.repeats, sync)
+    rows, deltas = {}, {}
+    for name, (ours, peer) in cases.items():
+        t_ours, t_peer = med[name + " / gradjax"], med[name + " / peer"]
         diff = None
         if name in compare:
             a, b = np.asarray(ours()), nhwc(peer().detach().numpy())
             diff = float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
-        rows[name] = {"gradjax_s": t_ours, "peer_s": t_peer, "ratio": t_peer / t_ours, "rel_max_diff": diff}
+        if name.startswith("integrated_gradients"):  # completeness delta of both maps, worst image
+            fx = logits[np.arange(len(logits)), np.asarray(target)]
+            f0 = np.asarray(handle.logits(jnp.zeros_like(x)))[np.arange(len(logits)), np.asarray(target)]
+            rel = lambda m: float(np.max(np.abs(m.reshape(len(fx), -1).sum(1) - (fx - f0)) / np.abs(fx - f0)))  # noqa: E731
+            deltas[name] = (rel(np.asarray(ours())), rel(nhwc(peer().detach().numpy())))
+        rows[name] = {"gradjax_s": t_ours, "peer_s": t_peer, "ratio": t_peer / t_ours, "rel_max_diff": diff,
+                      "runs_gradjax": runs[name + " / gradjax"], "runs_peer": runs[name + " / peer"]}
 
     lines = [f"{args.model} width {args.width}, batch {args.batch_size}x{args.image_size}x{args.image_size}x"
-             f"{args.channels}, CPU ({os.cpu_count()} cores), median of {args.repeats}; jax {jax.__version__}, "
-             f"torch {torch.__version__}; logits agree to {logit_diff:.1e} (relative).", "",
-             "| method | gradjax ms | PyTorch/Captum ms | peer / gradjax | max abs diff / max abs |",
+             f"{args.channels}, CPU ({os.cpu_count()} cores), medians of {args.repeats} interleaved rounds, "
+             f"{load_note(loads)}; XLA preset `{XLA_PRESET}`; jax {jax.__version__}, torch {torch.__version__} "
+             f"({torch.get_num_threads()} threads); logits agree to {logit_diff:.1e} (relative).", "",
+             "| method | gradjax ms | PyTorch/Captum ms | peer / gradjax (goal ≥ 1.0) | max abs diff / max abs |",
              "|---|---|---|---|---|"]
     for name, r in rows.items():
         d = "—" if r["rel_max_diff"] is None else f"{r['rel_max_diff']:.1e}"
         lines.append(f"| {name} | {1e3 * r['gradjax_s']:.1f} | {1e3 * r['peer_s']:.1f} | {r['ratio']:.2f} | {d} |")
+    lines += [f"- {name}: worst completeness delta gradjax {a:.2%}, Captum {b:.2%}" for name, (a, b) in deltas.items()]
     table = "\n".join(lines)
     print(table)
-    result = {"args": vars(args), "jax": jax.__version__, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-              "logit_rel_diff": logit_diff, "rows": rows, "table": table}
+    import captum  # noqa: PLC0415
+    result = {"args": vars(args), "machine": machine({"torch": torch.__version__, "captum": captum.__version__,
+                                                      "xla_preset": XLA_PRESET}),
+              "loads": loads, "logit_rel_diff": logit_diff, "rows": rows, "table": table}
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "peers_captum-cpu.json"), "w") as f:
+    suffix = "" if XLA_PRESET == "default" else "-" + XLA_PRESET
+    with open(os.path.join(args.out, f"peers_captum-cpu{suffix}.json"), "w") as f:
         json.dump(result, f, indent=2)
     return result
 
