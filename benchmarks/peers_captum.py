@@ -15,8 +15,9 @@ attributions of the predicted class on the same batch:
   of the reference code (forward hooks on every Conv2d / BatchNorm2d output, one ``torch.autograd.grad`` call for
   the input- and all bias-gradients, ``psi = upsample o rescale o abs``).
 
-Timing: median of ``--repeats`` calls after a warm-up (gradjax compiled once, excluded), both on the CPU with
-all cores. ``ratio = peer time / gradjax time`` (> 1: gradjax is faster). ``max |diff| / max |ref|`` compares the
+Timing: every row of both sides round-robin in one loop (:func:`benchmarks._common.interleaved`), median of
+``--repeats`` rounds after a warm-up round (gradjax compiled once, excluded), both on the CPU with all cores; the
+load average is recorded (the machine is shared). ``ratio = peer time / gradjax time`` (> 1: gradjax is faster). ``max |diff| / max |ref|`` compares the
 two attributions.
 
     pip install torch==2.13.0 captum   # (or: pip install -e ".[bench]")
@@ -31,9 +32,6 @@ XLA_PRESET = configure_xla()
 import argparse
 import json
 import os
-import statistics
-import time
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -113,16 +111,6 @@ def torch_fullgrad(model: "torch.nn.Module", x: "torch.Tensor", target: "torch.T
     for g, b in zip(grads[1:], biases):
         total = total + psi(g * b[None, :, None, None])
     return total.detach()
-
-
-def median_seconds(fn: Callable[[], object], repeats: int, sync: Callable[[object], object]) -> float:
-    sync(fn())  # warm-up (compilation for gradjax)
-    runs = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        sync(fn())
-        runs.append(time.perf_counter() - t0)
-    return statistics.median(runs)
 
 
 def main(argv=None) -> dict:
