@@ -91,7 +91,7 @@ class EvalScale:
 EVAL_SCALES = {
     "smoke": EvalScale(16, 1, 2, 5, 0.1, 1e-2, 1e-3, 5, 5, "vgg4", 0.0625, 1, 8, 1, 64,
                        noise_stds=(0.0, 0.1, 0.5)),
-    "small": EvalScale(250, 4, 10, 500, 0.1, 1e-2, 1e-3, 1000, 200, "vgg9", 0.25, 6, 64, 2, 2048),
+    "small": EvalScale(250, 4, 10, 500, 0.1, 1e-2, 1e-3, 1000, 200, "vgg4", 0.5, 6, 64, 2, 2048),
     "paper": EvalScale(10000, 4, 100, 500, 0.1, 1e-2, 1e-3, 1000, 200, "vgg9", 1.0, 100, 1000, 200, None),
 }
 
@@ -206,7 +206,8 @@ def evaluate_models(models: dict, test_ds, es: EvalScale, keys, judge, *, pixel_
                                              temperature=1.0)
                     laccs.append(lacc)
             res["gan_test"][obj] = dict(zip(("mean", "std"), _ms(accs)), per_key=accs)
-            res["gan_test_langevin"][obj] = dict(zip(("mean", "std"), _ms(laccs)), per_key=laccs)
+            if laccs:
+                res["gan_test_langevin"][obj] = dict(zip(("mean", "std"), _ms(laccs)), per_key=laccs)
 
     if "samples" in parts:  # Fig. 5.2: one sample per class, es.vis_steps steps, first key
         labels = jnp.arange(K, dtype=jnp.int32)
@@ -320,7 +321,8 @@ def parse_args(argv=None):
     p.add_argument("--keys", nargs="+", type=int, default=[0, 1, 2], help="sampling / noise key seeds")
     p.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES))
     p.add_argument("--parts", nargs="+", default=["ratios", "samples", "gan", "pixel", "grads", "denoise"],
-                   choices=["ratios", "samples", "gan", "pixel", "grads", "denoise"])
+                   choices=["ratios", "samples", "gan", "pixel", "grads", "denoise", "none"],
+                   help="'none': only the sweep / estimator study")
     p.add_argument("--pixel-settings", choices=["thesis", "authors"], default="thesis")
     p.add_argument("--judge-model", default=None)
     p.add_argument("--judge-seed", type=int, default=1234)
@@ -336,6 +338,7 @@ def parse_args(argv=None):
     p.add_argument("--mus", nargs="+", type=float, default=[1e-2, 1e-3, 1e-4])
     p.add_argument("--estimators", action="store_true", help="the trace-estimator study at equal step cost")
     p.add_argument("--sweep-epochs", type=int, default=None)
+    p.add_argument("--study-keys", type=int, default=1, help="GAN-test keys per sweep / study model (the first N)")
     p.add_argument("--sweep-max-train", type=int, default=None)
     p.add_argument("--out", default=None)
     p.add_argument("--progress", action="store_true")
@@ -377,7 +380,7 @@ def main(argv=None) -> dict:
 
     compiled = Compiled(next(iter(loaded[args.seeds[0]].values()))[0].apply, es)
     per_seed = {}
-    for s in args.seeds:
+    for s in (args.seeds if "none" not in args.parts else []):
         models = {o: (m.apply, st.variables) for o, (m, st, _) in loaded[s].items()}
         per_seed[s] = evaluate_models(models, test_ds, es, args.keys, judge, pixel_settings=args.pixel_settings,
                                       parts=args.parts, out=out, compiled=compiled,
@@ -388,12 +391,13 @@ def main(argv=None) -> dict:
                "per_seed": per_seed, "environment": environment(),
                "command": "python -m experiments.density_evaluation " + " ".join(
                    argv if argv is not None else __import__("sys").argv[1:])}
-    results["summary"] = summarize(per_seed, args.objectives)
+    results["summary"] = summarize(per_seed, args.objectives) if per_seed else {}
     md = report(results)
 
     if args.sweep or args.estimators:
         sw_scale = dataclasses.replace(scale, epochs=es.sweep_epochs, max_train=es.sweep_max_train)
         sw_train, sw_test = DM.load_raw_splits(sw_scale)
+        study_keys = args.keys[:args.study_keys]
         base = None
         if args.sweep:
             rows = []
@@ -402,7 +406,7 @@ def main(argv=None) -> dict:
                     r, st, _, sps = train_score_matching(sw_scale, sw_train, sw_test,
                                                                 os.path.join(out, "sweep", f"lam{lam:g}_mu{mu:g}"),
                                                                 seed=args.seeds[0], lam=lam, mu=mu)
-                    rows.append(_trained_row(r, st, compiled, judge, judge_state, es, test_ds, args.keys,
+                    rows.append(_trained_row(r, st, compiled, judge, judge_state, es, test_ds, study_keys,
                                              dict(lam=lam, mu=mu, seconds_per_step=sps)))
             results["sweep"] = {"scale": dataclasses.asdict(sw_scale), "rows": rows}
         if args.estimators:
@@ -412,7 +416,7 @@ def main(argv=None) -> dict:
                                                             os.path.join(out, "estimators", ov.get("form",
                                                                                                    ov["estimator"])),
                                                             seed=args.seeds[0], **ov)
-                rows.append(_trained_row(r, st, compiled, judge, judge_state, es, test_ds, args.keys,
+                rows.append(_trained_row(r, st, compiled, judge, judge_state, es, test_ds, study_keys,
                                          dict(estimator=name, seconds_per_step=sps)))
             results["estimators"] = {"scale": dataclasses.asdict(sw_scale), "rows": rows}
         md = report(results)
@@ -427,10 +431,10 @@ def _trained_row(r, st, compiled, judge, judge_state, es, test_ds, keys, extra) 
     as the evaluated models: their compiled functions are reused)."""
     D.check_independent_judge(judge_state.params, st.params)
     ev = evaluate_models({"score_matching": (st.apply_fn, st.variables)}, test_ds, es, keys, judge,
-                         parts=("ratios", "gan"), out=os.path.dirname(r["run_dir"]), compiled=compiled)
+                         parts=("ratios", "gan"), out=os.path.dirname(r["run_dir"]), compiled=compiled,
+                         langevin_keys=0)
     return {**extra, "test_accuracy": r["test_accuracy"], "test_accuracy_batch_stats": r["test_accuracy_batch_stats"],
             "diverged": r["diverged"], "steps": r["steps"], "gan_test": ev["gan_test"]["score_matching"],
-            "gan_test_langevin": ev["gan_test_langevin"]["score_matching"],
             "log_ratio_slope": ev["density_ratios"]["score_matching"]["log_ratio_slope"],
             "trace_mean": r["trace_mean"], "grad_sq_norm_mean": r["grad_sq_norm_mean"]}
 
@@ -445,7 +449,8 @@ def summarize(per_seed: dict, objectives) -> dict:
         if "gan_test" in first:
             d["gan_test"] = _ms([per_seed[s]["gan_test"][o]["mean"] for s in seeds])
             d["gan_test_key_std"] = float(np.mean([per_seed[s]["gan_test"][o]["std"] for s in seeds]))
-            d["gan_test_langevin"] = _ms([per_seed[s]["gan_test_langevin"][o]["mean"] for s in seeds])
+            if all(o in per_seed[s]["gan_test_langevin"] for s in seeds):
+                d["gan_test_langevin"] = _ms([per_seed[s]["gan_test_langevin"][o]["mean"] for s in seeds])
         if "density_ratios" in first:
             d["log_ratio_slope"] = _ms([per_seed[s]["density_ratios"][o]["log_ratio_slope"] for s in seeds])
             d["median_ratio"] = np.mean([per_seed[s]["density_ratios"][o]["median_ratio"] for s in seeds], 0).tolist()
@@ -463,13 +468,14 @@ def summarize(per_seed: dict, objectives) -> dict:
 
 def report(results: dict) -> str:
     summ, parts = results["summary"], []
-    first = results["per_seed"][results["seeds"][0]]
+    first = results["per_seed"].get(results["seeds"][0], {})
     pc = lambda t: f"{100 * t[0]:.1f} ± {100 * t[1]:.1f}"
     if any("gan_test" in s for s in summ.values()):
         parts.append("GAN-test (Table 5.1), judge " + f"{results['judge']['model']} "
                      f"({100 * results['judge']['test_accuracy']:.1f} % test acc.)\n\n" + markdown_table(
                          ["model", "GAN-test % (ascent)", "GAN-test % (Langevin T=1)", "thesis %"],
-                         [[SHORT[o], pc(s["gan_test"]), pc(s["gan_test_langevin"]), THESIS_GAN_TEST[o]]
+                         [[SHORT[o], pc(s["gan_test"]), pc(s["gan_test_langevin"]) if "gan_test_langevin" in s else "-",
+                           THESIS_GAN_TEST[o]]
                           for o, s in summ.items()]))
     if any("median_ratio" in s for s in summ.values()):
         stds = first["density_ratios"][next(iter(summ))]["noise_stds"]
