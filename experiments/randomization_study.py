@@ -18,8 +18,8 @@ conv+BN merged) and every variant is a sum of those parts:
 
 Reported per variant: the mean Spearman rank correlation with the stage-0 maps at every stage, and the rank
 correlation of the stage-0 and fully random maps with a weight-independent centre prior. The figure draws the
-correlation against the cascade stage, one line per variant. A second table gives pixel perturbation (thesis
-§3.5.1, least-salient removal, black fill) of the trained zero-padding model for every composite variant, i.e. the
+correlation against the cascade stage, one line per variant. A second table per configuration gives pixel perturbation
+(thesis §3.5.1, least-salient removal, black fill) of the trained model for every composite variant, i.e. the
 quality a variant costs.
 
     python -m experiments.randomization_study --scale small   # ~15 min on 2 CPU cores (3 trained VGG-9s)
@@ -119,6 +119,7 @@ def main(argv=None) -> dict:
                         help="input sizes (the deepest layer map's resolution is size / 16 for VGG-9)")
     parser.add_argument("--num-images", type=int, default=None, help="test images in the randomization check")
     parser.add_argument("--perturbation-images", type=int, default=None, help="test images in pixel perturbation")
+    parser.add_argument("--skip-perturbation", action="store_true", help="no pixel-perturbation table")
     args = parser.parse_args(argv)
     scale = common.resolve_scale(args)
     out = common.out_dir(args, "randomization_study")
@@ -156,7 +157,7 @@ def main(argv=None) -> dict:
             entry = {"test_accuracy": acc, "resolutions": res, "stages": stages, "trained": rho,
                      "trained_prior": prior_rho, "trained_stats_reset": rho_r, "trained_stats_reset_prior": prior_r,
                      "untrained": rho_u, "untrained_prior": prior_u}
-            if padding == "zero" and size == sizes[0]:  # the quality a variant costs: pixel perturbation
+            if not args.skip_perturbation:  # the quality a variant costs: pixel perturbation
                 xp = jnp.asarray(test.images[:n_pert])
                 logits_fn = state.logits_fn()
                 batches = [study_fn(state.params, bs, xb, jnp.argmax(logits_fn(xb), -1))  # predicted class
