@@ -276,7 +276,7 @@ def _one_per_class(y, K):
     return np.asarray(idx)
 
 
-def _sample_grid(gallery: dict, path: str, title: str):
+def _sample_grid(gallery: dict, path: str, title: str, column_titles: bool = True):
     from matplotlib.figure import Figure
     rows, cols = len(gallery), len(next(iter(gallery.values())))
     fig = Figure(figsize=(1.0 * cols + 1, 1.0 * rows + 0.4))
@@ -288,14 +288,15 @@ def _sample_grid(gallery: dict, path: str, title: str):
             axes[r, c].set_xticks([]), axes[r, c].set_yticks([])
             if c == 0:
                 axes[r, c].set_ylabel(SHORT.get(obj, obj), fontsize=8)
-            if r == 0:
-                axes[r, c].set_title(str(c), fontsize=8)
+            if r == 0 and column_titles:
+                axes[r, c].set_title(f"class {c}", fontsize=8)
     fig.suptitle(title, fontsize=9)
     viz._save(fig, path, 100)
 
 
 def _denoise_grid(clean, noisy, denoised: dict, path: str):
-    _sample_grid({"clean": clean, "noisy": noisy, **denoised}, path, "denoising (Fig. 5.8): ascent from data + noise")
+    _sample_grid({"clean": clean, "noisy": noisy, **denoised}, path, "denoising (Fig. 5.8): ascent from data + noise",
+                 column_titles=False)
 
 
 # ------------------------------------------------------------------------------------------- sweep and study
@@ -408,7 +409,8 @@ def main(argv=None) -> dict:
                                                                 seed=args.seeds[0], lam=lam, mu=mu)
                     rows.append(_trained_row(r, st, compiled, judge, judge_state, es, test_ds, study_keys,
                                              dict(lam=lam, mu=mu, seconds_per_step=sps)))
-            results["sweep"] = {"scale": dataclasses.asdict(sw_scale), "rows": rows}
+                    results["sweep"] = {"scale": dataclasses.asdict(sw_scale), "rows": rows}
+                    write_results(out, results, report(results))  # partial results after every cell
         if args.estimators:
             rows = []
             for name, ov in ESTIMATOR_STUDY:
@@ -418,7 +420,8 @@ def main(argv=None) -> dict:
                                                             seed=args.seeds[0], **ov)
                 rows.append(_trained_row(r, st, compiled, judge, judge_state, es, test_ds, study_keys,
                                          dict(estimator=name, seconds_per_step=sps)))
-            results["estimators"] = {"scale": dataclasses.asdict(sw_scale), "rows": rows}
+                results["estimators"] = {"scale": dataclasses.asdict(sw_scale), "rows": rows}
+                write_results(out, results, report(results))  # partial results after every estimator
         md = report(results)
     results["seconds"] = time.time() - t_start
     write_results(out, results, md)
