@@ -145,7 +145,8 @@ def train_judge(es: EvalScale, train_ds, test_ds, *, seed: int, out: str, judge_
 
 def gan_test_of(compiled: Compiled, variables, judge_fn, num_classes: int, per_class: int, shape, key, *,
                 steps: int, lr: float, wd: float, temperature: float = 0.0, batch: int = 100):
-    """GAN-test accuracy of ``per_class`` samples per class from noise (and the samples)."""
+    """GAN-test accuracy of ``per_class`` samples per class from noise, the samples, and the histogram of the
+    judge's predicted classes on them (a judge that puts every sample in one class scores 1/K)."""
     labels = np.repeat(np.arange(num_classes), per_class).astype(np.int32)
     keys = jax.random.split(key, len(_chunks(len(labels), batch)))
     samples = []
@@ -153,7 +154,9 @@ def gan_test_of(compiled: Compiled, variables, judge_fn, num_classes: int, per_c
         r = compiled.sample(variables, jnp.asarray(labels[a:b]), k, (b - a, *shape), steps, lr, wd, temperature)
         samples.append(np.asarray(r.samples))
     samples = np.concatenate(samples)
-    return float(D.gan_test(judge_fn, jnp.asarray(samples), jnp.asarray(labels))), samples, labels
+    acc = float(D.gan_test(judge_fn, jnp.asarray(samples), jnp.asarray(labels)))
+    hist = np.bincount(np.argmax(np.asarray(judge_fn(jnp.asarray(samples))), -1), minlength=num_classes)
+    return acc, samples, hist
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -194,18 +197,20 @@ def evaluate_models(models: dict, test_ds, es: EvalScale, keys, judge, *, pixel_
     if "gan" in parts:
         res["gan_test"], res["gan_test_langevin"] = {}, {}
         for obj, (_, v) in models.items():
-            accs, laccs = [], []
+            accs, laccs, hists = [], [], []
             for i, kk in enumerate(keys):
                 key = jax.random.PRNGKey(10_000 + kk)
-                acc, _, _ = gan_test_of(compiled, v, judge_fn, K, es.per_class, shape, key,
-                                        steps=es.sample_steps, lr=es.sample_lr, wd=es.sample_wd)
+                acc, _, hist = gan_test_of(compiled, v, judge_fn, K, es.per_class, shape, key,
+                                           steps=es.sample_steps, lr=es.sample_lr, wd=es.sample_wd)
                 accs.append(acc)
+                hists.append(hist)
                 if langevin_keys is None or i < langevin_keys:
                     lacc, _, _ = gan_test_of(compiled, v, judge_fn, K, es.per_class, shape, key,
                                              steps=es.sample_steps, lr=es.langevin_step, wd=es.sample_wd,
                                              temperature=1.0)
                     laccs.append(lacc)
-            res["gan_test"][obj] = dict(zip(("mean", "std"), _ms(accs)), per_key=accs)
+            res["gan_test"][obj] = dict(zip(("mean", "std"), _ms(accs)), per_key=accs,
+                                        judge_class_histogram=np.sum(hists, 0).tolist())
             if laccs:
                 res["gan_test_langevin"][obj] = dict(zip(("mean", "std"), _ms(laccs)), per_key=laccs)
 
