@@ -92,6 +92,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=None,
                         help="ROAR retraining seeds to average (default: 1, 3 at paper scale as the thesis)")
     parser.add_argument("--skip-roar", action="store_true", help="only the sanity check (minutes, not tens)")
+    parser.add_argument("--skip-sanity", action="store_true", help="only ROAR (experiments/randomization_study.py "
+                        "runs the sanity check with FullGrad's parts and variants)")
     parser.add_argument("--retrain-epochs", type=int, default=None, help="epochs of each ROAR retraining")
     parser.add_argument("--roar-methods", nargs="+", default=list(ROAR_METHODS),
                         help="saliency methods (registry names) of the ROAR curves; random removal is always added")
@@ -110,6 +112,15 @@ def main(argv=None) -> dict:
     repeats = args.repeats or (3 if args.scale == "paper" else 1)
     roar_curves, roar_md = ({}, "") if args.skip_roar else run_roar(args, scale, train, test, handle, key, fractions,
                                                                     repeats, out)
+
+    if args.skip_sanity:
+        results = {"dataset": args.dataset, "scale": args.scale, "model": scale.model, "fractions": fractions,
+                   "roar_repeats": repeats, "retrain_epochs": args.retrain_epochs,
+                   "roar": {k: {"mean": v[1].tolist(), "std": v[2].tolist()} for k, v in roar_curves.items()},
+                   "environment": common.environment()}
+        common.write_results(out, results, roar_md)
+        print(roar_md)
+        return results
 
     # model-randomization sanity check on a few test images, maps of the true class
     x = jnp.asarray(test.images[:16])
