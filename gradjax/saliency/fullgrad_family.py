@@ -101,6 +101,13 @@ def fullgrad_maps(model, x: Array, target: Target = PREDICTED, *, key=None, post
     post-processed the same way (``input_sum="after"``; ``"before"`` sums its channels first, as the reference
     ``SmoothFullGrad``, see :data:`INPUT_SUMS`).
 
+    Model randomization (measured, docs/RESULTS.md "The FullGrad randomization study"): on a zero- or
+    reflect-padded CNN the bias terms of the intermediate layers carry a weight-independent centre prior (border
+    positions reach the output through fewer paths), so the maps of a fully re-initialized VGG-9 stay rank-correlated
+    ~0.8 with the trained model's on centred digits; with circular padding they decorrelate (~0.04). No
+    post-processing change (dropping or down-weighting coarse layer maps) removes it; compare with the maps of a
+    randomized copy of the model, and inspect ``input_map`` / ``layer_maps`` separately.
+
     Args:
       postprocess: ``psi``, see :data:`gradjax.saliency.postprocess.POSTPROCESS` (§3.6 variants).
       rescale: ``"layer"`` (default, the reference code) or ``"channel"`` (every channel rescaled separately).
