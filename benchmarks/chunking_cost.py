@@ -3,7 +3,8 @@
 For one batch of a VGG classifier, the plain input-gradient (one forward + one backward pass over ``B`` images) is
 the unit. Integrated gradients with ``n`` steps and SmoothGrad with ``n`` samples are timed for each chunk size of
 ``--chunks`` (``auto`` = the memory-budget default, ``chunk=None``; an int = that many path points / samples per
-batched model call, the full chunks in one ``lax.scan`` and the remainder after it) and reported as
+batched model call, the full chunks in one ``lax.scan`` and the remainder after it; ``3u`` = chunks of 3 with
+``loop="unroll"``, no while loop) and reported as
 
     gradients per step = time(method) / (n * time(gradient))          (goal: <= 1.1)
 
@@ -56,7 +57,8 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=50, help="IG steps and SmoothGrad samples")
-    p.add_argument("--chunks", default="auto,8,25", help="comma-separated: auto and/or ints")
+    p.add_argument("--chunks", default="auto,8,25",
+                   help="comma-separated: auto and/or ints; an int ending in u (e.g. 3u) runs loop='unroll'")
     p.add_argument("--methods", default="integrated_gradients,smoothgrad")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--xla", default="default", help="XLA:CPU flag preset (read before JAX starts)")
@@ -83,8 +85,8 @@ def main(argv=None) -> dict:
     for method in args.methods.split(","):
         count = "steps" if method == "integrated_gradients" else "samples"
         for c in args.chunks.split(","):
-            chunk = None if c == "auto" else int(c)
-            opts = {count: n, "chunk": chunk}
+            chunk = None if c == "auto" else int(c.rstrip("u"))
+            opts = {count: n, "chunk": chunk, "loop": "unroll" if c.endswith("u") else "scan"}
             fn = lambda h, xb, t, k, method=method, opts=opts: saliency.SALIENCY_METHODS[method](  # noqa: E731
                 h, xb, t, key=k, reduce=None, **opts)
             compiled, temp, secs = compile_fn(fn, handle, x, target, key)

@@ -53,7 +53,7 @@ from gradjax import saliency as S  # noqa: E402
 from gradjax import trace as T  # noqa: E402
 from gradjax.gradients import logits_and_target_gradient  # noqa: E402
 from gradjax.models import create_model  # noqa: E402
-from gradjax.saliency.gradient_family import IG_RULES, ig_nodes  # noqa: E402
+from gradjax.saliency.gradient_family import IG_RULES, QUADRATURE_RULES, ig_nodes  # noqa: E402
 
 try:
     import lineax as lx
@@ -62,7 +62,7 @@ try:
 except ImportError as e:  # pragma: no cover - optional dependency
     raise SystemExit(f"this benchmark needs PAIR saliency and traceax ({e}); pip install saliency traceax") from e
 
-RULES = tuple(IG_RULES) + ("pair_linspace",)
+RULES = tuple(QUADRATURE_RULES) + ("pair_linspace",)
 
 
 def rule_nodes(steps: int, rule: str) -> tuple[np.ndarray, np.ndarray]:
@@ -72,6 +72,21 @@ def rule_nodes(steps: int, rule: str) -> tuple[np.ndarray, np.ndarray]:
     return ig_nodes(steps, rule)
 
 
+def nontrivial(model, variables, x, bias_noise: float = 0.02):
+    """Variables whose network is not positively homogeneous along the IG path: at initialisation every bias and
+    BatchNorm mean is 0, so ``f(a x) = a f(x)`` and every quadrature rule but the left/linspace ones is exact with 2
+    nodes (a degenerate benchmark). Here BatchNorm takes the running statistics of one train-mode pass over ``x``
+    (x 1.05, as benchmarks/peers_captum.py) and every bias gets ``N(0, bias_noise^2)`` noise."""
+    _, upd = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    stats = jax.tree.map(lambda a: a * 1.05, upd["batch_stats"])
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(variables["params"])
+    keys = jax.random.split(jax.random.PRNGKey(7), len(leaves))
+    params = jax.tree_util.tree_unflatten(treedef, [
+        a + bias_noise * jax.random.normal(k, a.shape, a.dtype) if "bias" in jax.tree_util.keystr(path) else a
+        for (path, a), k in zip(leaves, keys)])
+    return {"params": params, "batch_stats": stats}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="vgg9")
@@ -79,7 +94,9 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--ig-steps", default="2,4,8,16,32,64", help="step counts of the delta-vs-steps table")
+    p.add_argument("--ig-steps", default="4,8,16,32,64", help="step counts of the delta-vs-steps table")
+    p.add_argument("--bias-noise", type=float, default=0.02, help="std of the noise added to every bias")
+    p.add_argument("--trace-model", default="vgg4", help="softplus network of the trace part (small inputs)")
     p.add_argument("--trace-batch", type=int, default=4)
     p.add_argument("--trace-image-size", type=int, default=16)
     p.add_argument("--trace-matvecs", type=int, default=18)
@@ -96,7 +113,7 @@ def main(argv=None) -> dict:
 
     model = create_model(args.model, 10, width=args.width)
     x = jax.random.uniform(jax.random.PRNGKey(0), (args.batch_size, args.image_size, args.image_size, 3))
-    variables = model.init(jax.random.PRNGKey(1), x[:1], train=False)
+    variables = nontrivial(model, model.init(jax.random.PRNGKey(1), x[:1], train=False), x, args.bias_noise)
     h = S.ModelHandle(model.apply, variables)
     logits = h.logits(x)
     target = jnp.argmax(logits, -1)
@@ -210,10 +227,17 @@ def ig_accuracy(args, h, x, target, key, pair_ig_s=None) -> dict:
         total = sum(wi * vals[float(ai)] for ai, wi in zip(a, w))
         rel = np.abs(total - np.asarray(fx - f0)) / scale
         table[(r, s)] = {"gradients": len(a), "worst": float(rel.max()), "median": float(np.median(rel))}
+    # the adaptive rule's nodes depend on the example: its own jitted IG with delta, per step count
+    adaptive = jax.jit(lambda z, n: S.integrated_gradients_with_delta(h, z, target, steps=n, rule="adaptive",
+                                                                      reduce=None)[1], static_argnums=1)
+    for s in steps_list:
+        if s >= 3:
+            rel = np.abs(np.asarray(adaptive(x, s))) / scale
+            table[("adaptive", s)] = {"gradients": s, "worst": float(rel.max()), "median": float(np.median(rel))}
     # first step count reaching <= 1 % on every image, per gradjax rule: timed
     first = {}
     for r in IG_RULES:
-        ok = [s for s in steps_list if table[(r, s)]["worst"] <= 0.01]
+        ok = [s for s in steps_list if (r, s) in table and table[(r, s)]["worst"] <= 0.01]
         first[r] = ok[0] if ok else None
     fns = {}
     for r, s in first.items():
@@ -229,9 +253,9 @@ def ig_accuracy(args, h, x, target, key, pair_ig_s=None) -> dict:
              f"{B} images) against steps; zero baseline; {load_note(loads)}.", "",
              "| rule | " + " | ".join(f"{s} steps" for s in steps_list) + " |",
              "|---|" + "---|" * len(steps_list)]
-    for r in RULES:
+    for r in RULES + ("adaptive",):
         lines.append(f"| {r} | " + " | ".join(f"{table[(r, s)]['worst']:.2%} / {table[(r, s)]['median']:.2%}"
-                                             for s in steps_list) + " |")
+                                             if (r, s) in table else "—" for s in steps_list) + " |")
     lines += ["", "PAIR default: 25 linspace steps, worst delta {:.2%}; Captum default: 50 Gauss–Legendre steps, "
               "worst delta {:.2%}. Speed-up = time of the peer default's work in gradjax (and PAIR's own measured "
               "time) / gradjax time at the first step count within 1 % (goal ≥ 3).".format(
@@ -253,7 +277,7 @@ def ig_accuracy(args, h, x, target, key, pair_ig_s=None) -> dict:
 def trace_peers(args) -> dict:
     """gradjax vs traceax trace estimators at equal mat-vecs: time, variance over keys, compiled memory."""
     B, n, m = args.trace_batch, args.trace_image_size, args.trace_matvecs
-    smooth = create_model(args.model, 10, width=args.width, activation="softplus")
+    smooth = create_model(args.trace_model, 10, width=args.width, activation="softplus")
     x = jax.random.uniform(jax.random.PRNGKey(5), (B, n, n, 3))
     v = smooth.init(jax.random.PRNGKey(6), x[:1], train=False)
     f = lambda z: jax.nn.logsumexp(smooth.apply(v, z, train=False), axis=-1)  # noqa: E731
@@ -310,7 +334,7 @@ def trace_peers(args) -> dict:
         rows[name] = {"run_s": statistics.median(runs[name]), "temp_bytes": temp[name],
                       "rel_std": float(np.mean(e.std(0, ddof=1) / np.abs(exact))),
                       "rel_bias": float(np.mean((e.mean(0) - exact) / np.abs(exact)))}
-    lines = [f"Per-example trace of ∇²_x logsumexp f(x), softplus {args.model} width {args.width}, batch {B} "
+    lines = [f"Per-example trace of ∇²_x logsumexp f(x), softplus {args.trace_model} width {args.width}, batch {B} "
              f"{n}x{n}x3 (D = {D}), {m} mat-vecs / forwards each, {args.trace_keys} keys (rounds, interleaved), "
              f"{load_note(loads)}; exact trace {np.round(exact, 2).tolist()}.", "",
              "| estimator | run ms (median) | std / |tr| (mean over examples) | mean error / |tr| | temp MB |",

@@ -63,7 +63,7 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--batch-sizes", default="1,4,16,64,256")
-    p.add_argument("--image-sizes", default="16,32,64")
+    p.add_argument("--image-sizes", default="32,64,96")
     p.add_argument("--widths", default="0.125,0.25,0.5,1")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--xla", default="default")

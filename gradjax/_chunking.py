@@ -13,10 +13,12 @@ in one loop and the ``r`` leftover items in one smaller call after it (never pad
 Chunk size from a memory budget (``chunk=None``): :func:`auto_chunk` traces ``fn`` on one item (tracing only, no
 compilation) and takes the bytes of all its intermediate values as the cost of an item, an upper bound of what a
 compiled chunk keeps alive per item (XLA fuses elementwise steps away; measured 1.5-4x above the compiled program's
-temporary memory for the VGG gradients of benchmarks/chunking_cost.py). ``chunk = floor(budget / bytes per item)``,
-clipped to ``[1, n]``, then evened out over the chunks it needs (``ceil(n / ceil(n / chunk))``). The default budget,
-:data:`DEFAULT_MEMORY_BUDGET`, is 1 GiB: small batches then run in one chunk, i.e. as one batched call with no loop
-(fastest on every backend, measured in benchmarks/chunking_cost.py).
+temporary memory for the VGG gradients of benchmarks/chunking_cost.py: 2.3x at batch 32).
+``chunk = floor(budget / bytes per item)``, clipped to ``[1, n]``, then evened out over the chunks it needs
+(``ceil(n / ceil(n / chunk))``). The default budget, :data:`DEFAULT_MEMORY_BUDGET`, is 4 GiB of that estimate (about
+1.7 GiB of compiled temporaries for a VGG): a batch of 32 CIFAR-sized images with 50 IG steps then runs in one chunk,
+i.e. as one batched call with no loop — on XLA:CPU a loop of two chunks took 2.4x the time of one chunk of the same
+work (docs/BENCHMARKS.md). Pass ``memory_budget`` (or an explicit ``chunk``) where memory is tighter.
 
 How the loop runs (same math, same result up to float summation order):
 
@@ -38,9 +40,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["chunked_sum", "is_staging", "auto_chunk", "item_bytes", "chunk_plan", "DEFAULT_MEMORY_BUDGET"]
+__all__ = ["chunked_sum", "is_staging", "auto_chunk", "item_bytes", "chunk_plan", "DEFAULT_MEMORY_BUDGET", "LOOPS"]
 
-DEFAULT_MEMORY_BUDGET = 1 << 30
+LOOPS = ("scan", "unroll")
+"""How :func:`chunked_sum` runs its full chunks under a staging trace."""
+
+DEFAULT_MEMORY_BUDGET = 4 << 30
 """Bytes of intermediate values one chunk may hold when the chunk size is chosen automatically (``chunk=None``)."""
 
 
@@ -98,7 +103,8 @@ def chunk_plan(n: int, chunk: int) -> tuple[int, int, int]:
 
 
 def chunked_sum(fn: Callable[[Any], Any], xs: Any, weights: Optional[jax.Array] = None, *,
-                chunk: Optional[int], n: Optional[int] = None, memory_budget: Optional[int] = None) -> Any:
+                chunk: Optional[int], n: Optional[int] = None, memory_budget: Optional[int] = None,
+                loop: str = "scan") -> Any:
     """``sum_{i<n} weights[i] * fn(xs[i])``, evaluated ``chunk`` items at a time with a running sum.
 
     Args:
@@ -109,6 +115,10 @@ def chunked_sum(fn: Callable[[Any], Any], xs: Any, weights: Optional[jax.Array] 
       chunk: items per evaluation (``>= 1``; clipped to ``n``), or ``None``: chosen from ``memory_budget``
         (:func:`auto_chunk`).
       memory_budget: bytes for ``chunk=None`` (default :data:`DEFAULT_MEMORY_BUDGET`).
+      loop: how full chunks run under a staging trace: ``"scan"`` (default; one copy of the body, memory of one
+        chunk) or ``"unroll"`` (one copy per chunk and no while loop: XLA:CPU runs a loop body's convolutions
+        slower, but the compiled program may hold every chunk's temporaries at once — measured in
+        benchmarks/chunking_cost.py).
 
     Returns the weighted sum, a pytree shaped like one item's output (leading axis removed). Exactly ``n`` items
     are evaluated: ``n // chunk`` full chunks, then one call on the ``n % chunk`` remaining items; the result does
@@ -119,6 +129,8 @@ def chunked_sum(fn: Callable[[Any], Any], xs: Any, weights: Optional[jax.Array] 
         n = int(leaves[0].shape[0]) if leaves else int(jnp.shape(weights)[0])
     if weights is None:
         weights = np.ones((n,), np.float32)
+    if loop not in LOOPS:
+        raise ValueError(f"loop must be one of {LOOPS}; got {loop!r}.")
     if chunk is None:
         chunk = auto_chunk(fn, xs, n, memory_budget)
     chunk, q, r = chunk_plan(n, chunk)
@@ -133,7 +145,7 @@ def chunked_sum(fn: Callable[[Any], Any], xs: Any, weights: Optional[jax.Array] 
     if q == 1 and r == 0:  # no loop
         return add(None, *take(0, n))
     acc = None
-    if not is_staging():  # eager: a Python loop compiles nothing new on a repeated call
+    if not is_staging() or loop == "unroll":  # eager: a Python loop compiles nothing new on a repeated call
         for c in range(q):
             acc = add(acc, *take(c * chunk, (c + 1) * chunk))
     elif q == 1:

@@ -73,3 +73,14 @@ def test_item_bytes_sees_nested_jaxprs():
 def test_bad_memory_budget_is_a_clear_error(bad):
     with pytest.raises(ValueError, match="memory_budget must be a positive int"):
         C.chunked_sum(lambda xc: xc, np.zeros(4, np.float32), chunk=None, memory_budget=bad)
+
+
+def test_unrolled_loop_same_sum_no_scan_and_bad_loop_is_an_error():
+    xs = np.arange(10, dtype=np.float32)
+    f = lambda xc: jnp.sin(xc)  # noqa: E731
+    jaxpr = jax.make_jaxpr(lambda a: C.chunked_sum(f, a, chunk=3, loop="unroll"))(xs).jaxpr
+    assert _scan_lengths(jaxpr) == []
+    got = jax.jit(lambda a: C.chunked_sum(f, a, chunk=3, loop="unroll"))(xs)
+    np.testing.assert_allclose(float(got), float(np.sin(xs).sum()), rtol=1e-5)
+    with pytest.raises(ValueError, match="loop must be one of"):
+        C.chunked_sum(f, xs, chunk=3, loop="while")

@@ -56,7 +56,7 @@ def noisy_inputs(keys, x: Array, sigma: Array) -> Array:
 
 
 def _moments(f, x: Array, t: Array, key, samples: int, noise_level, chunk: Optional[int],
-             memory_budget: Optional[int] = None) -> tuple[Array, Array]:
+             memory_budget: Optional[int] = None, loop: str = "scan") -> tuple[Array, Array]:
     sigma = noise_scale(x, noise_level)
 
     def moments(kc):  # c keys -> the c noisy gradients and their squares, [c, B, ...] each
@@ -66,12 +66,13 @@ def _moments(f, x: Array, t: Array, key, samples: int, noise_level, chunk: Optio
         return g, g * g
 
     w = jnp.full((samples,), 1.0 / samples, x.dtype)
-    return chunked_sum(moments, jax.random.split(key, samples), w, chunk=chunk, memory_budget=memory_budget)
+    return chunked_sum(moments, jax.random.split(key, samples), w, chunk=chunk, memory_budget=memory_budget,
+                       loop=loop)
 
 
 def noise_gradient_moments(model, x: Array, target: Target = PREDICTED, *, key=None, samples: int = 16,
                            noise_level: float = 0.15, chunk: Optional[int] = None, images: bool = False,
-                           memory_budget: Optional[int] = None) -> tuple[Array, Array]:
+                           memory_budget: Optional[int] = None, loop: str = "scan") -> tuple[Array, Array]:
     """First and second moments of the input-gradient under Gaussian input noise (raw, shape ``x.shape``).
 
     ``m1 = E[g]`` and ``m2 = E[g ⊙ g]`` over ``g = grad f_t(x + n)``, ``n ~ N(0, sigma_b^2 I)`` with the
@@ -79,42 +80,46 @@ def noise_gradient_moments(model, x: Array, target: Target = PREDICTED, *, key=N
     ``samples`` draws; the target is resolved once at the clean ``x``. Draw ``i`` uses
     ``jax.random.split(key, samples)[i]``, so the result does not depend on ``chunk``. ``images=True`` requires
     NHWC images. Exactly ``samples`` gradients, ``chunk`` samples per batched model call (``chunk=None``, the
-    default: as many as ``memory_budget`` bytes allow, :func:`gradjax._chunking.auto_chunk`).
+    default: as many as ``memory_budget`` bytes allow, :func:`gradjax._chunking.auto_chunk`); ``loop``: ``"scan"``
+    or ``"unroll"`` for several chunks under ``jit`` (:func:`gradjax._chunking.chunked_sum`).
     """
     x = V.check_input(x, images=images, min_rank=2)
     samples = V.check_count(samples, "samples")
     chunk = None if chunk is None else V.check_count(chunk, "chunk")
     key = V.check_key(key, "noise_gradient_moments")
     f = as_logits_fn(model)
-    return _moments(f, x, resolve_target(f(x), target), key, samples, noise_level, chunk, memory_budget)
+    return _moments(f, x, resolve_target(f(x), target), key, samples, noise_level, chunk, memory_budget, loop)
 
 
 def smoothgrad(model, x: Array, target: Target = PREDICTED, *, key=None, samples: int = 16,
                noise_level: float = 0.15, chunk: Optional[int] = None, reduce: Optional[str] = "abs_sum",
-               memory_budget: Optional[int] = None) -> Array:
+               memory_budget: Optional[int] = None, loop: str = "scan") -> Array:
     """SmoothGrad ``reduce(m1)``, ``m1 = E_n[grad f_t(x + n)]`` (Smilkov et al. 2017), per-example noise scale
     ``noise_level * (max - min)``; see :func:`noise_gradient_moments`. ``[B, H, W]``."""
     m1, _ = noise_gradient_moments(model, x, target, key=key, samples=samples, noise_level=noise_level,
-                                   chunk=chunk, images=reduce is not None, memory_budget=memory_budget)
+                                   chunk=chunk, images=reduce is not None, memory_budget=memory_budget,
+                                   loop=loop)
     return reduce_channels(m1, reduce)
 
 
 def smoothgrad_squared(model, x: Array, target: Target = PREDICTED, *, key=None, samples: int = 16,
                        noise_level: float = 0.15, chunk: Optional[int] = None, reduce: Optional[str] = "sum",
-                       memory_budget: Optional[int] = None) -> Array:
+                       memory_budget: Optional[int] = None, loop: str = "scan") -> Array:
     """SmoothGrad² ``reduce(m2)``, ``m2 = E_n[grad f_t(x + n)^2]`` (Hooker et al. 2019; the "smooth grad squared"
     of thesis §3.5.2). Non-negative; the default ``reduce="sum"`` sums the per-channel squared means.
     ``[B, H, W]``."""
     _, m2 = noise_gradient_moments(model, x, target, key=key, samples=samples, noise_level=noise_level,
-                                   chunk=chunk, images=reduce is not None, memory_budget=memory_budget)
+                                   chunk=chunk, images=reduce is not None, memory_budget=memory_budget,
+                                   loop=loop)
     return reduce_channels(m2, reduce)
 
 
 def vargrad(model, x: Array, target: Target = PREDICTED, *, key=None, samples: int = 16,
             noise_level: float = 0.15, chunk: Optional[int] = None, reduce: Optional[str] = "sum",
-                       memory_budget: Optional[int] = None) -> Array:
+            memory_budget: Optional[int] = None, loop: str = "scan") -> Array:
     """VarGrad ``reduce(Var_n[grad f_t(x + n)])`` (Adebayo et al. 2018): ``m2 - m1^2`` per element (the
     population variance over the ``samples`` draws, clipped at 0). ``[B, H, W]``."""
     m1, m2 = noise_gradient_moments(model, x, target, key=key, samples=samples, noise_level=noise_level,
-                                    chunk=chunk, images=reduce is not None, memory_budget=memory_budget)
+                                    chunk=chunk, images=reduce is not None, memory_budget=memory_budget,
+                                    loop=loop)
     return reduce_channels(jnp.maximum(m2 - m1 * m1, 0), reduce)
