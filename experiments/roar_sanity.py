@@ -44,6 +44,11 @@ def centre_prior(height: int, width: int) -> np.ndarray:
     return -np.maximum(dy[:, None], dx[None, :]).astype(np.float32)
 
 
+def model_options(args) -> dict:
+    """Extra model keywords from the command line: ``--padding`` (VGG convolutions' border rule)."""
+    return {} if args.padding == "zero" else {"padding": args.padding}
+
+
 def run_roar(args, scale, train, test, handle, key, fractions, repeats: int, out: str) -> tuple[dict, str]:
     """ROAR curves ``{method: (fractions, mean accuracy, std)}`` (random baseline included) and their table."""
     retrain_scale = dataclasses.replace(scale, epochs=args.retrain_epochs or max(1, scale.epochs // 2))
@@ -56,7 +61,7 @@ def run_roar(args, scale, train, test, handle, key, fractions, repeats: int, out
             tr = dataclasses.replace(train, images=np.asarray(tr_x, np.float32), labels=np.asarray(tr_y))
             te = dataclasses.replace(test, images=np.asarray(te_x, np.float32), labels=np.asarray(te_y))
             _, records, _ = common.train_classifier(tr, te, retrain_scale, seed=seed, activation=args.activation,
-                                                    progress=False)
+                                                    progress=False, model_options=model_options(args))
             retrained[digest] = [r for r in records if "eval_accuracy" in r][-1]["eval_accuracy"]  # final model's
         return retrained[digest]
 
@@ -95,6 +100,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--skip-sanity", action="store_true", help="only ROAR (experiments/randomization_study.py "
                         "runs the sanity check with FullGrad's parts and variants)")
     parser.add_argument("--retrain-epochs", type=int, default=None, help="epochs of each ROAR retraining")
+    parser.add_argument("--padding", choices=["zero", "reflect", "circular"], default="zero",
+                        help="the VGG convolutions' padding, for the explained and every retrained model")
     parser.add_argument("--roar-methods", nargs="+", default=list(ROAR_METHODS),
                         help="saliency methods (registry names) of the ROAR curves; random removal is always added")
     args = parser.parse_args(argv)
@@ -105,7 +112,7 @@ def main(argv=None) -> dict:
     train, test = common.load_splits(args, scale)
     state, _, model = common.train_classifier(train, test, scale, seed=args.seed, activation=args.activation,
                                               checkpoint_dir=os.path.join(out, "checkpoints"),
-                                              progress=not args.no_progress)
+                                              progress=not args.no_progress, model_options=model_options(args))
     handle = saliency.ModelHandle(model.apply, state.variables)
     key = jax.random.PRNGKey(args.seed)
 
