@@ -13,7 +13,9 @@ the teacher's variables passed as the step's ``frozen`` argument.
 
 ``paper``: CIFAR-100 (Table 4.1; ``--dataset cifar10`` for Table 4.2), teacher VGG-9, student VGG-11, Adam
 1e-3 -> 1e-4 at epoch 250 of 300, batch 128 (L1496). ``small``/``smoke``: embedded digits at 32x32, widths 1/16,
-fixed step budgets. Not run at small scale yet (no CPU time in the session that wrote it).
+fixed step budgets (small: measured results in docs/RESULTS.md, "Chapter 4"). The trained teacher is stored in
+``--teacher-cache`` (default ``runs/ch4_teachers``) and reused by :mod:`experiments.gradient_angle` (Fig. 4.1);
+``--weight`` changes the matching weights for a sensitivity diagnostic (the thesis setting is 10).
 """
 from __future__ import annotations
 
