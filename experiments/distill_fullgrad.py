@@ -173,6 +173,7 @@ def steps_for(pre: Preset, n_examples: int, fixed: int, override=None) -> int:
 
 
 def load_data(pre: Preset, dataset: str, data_dir=None):
+    """``(train, test)`` of ``dataset``, the test split cut to ``pre.max_test`` examples when set (smoke)."""
     train, test = _ch2.load(dataset, data_dir=data_dir)
     if pre.max_test:
         test = test.subset(np.arange(min(len(test), pre.max_test)))

@@ -96,8 +96,9 @@ class VGG(nn.Module):
       dropout: rate of a ``Dropout`` layer after every max-pool (0 = none; the dropout baseline of thesis Table 2.2
         uses 0.25 — its position is unstated there, after each pooling stage is our choice). Active when
         ``train=True``; the caller passes ``rngs={"dropout": key}`` (``gradjax.losses.make_loss_fn(dropout=True)``).
-      dropout_block, dropout_block_rate: ``Dropout(dropout_block_rate)`` on the output of ``block{dropout_block}``
-        only (``None`` = none; thesis Table 4.3's per-layer dropout baseline, p = 0.5); module paths unchanged.
+      dropout_block: index ``i`` of the one block whose output gets ``Dropout(dropout_block_rate)`` (``None`` =
+        none; thesis Table 4.3's per-layer dropout baseline); module paths unchanged.
+      dropout_block_rate: that dropout's rate (0.5 in Table 4.3).
       padding: the convolutions' border rule, ``"zero"`` (default), ``"reflect"`` or ``"circular"``
         (:data:`gradjax.models.layers.PADDINGS`).
 
