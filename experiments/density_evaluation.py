@@ -89,7 +89,8 @@ class EvalScale:
 
 
 EVAL_SCALES = {
-    "smoke": EvalScale(16, 1, 2, 5, 0.1, 1e-2, 1e-3, 5, 5, "vgg4", 0.0625, 1, 8, 1, 64,
+    # smoke: per_class = 1 and vis_steps = sample_steps, so the GAN-test and the gallery share one compiled sampler
+    "smoke": EvalScale(16, 1, 1, 5, 0.1, 1e-2, 1e-3, 5, 5, "vgg4", 0.0625, 1, 8, 1, 64,
                        noise_stds=(0.0, 0.1, 0.5)),
     "small": EvalScale(250, 4, 10, 500, 0.1, 1e-2, 1e-3, 1000, 200, "vgg4", 0.5, 6, 64, 2, 2048),
     "paper": EvalScale(10000, 4, 100, 500, 0.1, 1e-2, 1e-3, 1000, 200, "vgg9", 1.0, 100, 1000, 200, None),
