@@ -98,3 +98,14 @@ def test_unknown_model_and_activation():
         create_model("vgg5", 10)
     with pytest.raises(ValueError, match="activation"):
         create_model("vgg4", 10, activation="tanh")
+
+
+def test_float32_images_into_float64_parameters(x64):
+    """With x64 on, parameters initialize in float64; float32 images must still run (promoted, not rejected)."""
+    model = create_model("vgg4", 3, width=1 / 16)
+    x32 = jnp.ones((2, 8, 8, 1), jnp.float32)
+    variables = model.init(jax.random.PRNGKey(0), x32)
+    assert jax.tree.leaves(variables["params"])[0].dtype == jnp.float64
+    out = model.apply(variables, x32)
+    assert out.dtype == jnp.float64 and out.shape == (2, 3)
+    np.testing.assert_allclose(out, model.apply(variables, x32.astype(jnp.float64)), rtol=1e-12)

@@ -104,7 +104,8 @@ class TappedConv(nn.Module):
         if self.padding not in PADDINGS:
             raise ValueError(f"padding must be one of {', '.join(PADDINGS)}; got {self.padding!r}.")
         kernel = self.param("kernel", self.kernel_init, (*self.kernel_size, x.shape[-1], self.features))
-        kernel = kernel.astype(jnp.result_type(x, kernel))
+        dtype = jnp.result_type(x, kernel)  # e.g. float32 images into float64 (x64) parameters: compute in float64
+        x, kernel = x.astype(dtype), kernel.astype(dtype)
         pad = "SAME"
         if self.padding != "zero":
             pads = [_same_pads(n, k, s) for n, k, s in zip(x.shape[1:3], self.kernel_size, self.strides)]
