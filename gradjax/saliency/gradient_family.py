@@ -103,8 +103,8 @@ def integrated_gradients_with_delta(model, x: Array, target: Target = PREDICTED,
     degree ``2 steps - 1``; a ReLU network's path gradient is piecewise constant, so no fixed rule beats
     ``O(1/steps)`` in the worst case — measured deltas per rule: docs/BENCHMARKS.md), or ``"adaptive"``
     (``steps`` evaluations, ``>= 3``: a trapezoid rule refined per example where the exactly known completeness
-    error of a path segment is largest, :func:`_adaptive_average_gradient`; evaluated in one batched call per
-    refinement round, ``chunk``/``loop`` unused). :func:`ig_nodes` gives the fixed rules' nodes.
+    error of a path segment is largest — see the private ``_adaptive_average_gradient`` — evaluated in one
+    batched call per refinement round, ``chunk``/``loop`` unused). :func:`ig_nodes` gives the fixed rules' nodes.
     Evaluated ``chunk`` nodes at a time (one model call on ``chunk * B`` inputs) with a running sum
     (:func:`gradjax._chunking.chunked_sum`); ``chunk=None`` (default) sizes the chunk from ``memory_budget`` bytes
     (default :data:`gradjax._chunking.DEFAULT_MEMORY_BUDGET`), so a small batch runs as one batched call.
