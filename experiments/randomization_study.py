@@ -3,8 +3,9 @@ which change makes them fail to survive (i.e. pass the sanity check of Adebayo e
 
 For every model configuration (convolution padding ``zero | reflect | circular`` x input size) a VGG is trained on
 the digits, and the cascading randomization of :func:`gradjax.metrics.cascading_randomization` (output layer
-first, BatchNorm running statistics kept) is applied to the trained model and to an untrained (randomly
-initialized) one. At every stage FullGrad's parts are computed from one :func:`gradjax.saliency.fullgrad_maps`
+first) is applied to the trained model — with the BatchNorm running statistics kept (as
+:func:`gradjax.metrics.sanity_check`) and with each re-initialized layer's statistics reset to their initial values
+(:func:`stats_cascade`) — and to an untrained (randomly initialized) one. VGG-9 needs inputs of at least 32x32. At every stage FullGrad's parts are computed from one :func:`gradjax.saliency.fullgrad_maps`
 call (thesis eq. 3.2, the reference post-processing: abs, per-layer rescale with eps 1e-6, bilinear upsampling,
 conv+BN merged) and every variant is a sum of those parts:
 
