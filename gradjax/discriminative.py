@@ -67,7 +67,13 @@ def label_gradient_relevance(logits_fn, x: Array, labels: Array, *, relevance: s
 
 
 class DiscriminativeCurve(NamedTuple):
-    """Attributes: fractions ``[F]``; accuracy ``[F]``; correct ``[F, B]`` (0/1 per example)."""
+    """A discriminative pixel-perturbation curve.
+
+    Attributes:
+      fractions: ``[F]`` removal fractions.
+      accuracy: ``[F]`` accuracy after each removal.
+      correct: ``[F, B]`` 0/1 correctness per example.
+    """
 
     fractions: Array
     accuracy: Array

@@ -44,10 +44,13 @@ AUTHORS = {"gan_test": dict(steps=500, step_size=0.1, weight_decay=1e-2, center=
 
 
 class SampleResult(NamedTuple):
-    """Attributes:
+    """What a sampler returns.
+
+    Attributes:
       samples: final ``x_T``, shape of ``x0``.
       log_density: ``[steps + 1, B]`` — ``f_{y_b}(x_t)`` for ``t = 0 … T`` (the unnormalized log-density).
-      start: ``x_0`` (the noise or noisy image the chain started from)."""
+      start: ``x_0`` (the noise or noisy image the chain started from).
+    """
 
     samples: Array
     log_density: Array
