@@ -311,7 +311,8 @@ def train_score_matching(scale, train_ds, test_ds, out: str, *, seed: int, prese
     tr = DM.Trainer(scale, train_ds, test_ds, preset=preset, overrides=overrides)
     r = tr.run("score_matching", seed, out)
     _, state, _ = DM.load_trained(r["run_dir"])
-    recs = [json.loads(l) for l in open(os.path.join(r["run_dir"], "metrics.jsonl"))]
+    log = os.path.join(r["run_dir"], "metrics.jsonl")  # absent when training diverged before the first log line
+    recs = [json.loads(l) for l in open(log)] if os.path.exists(log) else []
     train = [q for q in recs if "loss" in q and "elapsed_s" in q]
     sps = ((train[-1]["elapsed_s"] - train[0]["elapsed_s"]) / max(1, train[-1]["step"] - train[0]["step"])
            if len(train) >= 2 else float("nan"))
