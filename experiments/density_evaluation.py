@@ -155,6 +155,11 @@ def gan_test_of(compiled: Compiled, variables, judge_fn, num_classes: int, per_c
         r = compiled.sample(variables, jnp.asarray(labels[a:b]), k, (b - a, *shape), steps, lr, wd, temperature)
         samples.append(np.asarray(r.samples))
     samples = np.concatenate(samples)
+    n_bad = int(np.sum(~np.all(np.isfinite(samples.reshape(len(samples), -1)), axis=1)))
+    if n_bad:  # the model's input-gradients overflowed along the ascent: report, do not judge NaN images
+        print(f"warning: {n_bad}/{len(samples)} samples are non-finite (the ascent diverged); GAN-test = NaN",
+              flush=True)
+        return float("nan"), samples, np.zeros(num_classes, np.int64)
     acc = float(D.gan_test(judge_fn, jnp.asarray(samples), jnp.asarray(labels)))
     hist = np.bincount(np.argmax(np.asarray(judge_fn(jnp.asarray(samples))), -1), minlength=num_classes)
     return acc, samples, hist
