@@ -189,6 +189,23 @@ def write(out: str, results: dict, table: str) -> None:
         f.write(table.rstrip() + "\n")
 
 
+def parse_methods(text: str, methods: Sequence[str]) -> list[str]:
+    """The comma-separated method names of ``text``, each checked against ``methods`` (ValueError otherwise)."""
+    chosen = [m.strip() for m in text.split(",")]
+    bad = [m for m in chosen if m not in methods]
+    if bad:
+        raise ValueError(f"unknown methods {bad}; choose from {list(methods)}.")
+    return chosen
+
+
+def per_class_sizes(train: gdata.ArrayDataset, text: Optional[str], default: Sequence[int]) -> tuple[list[int], int]:
+    """``(sizes, most)``: the requested n-per-class values (comma-separated ``text``, else ``default``) that the
+    training split can supply, and the most examples per class it has."""
+    most = int(np.bincount(train.labels).min())
+    wanted = [int(v) for v in text.split(",")] if text else list(default)
+    return [n for n in wanted if n <= most], most
+
+
 def add_common_args(p, *, scales=("smoke", "small", "paper")):
     p.add_argument("--scale", choices=scales, default="small")
     p.add_argument("--dataset", default=None, help="default: mnist_digits (embedded real MNIST) at smoke/small, the "

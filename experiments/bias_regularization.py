@@ -99,10 +99,7 @@ def main(argv=None) -> dict:
     pre = PRESETS[args.scale]
     dataset = args.dataset or pre.dataset or _ch2.default_dataset()
     seeds = args.seeds or pre.seeds
-    methods = [m.strip() for m in args.methods.split(",")]
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        raise ValueError(f"unknown methods {bad}; choose from {list(METHODS)}.")
+    methods = _ch2.parse_methods(args.methods, METHODS)
     out = args.out or os.path.join("runs", f"bias_regularization-{dataset}-{args.scale}")
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
@@ -111,11 +108,10 @@ def main(argv=None) -> dict:
     if pre.max_test:
         test = test.subset(np.arange(min(len(test), pre.max_test)))
     K = train.num_classes
-    per_class_max = int(np.bincount(train.labels).min())
-    wanted = [int(v) for v in args.n_per_class.split(",")] if args.n_per_class else list(pre.n_per_class)
-    ns = [n for n in wanted if n <= per_class_max]
+    ns, per_class_max = _ch2.per_class_sizes(train, args.n_per_class, pre.n_per_class)
     if not ns:
-        raise ValueError(f"no n per class in {wanted} fits the training split (at most {per_class_max} per class).")
+        raise ValueError(f"no n per class in {args.n_per_class or list(pre.n_per_class)} fits the training split "
+                         f"(at most {per_class_max} per class).")
     _, layer = final_conv_block(pre.arch)
 
     def steps_for(n_examples: int) -> int:

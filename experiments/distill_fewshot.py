@@ -85,10 +85,7 @@ def main(argv=None) -> dict:
     pre = PRESETS[args.scale]
     dataset = args.dataset or pre.dataset or _ch2.default_dataset()
     seeds = args.seeds or pre.seeds
-    methods = [m.strip() for m in args.methods.split(",")]
-    for m in methods:
-        if m not in METHODS:
-            raise ValueError(f"unknown method {m!r}; choose from {list(METHODS)}.")
+    methods = _ch2.parse_methods(args.methods, METHODS)
     out = args.out or os.path.join("runs", f"distill_fewshot-{dataset}-{args.scale}")
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
@@ -97,9 +94,7 @@ def main(argv=None) -> dict:
     if pre.max_test:
         test = test.subset(np.arange(min(len(test), pre.max_test)))
     K = train.num_classes
-    per_class_max = int(np.bincount(train.labels).min())
-    wanted = [int(v) for v in args.n_per_class.split(",")] if args.n_per_class else list(pre.n_per_class)
-    ns = [n for n in wanted if n <= per_class_max]
+    ns, _ = _ch2.per_class_sizes(train, args.n_per_class, pre.n_per_class)
 
     def steps_for(n_examples: int, fixed: int) -> int:
         if args.steps:

@@ -192,19 +192,14 @@ def main(argv=None) -> dict:
     pre = PRESETS[args.scale]
     dataset = args.dataset or pre.dataset or _ch2.default_dataset()
     seeds = args.seeds or pre.seeds
-    methods = [m.strip() for m in args.methods.split(",")]
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        raise ValueError(f"unknown methods {bad}; choose from {list(METHODS)}.")
+    methods = _ch2.parse_methods(args.methods, METHODS)
     out = args.out or os.path.join("runs", f"distill_fullgrad-{dataset}-{args.scale}")
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
 
     train, test = load_data(pre, dataset, args.data_dir)
     K = train.num_classes
-    per_class_max = int(np.bincount(train.labels).min())
-    wanted = [int(v) for v in args.n_per_class.split(",")] if args.n_per_class else list(pre.n_per_class)
-    ns = [n for n in wanted if n <= per_class_max]
+    ns, _ = _ch2.per_class_sizes(train, args.n_per_class, pre.n_per_class)
 
     t_steps = steps_for(pre, len(train), pre.teacher_steps, args.steps)
     cache = args.teacher_cache or (None if args.scale == "smoke" else os.path.join("runs", "ch4_teachers"))

@@ -75,11 +75,8 @@ def main(argv=None) -> dict:
     parts = [s.strip() for s in args.parts.split(",") if s.strip()]
     if not parts or any(s not in ("a", "b") for s in parts):
         raise ValueError(f"--parts must list 'a' and/or 'b'; got {args.parts!r}.")
-    methods = [m.strip() for m in args.methods.split(",")]
+    methods = _ch2.parse_methods(args.methods, DF.METHODS)
     students = [m.strip().lower() for m in args.students.split(",")]
-    bad = [m for m in methods if m not in DF.METHODS]
-    if bad:
-        raise ValueError(f"unknown methods {bad}; choose from {list(DF.METHODS)}.")
     pre = DF.PRESETS[args.scale]
     dataset = args.dataset or pre.dataset or _ch2.default_dataset()
     seeds = args.seeds or pre.seeds

@@ -128,10 +128,7 @@ def main(argv=None) -> dict:
     p.add_argument("--methods", default=",".join(METHODS), help="Table 2.3 methods (comma-separated)")
     p.add_argument("--n-per-class", default=None, help="Table 2.3 subset sizes, comma-separated (0 = all)")
     args = p.parse_args(argv)
-    methods = [m.strip() for m in args.methods.split(",")]
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        raise ValueError(f"unknown methods {bad}; choose from {list(METHODS)}.")
+    methods = _ch2.parse_methods(args.methods, METHODS)
     pre = PRESETS[args.scale]
     source, target = args.source or pre.source, args.dataset or args.target or pre.target
     tables = [t.strip() for t in args.tables.split(",")]
