@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 import os
 import sys
 
@@ -49,6 +50,55 @@ def model_options(args) -> dict:
     return {} if args.padding == "zero" else {"padding": args.padding}
 
 
+def roar_separation_summary(per_seed: dict, fractions) -> dict:
+    """:func:`gradjax.metrics.roar_separation` of ``per_seed`` (``{method: accuracies [seeds, fractions]}``), once
+    over every method and once over the saliency methods only (random removal left out), as JSON-ready lists."""
+    groups = {"all": dict(per_seed), "saliency": {k: v for k, v in per_seed.items() if k != "random"}}
+    out = {}
+    for group, accs in groups.items():
+        if len(accs) < 2:
+            continue
+        sep = metrics.roar_separation(accs)
+        out[group] = {"methods": list(accs), "fractions": list(fractions), "spread": sep.spread.tolist(),
+                      "separated_pairs": sep.separated_pairs.tolist(), "n_pairs": sep.n_pairs,
+                      "pooled_std": sep.pooled_std.tolist(), "threshold": sep.threshold}
+    return out
+
+
+def separation_md(by_dataset: dict) -> str:
+    """Markdown table of :func:`roar_separation_summary` results ``{dataset: summary}``, fractions above 0 only
+    (at 0 % every method retrains on the same data)."""
+    rows = []
+    for dataset, summary in by_dataset.items():
+        for group, sep in summary.items():
+            for i, f in enumerate(sep["fractions"]):
+                if f > 0:
+                    rows.append([dataset, f"{group} ({len(sep['methods'])})", f"{f:.0%}", f"{sep['pooled_std'][i]:.4f}",
+                                 f"{sep['spread'][i]:.1f}", f"{sep['separated_pairs'][i]} / {sep['n_pairs']}"])
+    return ("ROAR separation: range of the method means in pooled retraining-seed stds (`spread`), and method pairs "
+            "whose means differ by more than 2 pooled stds (`gradjax.metrics.roar_separation`):\n\n"
+            + common.markdown_table(["dataset", "methods", "removed", "pooled std", "spread", "pairs > 2 std"], rows)
+            + "\n\n")
+
+
+def compare_runs(run_dirs) -> str:
+    """The separation table of earlier ``--skip-sanity`` runs (their ``results.json``), one block per run."""
+    by_dataset = {}
+    for d in run_dirs:
+        path = os.path.join(d, "results.json")
+        if not os.path.exists(path):
+            raise ValueError(f"--compare: no results.json in {d!r}.")
+        with open(path) as f:
+            res = json.load(f)
+        per_seed = {k: np.asarray(v["per_seed"]) for k, v in res.get("roar", {}).items() if "per_seed" in v}
+        if len(per_seed) < 2:
+            raise ValueError(f"--compare: {path} has no per-seed ROAR accuracies for two or more methods (runs with "
+                             f"--repeats >= 2 store them).")
+        by_dataset[f"{res['dataset']} ({os.path.basename(os.path.normpath(d))})"] = roar_separation_summary(
+            per_seed, res["fractions"])
+    return separation_md(by_dataset)
+
+
 def run_roar(args, scale, train, test, handle, key, fractions, repeats: int, out: str) -> tuple[dict, str]:
     """ROAR curves ``{method: (fractions, mean accuracy, std)}`` (random baseline included) and their table."""
     retrain_scale = dataclasses.replace(scale, epochs=args.retrain_epochs or max(1, scale.epochs // 2))
@@ -65,11 +115,11 @@ def run_roar(args, scale, train, test, handle, key, fractions, repeats: int, out
             retrained[digest] = [r for r in records if "eval_accuracy" in r][-1]["eval_accuracy"]  # final model's
         return retrained[digest]
 
-    def roar_over_seeds(roar_fn) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(fractions, mean accuracy, std over ``repeats`` retraining seeds)."""
+    def roar_over_seeds(roar_fn) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(fractions, mean accuracy, std over ``repeats`` retraining seeds, accuracies ``[seed, fraction]``)."""
         accs = np.array([roar_fn(functools.partial(train_and_evaluate, args.seed + 1 + r)).accuracies
                          for r in range(repeats)])
-        return np.asarray(fractions), accs.mean(axis=0), accs.std(axis=0)
+        return np.asarray(fractions), accs.mean(axis=0), accs.std(axis=0), accs
 
     roar_curves = {}
     for name in tqdm(tuple(args.roar_methods) + ("random",), desc="ROAR methods", disable=args.no_progress):
@@ -82,12 +132,14 @@ def run_roar(args, scale, train, test, handle, key, fractions, repeats: int, out
         train_maps, test_maps = common.in_batches(maps_of, train.images), common.in_batches(maps_of, test.images)
         roar_curves[name] = roar_over_seeds(lambda te: metrics.roar(
             te, train.images, train.labels, test.images, test.labels, train_maps, test_maps, fractions))
+    separation = roar_separation_summary({k: v[3] for k, v in roar_curves.items()}, fractions) if repeats > 1 else {}
     roar_rows = [[name] + [f"{m:.3f} ± {sd:.3f}" if repeats > 1 else f"{m:.3f}" for m, sd in zip(c[1], c[2])]
                  for name, c in roar_curves.items()]
-    viz.roar_curves(roar_curves, os.path.join(out, "roar.png"), title=f"ROAR ({args.dataset}, {scale.model})")
+    viz.roar_curves({k: v[:3] for k, v in roar_curves.items()}, os.path.join(out, "roar.png"), title=f"ROAR ({args.dataset}, {scale.model})")
     roar_md = (f"ROAR (thesis §3.5.2): test accuracy after removing the most salient pixels (mean fill) and "
                f"retraining for {retrain_scale.epochs} epochs, mean over {repeats} seed(s) (lower is better):\n\n"
-               + common.markdown_table(["method"] + [f"{f:.0%}" for f in fractions], roar_rows) + "\n\n")
+               + common.markdown_table(["method"] + [f"{f:.0%}" for f in fractions], roar_rows) + "\n\n"
+               + (separation_md({args.dataset: separation}) if separation else ""))
     return roar_curves, roar_md
 
 
@@ -104,7 +156,13 @@ def main(argv=None) -> dict:
                         help="the VGG convolutions' padding, for the explained and every retrained model")
     parser.add_argument("--roar-methods", nargs="+", default=list(ROAR_METHODS),
                         help="saliency methods (registry names) of the ROAR curves; random removal is always added")
+    parser.add_argument("--compare", nargs="+", default=None, metavar="RUN_DIR",
+                        help="only print the ROAR separation table of earlier runs' results.json (no training)")
     args = parser.parse_args(argv)
+    if args.compare:
+        md = compare_runs(args.compare)
+        print(md)
+        return {"separation_md": md}
     scale = common.resolve_scale(args)
     out = common.out_dir(args, "roar_sanity")
     fractions = args.fractions or {"smoke": [0.0, 0.5], "small": [0.0, 0.1, 0.3, 0.5, 0.7, 0.9],
@@ -123,7 +181,10 @@ def main(argv=None) -> dict:
     if args.skip_sanity:
         results = {"dataset": args.dataset, "scale": args.scale, "model": scale.model, "fractions": fractions,
                    "roar_repeats": repeats, "retrain_epochs": args.retrain_epochs,
-                   "roar": {k: {"mean": v[1].tolist(), "std": v[2].tolist()} for k, v in roar_curves.items()},
+                   "roar_separation": roar_separation_summary(
+                       {k: v[3] for k, v in roar_curves.items()}, fractions) if repeats > 1 and roar_curves else {},
+                   "roar": {k: {"mean": v[1].tolist(), "std": v[2].tolist(), "per_seed": v[3].tolist()}
+                            for k, v in roar_curves.items()},
                    "environment": common.environment()}
         common.write_results(out, results, roar_md)
         print(roar_md)
@@ -155,7 +216,8 @@ def main(argv=None) -> dict:
     md = roar_md + sanity_md
     results = {"dataset": args.dataset, "scale": args.scale, "model": scale.model, "fractions": fractions,
                "roar_repeats": repeats,
-               "roar": {k: {"mean": v[1].tolist(), "std": v[2].tolist()} for k, v in roar_curves.items()},
+               "roar": {k: {"mean": v[1].tolist(), "std": v[2].tolist(), "per_seed": v[3].tolist()}
+                            for k, v in roar_curves.items()},
                "sanity_stages": list(stages), "sanity_spearman_mean": {k: v.mean(axis=1).tolist() for k, v in sanity.items()},
                "sanity_centre_prior_rho": prior_rho,
                "environment": common.environment()}

@@ -31,7 +31,7 @@ Fill = Union[str, float, Array]
 __all__ = [
     "FILLS", "OUTPUTS", "removal_mask", "remove_pixels", "random_saliency_like",
     "PerturbationCurve", "perturbation_scores", "pixel_perturbation",
-    "RoarResult", "roar", "roar_random_baseline",
+    "RoarResult", "roar", "roar_random_baseline", "RoarSeparation", "roar_separation",
     "DigitFlipResult", "digit_flip", "digit_flip_with_method",
     "module_order", "cascading_randomization", "rank_correlation", "ssim", "SanityCheckResult", "sanity_check",
 ]
@@ -299,6 +299,61 @@ def roar_random_baseline(train_and_evaluate, train_images, train_labels, test_im
     s_te = np.asarray(jax.random.uniform(k2, test_images.shape[:3]))
     return roar(train_and_evaluate, train_images, train_labels, test_images, test_labels, s_tr, s_te, fractions,
                 most_salient=True, fill=fill, batch_size=batch_size)
+
+
+class RoarSeparation(NamedTuple):
+    """How far apart ROAR puts the methods, per removal fraction (arrays ``[F]``): ``spread`` (range of the method
+    means in pooled seed stds), ``separated_pairs`` (method pairs whose means differ by more than ``threshold``
+    pooled stds, out of ``n_pairs``) and ``pooled_std``."""
+
+    spread: np.ndarray
+    separated_pairs: np.ndarray
+    pooled_std: np.ndarray
+    n_pairs: int
+    threshold: float
+
+
+def roar_separation(accuracies: Mapping[str, Any], *, threshold: float = 2.0) -> RoarSeparation:
+    """How well ROAR separates methods, measured against the retraining-seed noise.
+
+    ``accuracies[m]`` is method ``m``'s ROAR test accuracy ``[S, F]`` (``S >= 2`` retraining seeds, ``F``
+    removal fractions; every method the same shape). With ``mu_m(f)`` the mean over seeds and ``var_m(f)`` the
+    unbiased (ddof = 1) variance over seeds, at each fraction ``f``::
+
+        s_p(f)             = sqrt( (1/M) sum_m var_m(f) )                        (pooled seed std, M methods)
+        spread(f)          = ( max_m mu_m(f) - min_m mu_m(f) ) / s_p(f)
+        separated_pairs(f) = #{ m < m' : |mu_m(f) - mu_m'(f)| > threshold * s_p(f) }
+
+    Both are invariant to a common shift or positive scaling of all accuracies. A dataset on which ROAR separates
+    methods better has larger values. Where ``s_p(f) = 0`` the spread is ``inf`` (``nan`` if the means are also
+    equal) and every pair with different means counts as separated.
+    """
+    if not isinstance(accuracies, Mapping) or len(accuracies) < 2:
+        raise ValueError(f"accuracies must map at least two method names to [seeds, fractions] arrays; got "
+                         f"{type(accuracies).__name__} with {len(accuracies) if hasattr(accuracies, '__len__') else 0} "
+                         f"entries.")
+    if not (np.isfinite(threshold) and threshold > 0):
+        raise ValueError(f"threshold must be a positive number of pooled stds; got {threshold!r}.")
+    arrays = {m: np.asarray(a, np.float64) for m, a in accuracies.items()}
+    shape = next(iter(arrays.values())).shape
+    for m, a in arrays.items():
+        if a.ndim != 2 or a.shape[0] < 2:
+            raise ValueError(f"accuracies[{m!r}] must be [seeds, fractions] with at least 2 seeds (the seed std "
+                             f"is the noise scale); got shape {a.shape}.")
+        if a.shape != shape:
+            raise ValueError(f"every method needs the same [seeds, fractions] shape; accuracies[{m!r}] has "
+                             f"{a.shape}, the first method {shape}.")
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"accuracies[{m!r}] contains non-finite values.")
+    stack = np.stack(list(arrays.values()))  # [M, S, F]
+    means = stack.mean(axis=1)  # [M, F]
+    pooled = np.sqrt(stack.var(axis=1, ddof=1).mean(axis=0))  # [F]
+    gaps = np.abs(means[:, None, :] - means[None, :, :])  # [M, M, F]
+    upper = np.triu(np.ones(gaps.shape[:2], bool), k=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        spread = (means.max(axis=0) - means.min(axis=0)) / pooled
+    separated = (gaps > threshold * pooled)[upper].sum(axis=0)
+    return RoarSeparation(spread, separated.astype(np.int64), pooled, int(upper.sum()), float(threshold))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -134,6 +134,42 @@ def test_roar_by_hand():
         M.roar(train_and_evaluate, tr, None, te, None, s_tr[:2], s_te, [0.5])
 
 
+def test_roar_separation_by_hand():
+    acc = {"a": [[0.90, 0.50], [0.92, 0.54]],   # means 0.91, 0.52; unbiased vars 2e-4, 8e-4
+           "b": [[0.80, 0.50], [0.82, 0.50]],   # means 0.81, 0.50; vars 2e-4, 0
+           "c": [[0.90, 0.49], [0.90, 0.51]]}   # means 0.90, 0.50; vars 0, 2e-4
+    sep = M.roar_separation(acc)
+    pooled = np.sqrt([(2e-4 + 2e-4 + 0) / 3, (8e-4 + 0 + 2e-4) / 3])
+    np.testing.assert_allclose(sep.pooled_std, pooled)
+    np.testing.assert_allclose(sep.spread, [0.10 / pooled[0], 0.02 / pooled[1]])
+    # fraction 0: |a-b| = 0.10, |c-b| = 0.09 exceed 2 * 0.0115; |a-c| = 0.01 does not. fraction 1: none does
+    np.testing.assert_array_equal(sep.separated_pairs, [2, 0])
+    assert sep.n_pairs == 3
+    # a looser threshold separates fewer pairs; 0.09 / 0.0115 = 7.8 pooled stds
+    np.testing.assert_array_equal(M.roar_separation(acc, threshold=8.0).separated_pairs, [1, 0])
+    # invariant to a common affine change of the accuracies and to the order of the methods
+    moved = M.roar_separation({k: 3.0 * np.asarray(v) - 1.0 for k, v in reversed(list(acc.items()))})
+    np.testing.assert_allclose(moved.spread, sep.spread)
+    np.testing.assert_array_equal(moved.separated_pairs, sep.separated_pairs)
+    # no seed noise: every pair with different means is separated, equal means give nan spread
+    flat = M.roar_separation({"a": [[0.5], [0.5]], "b": [[0.4], [0.4]], "c": [[0.4], [0.4]]})
+    assert np.isinf(flat.spread[0]) and flat.separated_pairs[0] == 2
+    assert np.isnan(M.roar_separation({"a": [[0.5], [0.5]], "b": [[0.5], [0.5]]}).spread[0])
+
+
+def test_roar_separation_rejects_bad_input():
+    with pytest.raises(ValueError, match="at least two method"):
+        M.roar_separation({"a": [[0.9], [0.8]]})
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        M.roar_separation({"a": [[0.9, 0.8]], "b": [[0.7, 0.6]]})
+    with pytest.raises(ValueError, match="same \\[seeds, fractions\\] shape"):
+        M.roar_separation({"a": [[0.9], [0.8]], "b": [[0.7], [0.6], [0.5]]})
+    with pytest.raises(ValueError, match="non-finite"):
+        M.roar_separation({"a": [[0.9], [np.nan]], "b": [[0.7], [0.6]]})
+    with pytest.raises(ValueError, match="threshold"):
+        M.roar_separation({"a": [[0.9], [0.8]], "b": [[0.7], [0.6]]}, threshold=0.0)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # digit flipping
 # ------------------------------------------------------------------------------------------------------------
