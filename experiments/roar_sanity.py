@@ -82,20 +82,24 @@ def separation_md(by_dataset: dict) -> str:
 
 
 def compare_runs(run_dirs) -> str:
-    """The separation table of earlier ``--skip-sanity`` runs (their ``results.json``), one block per run."""
-    by_dataset = {}
+    """The separation table of earlier runs (their ``results.json``, else ``roar_partial.json``), one block per
+    run, over the methods that every run has (so that the statistic compares datasets, not method sets)."""
+    runs = {}
     for d in run_dirs:
-        path = os.path.join(d, "results.json")
-        if not os.path.exists(path):
-            raise ValueError(f"--compare: no results.json in {d!r}.")
+        path = next((os.path.join(d, f) for f in ("results.json", "roar_partial.json")
+                     if os.path.exists(os.path.join(d, f))), None)
+        if path is None:
+            raise ValueError(f"--compare: no results.json or roar_partial.json in {d!r}.")
         with open(path) as f:
             res = json.load(f)
         per_seed = {k: np.asarray(v["per_seed"]) for k, v in res.get("roar", {}).items() if "per_seed" in v}
         if len(per_seed) < 2:
             raise ValueError(f"--compare: {path} has no per-seed ROAR accuracies for two or more methods (runs with "
                              f"--repeats >= 2 store them).")
-        by_dataset[f"{res['dataset']} ({os.path.basename(os.path.normpath(d))})"] = roar_separation_summary(
-            per_seed, res["fractions"])
+        runs[f"{res['dataset']} ({os.path.basename(os.path.normpath(d))})"] = (per_seed, res["fractions"])
+    common_methods = set.intersection(*(set(p) for p, _ in runs.values()))  # the same methods in every run
+    by_dataset = {name: roar_separation_summary({k: v for k, v in p.items() if k in common_methods}, fr)
+                  for name, (p, fr) in runs.items()}
     return separation_md(by_dataset)
 
 
@@ -122,16 +126,23 @@ def run_roar(args, scale, train, test, handle, key, fractions, repeats: int, out
         return np.asarray(fractions), accs.mean(axis=0), accs.std(axis=0), accs
 
     roar_curves = {}
-    for name in tqdm(tuple(args.roar_methods) + ("random",), desc="ROAR methods", disable=args.no_progress):
+    # random first, then the methods in the order given: each finished curve is saved to ``roar_partial.json``, so
+    # a run stopped by its time limit keeps the baseline and the methods it finished
+    for name in tqdm(("random",) + tuple(args.roar_methods), desc="ROAR methods", disable=args.no_progress):
         if name == "random":
             roar_curves[name] = roar_over_seeds(lambda te: metrics.roar_random_baseline(
                 te, train.images, train.labels, test.images, test.labels, fractions, key=key))
-            continue
-        maps_of = functools.partial(saliency.jit_method(name, **common.saliency_options(scale, name)), handle,
-                                    key=key)
-        train_maps, test_maps = common.in_batches(maps_of, train.images), common.in_batches(maps_of, test.images)
-        roar_curves[name] = roar_over_seeds(lambda te: metrics.roar(
-            te, train.images, train.labels, test.images, test.labels, train_maps, test_maps, fractions))
+        else:
+            maps_of = functools.partial(saliency.jit_method(name, **common.saliency_options(scale, name)), handle,
+                                        key=key)
+            train_maps, test_maps = common.in_batches(maps_of, train.images), common.in_batches(maps_of, test.images)
+            roar_curves[name] = roar_over_seeds(lambda te: metrics.roar(
+                te, train.images, train.labels, test.images, test.labels, train_maps, test_maps, fractions))
+        with open(os.path.join(out, "roar_partial.json"), "w") as f:
+            json.dump({"dataset": args.dataset, "fractions": list(fractions), "roar_repeats": repeats,
+                       "roar": {k: {"mean": v[1].tolist(), "std": v[2].tolist(), "per_seed": v[3].tolist()}
+                                for k, v in roar_curves.items()}}, f, indent=2)
+    roar_curves = {k: roar_curves[k] for k in tuple(args.roar_methods) + ("random",)}  # table order: random last
     separation = roar_separation_summary({k: v[3] for k, v in roar_curves.items()}, fractions) if repeats > 1 else {}
     roar_rows = [[name] + [f"{m:.3f} ± {sd:.3f}" if repeats > 1 else f"{m:.3f}" for m, sd in zip(c[1], c[2])]
                  for name, c in roar_curves.items()]
