@@ -112,3 +112,31 @@ def test_train_classifier_smoke_on_mnist_digits(tmp_path):
     logged = viz.read_metrics(os.path.join(out, "metrics.jsonl"))
     assert saved["test_accuracy"] == pytest.approx(_final_eval_accuracy(logged), abs=1e-6)
     assert res["test_accuracy"] > ABOVE_CHANCE
+
+
+def test_roar_sanity_compare_runs_separation(tmp_path):
+    """``roar_sanity --compare``: the separation table of saved runs, over the methods every run has (no training)."""
+    rng = np.random.default_rng(0)
+    runs = {"a": ("digits", ["gradient", "fullgrad", "random"]),
+            "b": ("mnist_digits", ["gradient", "fullgrad", "gradcam", "random"])}
+    saved = {}
+    for d, (dataset, methods) in runs.items():
+        os.makedirs(tmp_path / d)
+        per_seed = {m: rng.uniform(0.5, 1.0, size=(3, 2)).tolist() for m in methods}
+        saved[d] = per_seed
+        name = "results.json" if d == "a" else "roar_partial.json"  # a time-limited run leaves only the partial file
+        with open(tmp_path / d / name, "w") as f:
+            json.dump({"dataset": dataset, "fractions": [0.0, 0.5],
+                       "roar": {m: {"per_seed": v} for m, v in per_seed.items()}}, f)
+    md = roar_sanity.main(["--compare", str(tmp_path / "a"), str(tmp_path / "b")])["separation_md"]
+    for d, (dataset, _) in runs.items():
+        common_methods = {m: saved[d][m] for m in ("gradient", "fullgrad", "random")}  # gradcam only in b: left out
+        for group, accs in (("all (3)", common_methods),
+                            ("saliency (2)", {m: v for m, v in common_methods.items() if m != "random"})):
+            sep = metrics.roar_separation(accs)
+            row = (f"| {dataset} ({d}) | {group} | 50% | {sep.pooled_std[1]:.4f} | {sep.spread[1]:.1f} | "
+                   f"{sep.separated_pairs[1]} / {sep.n_pairs} |")
+            assert row in md, row
+    assert "| 0% |" not in md  # every method shares the 0 % retraining
+    with pytest.raises(ValueError, match="no results.json"):
+        roar_sanity.main(["--compare", str(tmp_path / "missing")])
