@@ -294,4 +294,7 @@ def noisy_activation_matching(student_fn: LogitsFn, teacher_fn: LogitsFn, x: Arr
         z = x + e
         return activation_matching(student_fn(z), jax.lax.stop_gradient(teacher_fn(z)))
 
-    return jnp.mean(jax.lax.map(one, xi), axis=0)
+    # All noise samples in one batched (vmapped) call: a lax.map loop over them cost the train step more than its
+    # passes count (docs/BENCHMARKS.md §5). Under differentiation the loop saved no memory (its backward keeps
+    # every iteration's residuals too).
+    return jnp.mean(jax.vmap(one)(xi), axis=0)
