@@ -100,3 +100,44 @@ def load_note(loads: list[float]) -> str:
     if not loads:
         return "load average n/a"
     return f"load average {statistics.median(loads):.1f} ({min(loads):.1f}-{max(loads):.1f})"
+
+
+def primitive_count(jaxpr, name: str = "conv_general_dilated") -> int:
+    """How many times primitive ``name`` runs in a (closed) jaxpr: nested jaxprs (``pjit``, ``remat``,
+    ``custom_jvp``, ...) are walked, a ``scan`` body counts ``length`` times; a ``while`` body once (its trip
+    count is not static). Counting the convolutions of a train step counts its network passes."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    total = 0
+    for eqn in jaxpr.eqns:
+        total += eqn.primitive.name == name
+        times = int(eqn.params.get("length", 1)) if eqn.primitive.name == "scan" else 1
+        for p in eqn.params.values():
+            for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    total += times * primitive_count(inner, name)
+    return total
+
+
+def compiled_cost(jitted, *args) -> dict:
+    """Compile ``jitted`` (a ``jax.jit`` object) for ``args`` and read its static cost: ``{"compiled",
+    "compile_s", "flops"`` (XLA's ``cost_analysis``; a loop body counted once), ``"temp_bytes"`` (``memory_analysis``),
+    ``"convs"`` (:func:`primitive_count` of its jaxpr)``}``; NaN where the backend reports nothing."""
+    import jax  # noqa: PLC0415
+
+    t0 = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    out = {"compiled": compiled, "compile_s": time.perf_counter() - t0, "flops": float("nan"),
+           "temp_bytes": float("nan")}
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        out["flops"] = float(cost.get("flops", float("nan")))
+    except Exception:  # noqa: BLE001  (not every backend reports a cost)
+        pass
+    try:
+        out["temp_bytes"] = float(compiled.memory_analysis().temp_size_in_bytes)
+    except Exception:  # noqa: BLE001
+        pass
+    out["convs"] = primitive_count(jax.make_jaxpr(jitted)(*args))
+    return out
