@@ -98,3 +98,49 @@ def test_boundary_errors():
         S.activity_maximization(F, x0, Y[:2], steps=2, step_size=0.1)
     with pytest.raises(ValueError, match="noise_std"):
         S.denoise(F, x0, Y, jax.random.PRNGKey(0), noise_std=-1.0)
+
+
+def test_gaussian_init_mean_std_and_blur():
+    k = jax.random.PRNGKey(0)
+    x = np.asarray(S.gaussian_init(k, (256, 8, 8, 1), 0.3, 0.1, clip=None))
+    assert abs(x.mean() - 0.3) < 2e-3 and abs(x.std() - 0.1) < 2e-3
+    np.testing.assert_array_equal(x, np.asarray(S.gaussian_init(k, (256, 8, 8, 1), 0.3, 0.1, clip=None)))
+    # an image mean broadcasts, and the clip keeps the box
+    m = jnp.linspace(0, 1, 64).reshape(8, 8, 1)
+    xc = np.asarray(S.gaussian_init(k, (256, 8, 8, 1), m, 0.5))
+    assert xc.min() >= 0 and xc.max() <= 1 and abs(xc[:, 0, 0].mean() - 0.2) < 0.05  # clipped N(0, .5²) at 0
+    # blur 1.5 px: unit variance kept away from the border, neighbours correlated exp(-1 / (4 sigma^2)) ~ 0.895
+    b = np.asarray(S.gaussian_init(k, (512, 16, 16, 1), 0.0, 1.0, blur=1.5, clip=None))
+    assert abs(b[:, 5:11, 5:11].std() - 1.0) < 0.03
+    c = np.corrcoef(b[:, 8, 8, 0], b[:, 8, 9, 0])[0, 1]
+    assert c == pytest.approx(np.exp(-1 / (4 * 1.5 ** 2)), abs=0.03)
+    with pytest.raises(ValueError, match="std"):
+        S.gaussian_init(k, (2, 4, 4, 1), 0.5, -0.1)
+    with pytest.raises(ValueError, match="shape"):
+        S.gaussian_init(k, (2, 16), 0.5, 0.1)
+
+
+def test_sample_from_noise_gaussian_start_and_an_image_center():
+    """init='gaussian' starts at gaussian_init(first split of the key); with a prior around an image c the ascent on
+    f = -a/2 ||x - m_y||^2 converges per pixel to (a m_y + lam c) / (a + lam)."""
+    k = jax.random.PRNGKey(3)
+    c = jnp.linspace(0.1, 0.9, 9).reshape(3, 3, 1)
+    r = S.sample_from_noise(F, Y, k, SHAPE, steps=200, step_size=0.05, weight_decay=2.0, center=c,
+                            init="gaussian", init_mean=c, init_std=0.05)
+    np.testing.assert_allclose(r.start, S.gaussian_init(jax.random.split(k)[0], SHAPE, c, 0.05), rtol=1e-6)
+    fixed = (4.0 * np.asarray(M[Y])[:, None, None, None] + 2.0 * np.asarray(c)[None]) / 6.0
+    np.testing.assert_allclose(r.samples, fixed, atol=1e-4)
+    with pytest.raises(ValueError, match="init"):
+        S.sample_from_noise(F, Y, k, SHAPE, steps=1, step_size=0.1, init="normal")
+
+
+def test_sample_statistics_by_hand():
+    s = jnp.array([[[[0.0], [1.0]], [[0.5], [0.5]]], [[[1.0], [1.0]], [[1.0], [0.995]]]])
+    ref = jnp.array([[[[0.0], [1.0]], [[0.5], [0.0]]], [[[1.0], [1.0]], [[1.0], [1.0]]]])
+    st = S.sample_statistics(s, ref)
+    np.testing.assert_allclose(st.mean, [0.5, 3.995 / 4], rtol=1e-6)
+    np.testing.assert_allclose(st.frac_low, [0.25, 0.0])
+    np.testing.assert_allclose(st.frac_high, [0.25, 1.0])  # 0.995 >= 1 - 0.01
+    np.testing.assert_allclose(st.nn_distance, [0.5, 0.005], atol=1e-3)
+    with pytest.raises(ValueError, match="image shape"):
+        S.sample_statistics(s, ref[:, :1])
