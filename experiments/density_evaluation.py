@@ -69,6 +69,42 @@ ESTIMATOR_STUDY = (  # equal step cost: two extra network evaluations per exampl
 
 
 @dataclasses.dataclass(frozen=True)
+class Sampler:
+    """One GAN-test sampler setting (:func:`gradjax.sampling.sample_from_noise`). ``center`` / ``init_mean``:
+    a number, or ``"data_mean"`` for the training split's per-pixel mean image. ``steps`` / ``lr`` / ``wd`` of
+    ``None`` take the scale's (the authors' 500, 0.1, 1e-2 at small and paper scale)."""
+    steps: Optional[int] = None
+    lr: Optional[float] = None
+    wd: Optional[float] = None
+    center: object = 0.5
+    temperature: float = 0.0
+    init: str = "uniform"
+    init_mean: object = 0.5
+    init_std: float = 0.1
+    init_blur: float = 0.0
+
+
+SAMPLERS = {
+    # the authors' ascent from U(0, 1) (the default and reported Table 5.1 row)
+    "authors": Sampler(),
+    # smaller and fewer steps: 100 steps of 0.01 (the ascent stops long before saturating)
+    "small-step": Sampler(steps=100, lr=0.01),
+    # a Gaussian prior around the data's mean image, 10x stronger, started at the mean image + N(0, 0.1^2):
+    # the stationary point is x = mean + grad f_y / wd, so the sample shows what the gradient adds to the mean
+    "mean-prior": Sampler(steps=200, wd=0.1, center="data_mean", init="gaussian", init_mean="data_mean"),
+    # the same prior 100x stronger (the stationary point moves only 1/wd = 1 gradient away from the mean)
+    "mean-prior-strong": Sampler(steps=200, wd=1.0, center="data_mean", init="gaussian", init_mean="data_mean"),
+    # spatially smooth start: the data mean + blurred noise (std 0.2, blur 1.5 px), prior 0.1 toward the mean
+    "blurred": Sampler(steps=200, wd=0.1, center="data_mean", init="gaussian", init_mean="data_mean",
+                       init_std=0.2, init_blur=1.5),
+    # Langevin at low temperature from the data mean + noise (T = 0.01, step 0.01), prior 0.1 toward the mean
+    "langevin-cold": Sampler(steps=200, lr=0.01, wd=0.1, center="data_mean", temperature=0.01, init="gaussian",
+                             init_mean="data_mean"),
+}
+"""Named GAN-test sampler settings (``--samplers``); only ``authors`` is the thesis/authors' setting."""
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalScale:
     n_eval: int              # test examples for ratios, pixel perturbation, denoising
     num_draws: int           # noise draws per example and noise level (density ratios)
@@ -113,8 +149,13 @@ class Compiled:
         self.sample = jax.jit(lambda v, y, k, shape, steps, lr, wd, t: S.sample_from_noise(
             _fn(apply_fn, v), y, k, shape, steps=steps, step_size=lr, weight_decay=wd, temperature=t),
             static_argnums=(3, 4, 5, 6, 7))
+        self.sample_with = jax.jit(lambda v, y, k, shape, smp, center, init_mean: S.sample_from_noise(
+            _fn(apply_fn, v), y, k, shape, steps=smp.steps, step_size=smp.lr, weight_decay=smp.wd, center=center,
+            temperature=smp.temperature, init=smp.init, init_mean=init_mean, init_std=smp.init_std,
+            init_blur=smp.init_blur), static_argnums=(3, 4))
         self.denoise = jax.jit(lambda v, x, y, k: S.denoise(_fn(apply_fn, v), x, y, k, steps=es.denoise_steps))
         self.grad = jax.jit(lambda v, x, y: G.logit_gradient(_fn(apply_fn, v), x, y))
+        self.logit_of = jax.jit(lambda v, x, y: D.log_density(_fn(apply_fn, v), x, y))
         self.pixel = jax.jit(lambda ve, vg, x, y, fr, rel, fill: P.discriminative_pixel_perturbation(
             _fn(apply_fn, ve), x, y, gradient_fn=_fn(apply_fn, vg), fractions=fr, relevance=rel, fill=fill),
             static_argnums=(4, 5, 6))
@@ -129,48 +170,98 @@ def _ms(values):
     return float(v.mean()), float(v.std())
 
 
+def noise_augmented(ds, noise_std: float, seed: int):
+    """``ds`` plus one copy of every image with ``N(0, noise_std²)`` noise added and clipped to [0, 1] (same labels):
+    the training set of a noise-robust judge."""
+    if not noise_std > 0:
+        raise ValueError(f"noise_std must be > 0; got {noise_std!r}.")
+    rng = np.random.default_rng(seed)
+    noisy = np.clip(ds.images + noise_std * rng.standard_normal(ds.images.shape), 0, 1).astype(ds.images.dtype)
+    return dataclasses.replace(ds, images=np.concatenate([ds.images, noisy]), labels=np.concatenate([ds.labels] * 2),
+                               name=f"{ds.name}+noise{noise_std:g}")
+
+
 def train_judge(es: EvalScale, train_ds, test_ds, *, seed: int, out: str, judge_dir: Optional[str] = None,
-                progress: bool = False):
+                progress: bool = False, noise_std: float = 0.0):
     """The GAN-test judge: ``es.judge_model`` (ReLU) trained with the engine on the raw training split, from its own
     seed. With ``judge_dir`` the run checkpoints there and a finished judge is reused (resumed, no training).
-    Returns ``(state, model, test accuracy)``."""
+    ``noise_std > 0``: trained on the split plus a noisy copy (:func:`noise_augmented`). Returns
+    ``(state, model, test accuracy)`` (accuracy on the clean test split)."""
+    if noise_std:
+        train_ds = noise_augmented(train_ds, noise_std, seed)
     bs = 128 if len(train_ds) >= 1024 else max(8, len(train_ds) // 8)
     sc = Scale(model=es.judge_model, width=es.judge_width, epochs=es.judge_epochs, batch_size=bs, lr=0.05)
     state, _, model = train_classifier(train_ds, test_ds, sc, seed=seed, progress=progress, checkpoint_dir=judge_dir,
-                                       log_path=os.path.join(out, "judge_metrics.jsonl"))
+                                       log_path=os.path.join(out, f"judge{'_noise' if noise_std else ''}_metrics.jsonl"))
     judge = jax.jit(_fn(model.apply, state.variables))
     pred = np.concatenate([np.argmax(np.asarray(judge(jnp.asarray(test_ds.images[a:b]))), -1)
                            for a, b in _chunks(len(test_ds), 500)])
     return state, model, float(np.mean(pred == test_ds.labels))
 
 
+def resolve_sampler(smp: Sampler, es: EvalScale, data_mean) -> tuple[Sampler, object, object]:
+    """``(sampler with the scale's defaults filled in, center, init_mean)``; ``"data_mean"`` -> ``data_mean``."""
+    smp = dataclasses.replace(smp, steps=es.sample_steps if smp.steps is None else smp.steps,
+                              lr=es.sample_lr if smp.lr is None else smp.lr,
+                              wd=es.sample_wd if smp.wd is None else smp.wd)
+    pick = lambda v: (jnp.asarray(data_mean) if isinstance(v, str) and v == "data_mean" else jnp.asarray(v, jnp.float32))
+    for v in (smp.center, smp.init_mean):
+        if isinstance(v, str) and v != "data_mean":
+            raise ValueError(f"a sampler's center / init_mean is a number or 'data_mean'; got {v!r}.")
+    c, m = pick(smp.center), pick(smp.init_mean)
+    return dataclasses.replace(smp, center="array", init_mean="array"), c, m
+
+
 def gan_test_of(compiled: Compiled, variables, judge_fn, num_classes: int, per_class: int, shape, key, *,
-                steps: int, lr: float, wd: float, temperature: float = 0.0, batch: int = 100):
+                steps: int = 0, lr: float = 0.0, wd: float = 0.0, temperature: float = 0.0, batch: int = 100,
+                sampler: Optional[tuple] = None):
     """GAN-test accuracy of ``per_class`` samples per class from noise, the samples, and the histogram of the
-    judge's predicted classes on them (a judge that puts every sample in one class scores 1/K)."""
+    judge's predicted classes on them (a judge that puts every sample in one class scores 1/K). ``sampler``: a
+    :func:`resolve_sampler` triple (then ``steps`` … ``temperature`` are ignored); ``judge_fn`` may be a dict
+    ``{name: judge}`` (then accuracy and histogram are dicts too)."""
     labels = np.repeat(np.arange(num_classes), per_class).astype(np.int32)
     keys = jax.random.split(key, len(_chunks(len(labels), batch)))
     samples = []
     for k, (a, b) in zip(keys, _chunks(len(labels), batch)):
-        r = compiled.sample(variables, jnp.asarray(labels[a:b]), k, (b - a, *shape), steps, lr, wd, temperature)
+        if sampler is None:
+            r = compiled.sample(variables, jnp.asarray(labels[a:b]), k, (b - a, *shape), steps, lr, wd, temperature)
+        else:
+            r = compiled.sample_with(variables, jnp.asarray(labels[a:b]), k, (b - a, *shape), *sampler)
         samples.append(np.asarray(r.samples))
     samples = np.concatenate(samples)
+    if isinstance(judge_fn, dict):
+        res = {n: gan_test_on(j, samples, labels, num_classes) for n, j in judge_fn.items()}
+        return {n: r[0] for n, r in res.items()}, samples, {n: r[1] for n, r in res.items()}
+    acc, hist = gan_test_on(judge_fn, samples, labels, num_classes)
+    return acc, samples, hist
+
+
+def gan_test_on(judge_fn, samples, labels, num_classes: int):
+    """``(GAN-test accuracy, histogram of the judge's classes)`` of ``samples``; NaN (and a warning) when a sample
+    is non-finite."""
     n_bad = int(np.sum(~np.all(np.isfinite(samples.reshape(len(samples), -1)), axis=1)))
     if n_bad:  # the model's input-gradients overflowed along the ascent: report, do not judge NaN images
         print(f"warning: {n_bad}/{len(samples)} samples are non-finite (the ascent diverged); GAN-test = NaN",
               flush=True)
-        return float("nan"), samples, np.zeros(num_classes, np.int64)
+        return float("nan"), np.zeros(num_classes, np.int64)
     acc = float(D.gan_test(judge_fn, jnp.asarray(samples), jnp.asarray(labels)))
     hist = np.bincount(np.argmax(np.asarray(judge_fn(jnp.asarray(samples))), -1), minlength=num_classes)
-    return acc, samples, hist
+    return acc, hist
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
 def evaluate_models(models: dict, test_ds, es: EvalScale, keys, judge, *, pixel_settings: str = "thesis",
                     parts=("ratios", "samples", "gan", "pixel", "grads", "denoise"), out: str = ".",
-                    compiled: Optional[Compiled] = None, langevin_keys: Optional[int] = None) -> dict:
+                    compiled: Optional[Compiled] = None, langevin_keys: Optional[int] = None,
+                    samplers: Optional[dict] = None, extra_judges: Optional[dict] = None,
+                    reference: Optional[np.ndarray] = None) -> dict:
     """All evaluations of §5.5–5.6 on ``models`` = ``{objective: (apply_fn, variables)}`` (one architecture;
-    pass ``compiled`` to reuse the jitted functions of an earlier call on the same architecture)."""
+    pass ``compiled`` to reuse the jitted functions of an earlier call on the same architecture).
+
+    GAN-test: for each of ``samplers`` (``{name: Sampler}``, default the authors' only), every model's samples are
+    judged by ``judge`` and each of ``extra_judges`` (``{name: judge_fn}``); ``reference`` (the training images)
+    gives the samples' statistics (:func:`gradjax.sampling.sample_statistics`) and the ``data_mean`` of samplers
+    that use it. ``res["gan_test"]`` is the authors' sampler with ``judge`` (Table 5.1)."""
     compiled = compiled or Compiled(next(iter(models.values()))[0], es)
     n = min(es.n_eval, len(test_ds))
     x, y = test_ds.images[:n], test_ds.labels[:n].astype(np.int32)
@@ -201,24 +292,54 @@ def evaluate_models(models: dict, test_ds, es: EvalScale, keys, judge, *, pixel_
                     "noise std", "median exp(f_y(x+eta) - f_y(x))", "density ratios (Fig. 5.1)", False, 100)
 
     if "gan" in parts:
-        res["gan_test"], res["gan_test_langevin"] = {}, {}
-        for obj, (_, v) in models.items():
-            accs, laccs, hists = [], [], []
-            for i, kk in enumerate(keys):
-                key = jax.random.PRNGKey(10_000 + kk)
-                acc, _, hist = gan_test_of(compiled, v, judge_fn, K, es.per_class, shape, key,
-                                           steps=es.sample_steps, lr=es.sample_lr, wd=es.sample_wd)
-                accs.append(acc)
-                hists.append(hist)
-                if langevin_keys is None or i < langevin_keys:
-                    lacc, _, _ = gan_test_of(compiled, v, judge_fn, K, es.per_class, shape, key,
-                                             steps=es.sample_steps, lr=es.langevin_step, wd=es.sample_wd,
-                                             temperature=1.0)
-                    laccs.append(lacc)
-            res["gan_test"][obj] = dict(zip(("mean", "std"), _ms(accs)), per_key=accs,
-                                        judge_class_histogram=np.sum(hists, 0).tolist())
-            if laccs:
-                res["gan_test_langevin"][obj] = dict(zip(("mean", "std"), _ms(laccs)), per_key=laccs)
+        judges = {"judge": judge_fn, **(extra_judges or {})}
+        samplers = samplers or {"authors": SAMPLERS["authors"]}
+        data_mean = None if reference is None else np.asarray(reference).mean(0)
+        if data_mean is None and any("data_mean" in (sm.center, sm.init_mean) for sm in samplers.values()):
+            raise ValueError("a 'data_mean' sampler needs the training images (reference=...).")
+        real = S.sample_statistics(jnp.asarray(x), jnp.asarray(reference)) if reference is not None else None
+        if real is not None:
+            res["real_statistics"] = {k: float(np.mean(v)) for k, v in real._asdict().items()}
+            res["real_statistics"]["f_y"] = {o: float(np.mean(np.asarray(compiled.logit_of(v, jnp.asarray(x), jnp.asarray(y)))))
+                                             for o, (_, v) in models.items()}
+        res["gan_test_langevin"], res["gan_samplers"] = {}, {}
+        for name, smp in samplers.items():
+            rs = resolve_sampler(smp, es, data_mean)
+            entry, gallery = {}, {}
+            for obj, (_, v) in models.items():
+                accs, hists, stats, f_end, laccs = {j: [] for j in judges}, {j: [] for j in judges}, [], [], []
+                for i, kk in enumerate(keys):
+                    key = jax.random.PRNGKey(10_000 + kk)
+                    acc, smpl, hist = gan_test_of(compiled, v, judges, K, es.per_class, shape, key, sampler=rs)
+                    for j in judges:
+                        accs[j].append(acc[j])
+                        hists[j].append(hist[j])
+                    if np.all(np.isfinite(smpl)):
+                        lab = np.repeat(np.arange(K), es.per_class).astype(np.int32)
+                        f_end.append(float(np.mean(np.asarray(compiled.logit_of(v, jnp.asarray(smpl), jnp.asarray(lab))))))
+                        if reference is not None:
+                            stats.append({k: float(np.mean(a)) for k, a in S.sample_statistics(
+                                jnp.asarray(smpl), jnp.asarray(reference))._asdict().items()})
+                    if i == 0:
+                        gallery[obj] = smpl[::es.per_class]
+                    if name == "authors" and (langevin_keys is None or i < langevin_keys):
+                        lacc, _, _ = gan_test_of(compiled, v, judge_fn, K, es.per_class, shape, key,
+                                                 steps=es.sample_steps, lr=es.langevin_step, wd=es.sample_wd,
+                                                 temperature=1.0)
+                        laccs.append(lacc)
+                entry[obj] = {j: dict(zip(("mean", "std"), _ms(accs[j])), per_key=accs[j],
+                                      judge_class_histogram=np.sum(hists[j], 0).tolist()) for j in judges}
+                entry[obj]["f_y"] = float(np.mean(f_end)) if f_end else float("nan")
+                if stats:
+                    entry[obj]["statistics"] = {k: float(np.mean([r[k] for r in stats])) for k in stats[0]}
+                if laccs:
+                    res["gan_test_langevin"][obj] = dict(zip(("mean", "std"), _ms(laccs)), per_key=laccs)
+            res["gan_samplers"][name] = entry
+            if name == "authors":  # the reported Table 5.1 row (the independent judge)
+                res["gan_test"] = {o: e["judge"] for o, e in entry.items()}
+            if all(np.all(np.isfinite(g)) for g in gallery.values()):
+                _sample_grid(gallery, os.path.join(out, f"gan_samples_{name}.png"),
+                             f"GAN-test samples, sampler '{name}' (first key): one per class")
 
     if "samples" in parts:  # Fig. 5.2: one sample per class, es.vis_steps steps, first key
         labels = jnp.arange(K, dtype=jnp.int32)
@@ -342,6 +463,14 @@ def parse_args(argv=None):
     p.add_argument("--judge-dir", default=None, help="checkpoint directory of the judge (a finished one is reused)")
     p.add_argument("--langevin-keys", type=int, default=None,
                    help="run the Langevin GAN-test for the first this many keys only (default: all)")
+    p.add_argument("--samplers", nargs="+", choices=list(SAMPLERS), default=["authors"],
+                   help="GAN-test sampler settings (SAMPLERS); 'authors' is the reported Table 5.1 row")
+    p.add_argument("--judge-noise", type=float, default=0.0,
+                   help="also judge with a second judge trained on the split plus a copy with N(0, s^2) noise")
+    p.add_argument("--judge-noise-dir", default=None, help="checkpoint directory of the noise-augmented judge")
+    p.add_argument("--aggregate", nargs="+", default=None, metavar="RESULTS_JSON",
+                   help="no evaluation: merge the per-seed results of earlier runs (later files override a seed's "
+                        "parts) and report mean ± std over their training seeds")
     p.add_argument("--n-eval", type=int, default=None)
     p.add_argument("--per-class", type=int, default=None)
     p.add_argument("--sample-steps", type=int, default=None)
@@ -358,8 +487,41 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def aggregate(paths, out: str, command: str) -> dict:
+    """Merge ``per_seed`` of several ``results.json`` (e.g. seed 0 and seeds 1–2 evaluated separately; parts of the
+    same seed from different files are combined, a later file overriding a part) and summarize over training
+    seeds."""
+    if not paths:
+        raise ValueError("--aggregate needs at least one results.json.")
+    per_seed, first, sources = {}, None, []
+    for p in paths:
+        with open(p) as fh:
+            r = json.load(fh)
+        first = first or r
+        for sd, parts in r["per_seed"].items():
+            per_seed.setdefault(int(sd), {}).update(parts)
+        sources.append({"path": p, "seeds": r["seeds"], "keys": r["keys"], "command": r.get("command")})
+    found = {o for p in per_seed.values() for k, v in p.items() if isinstance(v, dict)
+             for o in (set(v) | {o for e in v.values() if isinstance(e, dict) for o in e}
+                       if k == "gan_samplers" else set(v))}
+    objectives = [o for o in OBJECTIVES if o in found]
+    results = {**{k: first[k] for k in ("scale", "judge") if k in first}, "seeds": sorted(per_seed),
+               "keys": first["keys"], "sources": sources, "per_seed": {s: per_seed[s] for s in sorted(per_seed)},
+               "environment": environment(), "command": command}
+    results["summary"] = summarize(results["per_seed"], objectives)
+    md = report(results)
+    os.makedirs(out, exist_ok=True)
+    write_results(out, results, md)
+    print(md)
+    return results
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    command = "python -m experiments.density_evaluation " + " ".join(
+        argv if argv is not None else __import__("sys").argv[1:])
+    if args.aggregate:
+        return aggregate(args.aggregate, args.out or os.path.join("runs", f"density-eval-{args.scale}"), command)
     es = EVAL_SCALES[args.scale]
     es = dataclasses.replace(es, **{k: v for k, v in dict(
         judge_model=args.judge_model, n_eval=args.n_eval, per_class=args.per_class, sample_steps=args.sample_steps,
@@ -387,9 +549,17 @@ def main(argv=None) -> dict:
                                                       judge_dir=args.judge_dir and os.path.abspath(args.judge_dir),
                                                       progress=args.progress)
     judge = jax.jit(_fn(judge_model.apply, judge_state.variables))
+    judge_states, extra_judges = [judge_state], {}
+    if args.judge_noise:
+        nj_state, nj_model, nj_acc = train_judge(es, train_ds, test_ds, seed=args.judge_seed, out=out,
+                                                 judge_dir=args.judge_noise_dir and os.path.abspath(args.judge_noise_dir),
+                                                 progress=args.progress, noise_std=args.judge_noise)
+        extra_judges["noise_judge"] = jax.jit(_fn(nj_model.apply, nj_state.variables))
+        judge_states.append(nj_state)
     for s in args.seeds:
         for o, (_, st, _) in loaded[s].items():
-            D.check_independent_judge(judge_state.params, st.params)
+            for js in judge_states:
+                D.check_independent_judge(js.params, st.params)
 
     compiled = Compiled(next(iter(loaded[args.seeds[0]].values()))[0].apply, es)
     per_seed = {}
@@ -397,13 +567,16 @@ def main(argv=None) -> dict:
         models = {o: (m.apply, st.variables) for o, (m, st, _) in loaded[s].items()}
         per_seed[s] = evaluate_models(models, test_ds, es, args.keys, judge, pixel_settings=args.pixel_settings,
                                       parts=args.parts, out=out, compiled=compiled,
-                                      langevin_keys=args.langevin_keys)
+                                      langevin_keys=args.langevin_keys,
+                                      samplers={n: SAMPLERS[n] for n in args.samplers},
+                                      extra_judges=extra_judges, reference=train_ds.images)
     results = {"scale": dataclasses.asdict(es), "models": models_dir, "seeds": args.seeds, "keys": args.keys,
                "judge": {"model": es.judge_model, "width": es.judge_width, "epochs": es.judge_epochs,
                          "seed": args.judge_seed, "test_accuracy": judge_acc},
-               "per_seed": per_seed, "environment": environment(),
-               "command": "python -m experiments.density_evaluation " + " ".join(
-                   argv if argv is not None else __import__("sys").argv[1:])}
+               "per_seed": per_seed, "environment": environment(), "command": command,
+               "samplers": {n: dataclasses.asdict(SAMPLERS[n]) for n in args.samplers}}
+    if args.judge_noise:
+        results["noise_judge"] = {"noise_std": args.judge_noise, "test_accuracy": nj_acc}
     results["summary"] = summarize(per_seed, args.objectives) if per_seed else {}
     md = report(results)
 
@@ -455,63 +628,108 @@ def _trained_row(r, st, compiled, judge, judge_state, es, test_ds, keys, extra) 
 
 
 def summarize(per_seed: dict, objectives) -> dict:
-    """Mean ± std over training seeds (each seed's value already averaged over keys)."""
-    seeds = list(per_seed)
+    """Mean ± std over training seeds (each seed's value already averaged over its keys). Each part is summarized
+    over the seeds that have it (``n_seeds[part]``), so per-seed results of separate runs can be merged."""
     out = {}
     for o in objectives:
-        d = {}
-        first = per_seed[seeds[0]]
-        if "gan_test" in first:
+        d, n = {}, {}
+        have = lambda part: [s for s, r in per_seed.items() if o in r.get(part, {})]
+        if seeds := have("gan_test"):
+            n["gan_test"] = len(seeds)
             d["gan_test"] = _ms([per_seed[s]["gan_test"][o]["mean"] for s in seeds])
             d["gan_test_key_std"] = float(np.mean([per_seed[s]["gan_test"][o]["std"] for s in seeds]))
-            if all(o in per_seed[s]["gan_test_langevin"] for s in seeds):
-                d["gan_test_langevin"] = _ms([per_seed[s]["gan_test_langevin"][o]["mean"] for s in seeds])
-        if "density_ratios" in first:
-            d["log_ratio_slope"] = _ms([per_seed[s]["density_ratios"][o]["log_ratio_slope"] for s in seeds])
-            d["median_ratio"] = np.mean([per_seed[s]["density_ratios"][o]["median_ratio"] for s in seeds], 0).tolist()
-            d["mean_ratio"] = np.mean([per_seed[s]["density_ratios"][o]["mean_ratio"] for s in seeds], 0).tolist()
-        if "pixel_own" in first:
-            d["pixel_own"] = np.mean([per_seed[s]["pixel_own"][o] for s in seeds], 0).tolist()
-            if "pixel_baseline" in first:
-                d["pixel_baseline"] = np.mean([per_seed[s]["pixel_baseline"][o] for s in seeds], 0).tolist()
-        if "denoise" in first:
+        if seeds := have("gan_test_langevin"):
+            n["gan_test_langevin"] = len(seeds)
+            d["gan_test_langevin"] = _ms([per_seed[s]["gan_test_langevin"][o]["mean"] for s in seeds])
+        names = sorted({m for r in per_seed.values() for m in r.get("gan_samplers", {})})
+        for name in names:
+            seeds = [s for s, r in per_seed.items() if o in r.get("gan_samplers", {}).get(name, {})]
+            e = [per_seed[s]["gan_samplers"][name][o] for s in seeds]
+            judges = [j for j in e[0] if isinstance(e[0][j], dict) and "mean" in e[0][j]]
+            g = {j: _ms([x[j]["mean"] for x in e]) for j in judges}
+            g["n_seeds"] = len(seeds)
+            g["f_y"] = float(np.mean([x["f_y"] for x in e]))
+            if all("statistics" in x for x in e):
+                g["statistics"] = {k: float(np.mean([x["statistics"][k] for x in e])) for k in e[0]["statistics"]}
+            d.setdefault("gan_samplers", {})[name] = g
+        if seeds := have("density_ratios"):
+            n["density_ratios"] = len(seeds)
+            r = [per_seed[s]["density_ratios"][o] for s in seeds]
+            d["log_ratio_slope"] = _ms([x["log_ratio_slope"] for x in r])
+            for k in ("median_ratio", "mean_ratio"):
+                d[k] = np.mean([x[k] for x in r], 0).tolist()
+                d[k + "_std"] = np.std([x[k] for x in r], 0).tolist()
+        for part in ("pixel_own", "pixel_baseline"):
+            if seeds := have(part):
+                n[part] = len(seeds)
+                d[part] = np.mean([per_seed[s][part][o] for s in seeds], 0).tolist()
+                d[part + "_std"] = np.std([per_seed[s][part][o] for s in seeds], 0).tolist()
+        if seeds := have("denoise"):
+            n["denoise"] = len(seeds)
             d["denoise"] = {k: _ms([per_seed[s]["denoise"][o][k][0] for s in seeds])
                             for k in ("mse_noisy", "mse_denoised", "f_gain")}
+        d["n_seeds"] = n
         out[o] = d
     return out
 
 
 def report(results: dict) -> str:
     summ, parts = results["summary"], []
-    first = results["per_seed"].get(results["seeds"][0], {})
+    part_of = lambda key: next((r[key] for r in results["per_seed"].values() if key in r), None)
     pc = lambda t: f"{100 * t[0]:.1f} ± {100 * t[1]:.1f}"
+    ns = lambda part: "/".join(str(v) for v in sorted({s.get("n_seeds", {}).get(part, 0) for s in summ.values()
+                                                       if part in s.get("n_seeds", {})}))
     if any("gan_test" in s for s in summ.values()):
         parts.append("GAN-test (Table 5.1), judge " + f"{results['judge']['model']} "
-                     f"({100 * results['judge']['test_accuracy']:.1f} % test acc.)\n\n" + markdown_table(
+                     f"({100 * results['judge']['test_accuracy']:.1f} % test acc.), authors' sampler, mean ± std over "
+                     f"{ns('gan_test')} training seeds\n\n" + markdown_table(
                          ["model", "GAN-test % (ascent)", "GAN-test % (Langevin T=1)", "thesis %"],
                          [[SHORT[o], pc(s["gan_test"]), pc(s["gan_test_langevin"]) if "gan_test_langevin" in s else "-",
                            THESIS_GAN_TEST[o]]
-                          for o, s in summ.items()]))
+                          for o, s in summ.items() if "gan_test" in s]))
+    if any("gan_samplers" in s for s in summ.values()):
+        real = part_of("real_statistics")
+        rows = []
+        if real:
+            rows.append(["real test digits", "-", "-", "-", real["mean"], real["frac_low"], real["frac_high"],
+                         real["nn_distance"], " / ".join(f"{SHORT[o]} {v:.2f}" for o, v in real["f_y"].items())])
+        for o, s in summ.items():
+            for name, g in s.get("gan_samplers", {}).items():
+                st = g.get("statistics", {})
+                rows.append([f"{name}: {SHORT[o]}", pc(g["judge"]), pc(g["noise_judge"]) if "noise_judge" in g else "-",
+                             g["n_seeds"]] + [st.get(k, float("nan")) for k in ("mean", "frac_low", "frac_high",
+                                                                                "nn_distance")] + [g["f_y"]])
+        parts.append("GAN-test by sampler (judge; noise-augmented judge), mean ± std over training seeds, and the "
+                     "samples' statistics (pixel mean, fraction <= 0.01, fraction >= 0.99, L2 distance to the nearest "
+                     "training image, f_y)\n\n" + markdown_table(
+                         ["sampler: model", "GAN-test %", "GAN-test % (noise judge)", "seeds", "mean", "frac 0",
+                          "frac 1", "NN dist.", "f_y"], rows))
     if any("median_ratio" in s for s in summ.values()):
-        stds = first["density_ratios"][next(iter(summ))]["noise_stds"]
-        parts.append("Density ratios (Fig. 5.1), median exp(f_y(x+eta) - f_y(x)) over test examples and draws\n\n"
+        stds = next(iter(part_of("density_ratios").values()))["noise_stds"]
+        parts.append("Density ratios (Fig. 5.1), median exp(f_y(x+eta) - f_y(x)) over test examples and draws, "
+                     f"mean ± std over {ns('density_ratios')} training seeds\n\n"
                      + markdown_table(["model"] + [f"s={v:g}" for v in stds] + ["slope of mean log-ratio vs s^2"],
-                                      [[SHORT[o]] + [float(v) for v in s["median_ratio"]] +
-                                       [f"{s['log_ratio_slope'][0]:.4g}"] for o, s in summ.items()]))
+                                      [[SHORT[o]] + [f"{m:.3g} ± {d:.2g}" for m, d in zip(s["median_ratio"],
+                                                                                          s["median_ratio_std"])] +
+                                       [f"{s['log_ratio_slope'][0]:.4g} ± {s['log_ratio_slope'][1]:.2g}"]
+                                       for o, s in summ.items() if "median_ratio" in s]))
     if any("pixel_own" in s for s in summ.values()):
-        fr = first["pixel_fractions"]
+        fr = part_of("pixel_fractions")
         for key, title in (("pixel_own", "own gradients (Fig. 5.3a)"),
                            ("pixel_baseline", "baseline model, each model's gradients (Fig. 5.3b)")):
-            if key in next(iter(summ.values())):
+            if any(key in s for s in summ.values()):
                 parts.append(f"Discriminative pixel perturbation, {title}: accuracy % after removing the least "
-                             "relevant fraction\n\n" + markdown_table(
+                             f"relevant fraction, mean ± std over {ns(key)} training seeds\n\n" + markdown_table(
                                  ["gradients of"] + [f"{v:g}" for v in fr],
-                                 [[SHORT[o]] + [f"{100 * v:.1f}" for v in s[key]] for o, s in summ.items()]))
+                                 [[SHORT[o]] + [f"{100 * v:.1f} ± {100 * e:.1f}" for v, e in zip(s[key], s[key + "_std"])]
+                                  for o, s in summ.items() if key in s]))
     if any("denoise" in s for s in summ.values()):
-        parts.append("Denoising (Fig. 5.8): MSE to the clean image\n\n" + markdown_table(
-            ["model", "noisy", "denoised", "f_y gain"],
-            [[SHORT[o], s["denoise"]["mse_noisy"][0], s["denoise"]["mse_denoised"][0], s["denoise"]["f_gain"][0]]
-             for o, s in summ.items()]))
+        parts.append(f"Denoising (Fig. 5.8): MSE to the clean image, mean ± std over {ns('denoise')} training "
+                     "seeds\n\n" + markdown_table(
+                         ["model", "noisy", "denoised", "f_y gain"],
+                         [[SHORT[o]] + [f"{s['denoise'][k][0]:.4g} ± {s['denoise'][k][1]:.2g}"
+                                        for k in ("mse_noisy", "mse_denoised", "f_gain")]
+                          for o, s in summ.items() if "denoise" in s]))
     if "sweep" in results:
         parts.append("lambda x mu sweep (Table 5.2 corner)\n\n" + markdown_table(
             ["lambda", "mu", "acc %", "acc % (batch stats)", "GAN-test %", "thesis acc / GAN-test", "diverged"],

@@ -50,3 +50,51 @@ def test_judge_of_the_generators_architecture_is_refused(models, tmp_path):
     with pytest.raises(ValueError, match="judge-model"):
         DE.main(["--scale", "smoke", "--models", models, "--objectives", "baseline", "--judge-model", "mlp",
                  "--out", str(tmp_path / "e")])
+
+
+def test_gan_samplers_noise_judge_and_aggregation_over_training_seeds(models, tmp_path):
+    """Two samplers (the authors' and the data-mean prior), a noise-augmented second judge, the samples' statistics;
+    then --aggregate merges per-seed results of separate runs (parts of one seed from two files are combined) and
+    reports mean ± std over training seeds."""
+    out = str(tmp_path / "s0")
+    res = DE.main(["--scale", "smoke", "--models", models, "--objectives", "baseline", "gradient_norm",
+                   "--seeds", "0", "--keys", "0", "--parts", "gan", "pixel", "--langevin-keys", "0",
+                   "--samplers", "authors", "mean-prior", "--judge-noise", "0.3", "--out", out])
+    r0 = res["per_seed"][0]
+    assert set(r0["gan_samplers"]) == {"authors", "mean-prior"}
+    for name, e in r0["gan_samplers"].items():
+        for o in ("baseline", "gradient_norm"):
+            assert set(e[o]) >= {"judge", "noise_judge", "f_y", "statistics"}
+            st = e[o]["statistics"]
+            assert 0 <= st["frac_low"] <= 1 and 0 <= st["frac_high"] <= 1 and st["nn_distance"] >= 0
+            assert sum(e[o]["judge"]["judge_class_histogram"]) == 10  # smoke: 1 sample per class
+    assert r0["gan_test"]["baseline"] == r0["gan_samplers"]["authors"]["baseline"]["judge"]  # the reported row
+    assert 0.0 <= res["noise_judge"]["test_accuracy"] <= 1.0 and res["noise_judge"]["noise_std"] == 0.3
+    assert os.path.getsize(os.path.join(out, "gan_samples_mean-prior.png")) > 1000
+    # the data-mean prior starts near the mean image: its samples' pixel mean is far below the authors' U(0, 1) start
+    m = r0["gan_samplers"]["mean-prior"]["baseline"]["statistics"]["mean"]
+    assert m < r0["gan_samplers"]["authors"]["baseline"]["statistics"]["mean"]
+
+    # a second "training seed" (this run's numbers, shifted) split over two files: gan in one, pixel in the other
+    with open(os.path.join(out, "results.json")) as fh:
+        r = json.load(fh)
+    s1 = json.loads(json.dumps(r["per_seed"]["0"]))
+    s1["pixel_own"]["gradient_norm"] = [v / 2 for v in s1["pixel_own"]["gradient_norm"]]
+    s1["gan_samplers"]["mean-prior"]["gradient_norm"]["judge"]["mean"] = 0.5
+    a, b = dict(r, per_seed={"1": {k: v for k, v in s1.items() if k != "pixel_own"}}), \
+        dict(r, per_seed={"1": {"pixel_own": s1["pixel_own"]}})
+    paths = [os.path.join(out, "results.json")]
+    for i, d in enumerate((a, b)):
+        paths.append(str(tmp_path / f"part{i}.json"))
+        with open(paths[-1], "w") as fh:
+            json.dump(d, fh)
+    agg = DE.main(["--aggregate", *paths, "--out", str(tmp_path / "agg")])
+    assert agg["seeds"] == [0, 1]
+    s = agg["summary"]["gradient_norm"]
+    g = [r0["gan_samplers"]["mean-prior"]["gradient_norm"]["judge"]["mean"], 0.5]
+    assert s["gan_samplers"]["mean-prior"]["judge"] == pytest.approx((np.mean(g), np.std(g)))
+    p = np.array([r0["pixel_own"]["gradient_norm"], s1["pixel_own"]["gradient_norm"]])
+    np.testing.assert_allclose(s["pixel_own"], p.mean(0))
+    np.testing.assert_allclose(s["pixel_own_std"], p.std(0))
+    assert s["n_seeds"]["pixel_own"] == 2 and s["gan_samplers"]["mean-prior"]["n_seeds"] == 2
+    assert "mean-prior: GN" in open(str(tmp_path / "agg" / "results.md")).read()
