@@ -122,7 +122,8 @@ def primitive_count(jaxpr, name: str = "conv_general_dilated") -> int:
 def compiled_cost(jitted, *args) -> dict:
     """Compile ``jitted`` (a ``jax.jit`` object) for ``args`` and read its static cost: ``{"compiled",
     "compile_s", "flops"`` (XLA's ``cost_analysis``; a loop body counted once), ``"temp_bytes"`` (``memory_analysis``),
-    ``"convs"`` (:func:`primitive_count` of its jaxpr)``}``; NaN where the backend reports nothing."""
+    ``"convs"`` (:func:`primitive_count` of its jaxpr), ``"compiled_convs"`` (convolutions in the optimised
+    HLO text)``}``; NaN where the backend reports nothing."""
     import jax  # noqa: PLC0415
 
     t0 = time.perf_counter()
@@ -140,4 +141,8 @@ def compiled_cost(jitted, *args) -> dict:
     except Exception:  # noqa: BLE001
         pass
     out["convs"] = primitive_count(jax.make_jaxpr(jitted)(*args))
+    try:  # convolutions left after XLA's optimisations (a loop body counted once)
+        out["compiled_convs"] = compiled.as_text().count(" convolution(")
+    except Exception:  # noqa: BLE001
+        out["compiled_convs"] = -1
     return out

@@ -27,6 +27,7 @@ import jax
 import numpy as np
 import optax
 
+from benchmarks._common import compiled_cost, load_note
 from gradjax import train as gtrain
 from gradjax.losses import combine as C
 from gradjax.losses import fullgrad_matching as FM
@@ -69,6 +70,7 @@ def time_steps(steps_by_name: dict, state, batch, frozen, *, steps: int, repeats
         s, _ = step(state, batch, frozen)
         jax.block_until_ready(s.params)
         out[name] = {"compile_s": time.perf_counter() - t, "times": []}
+    loads = []
     for _ in range(repeats):
         for name, step in steps_by_name.items():
             s = state
@@ -77,8 +79,11 @@ def time_steps(steps_by_name: dict, state, batch, frozen, *, steps: int, repeats
                 s, _ = step(s, batch, frozen)
             jax.block_until_ready(s.params)
             out[name]["times"].append((time.perf_counter() - t) / steps)
-    for v in out.values():
-        v["min_s"], v["median_s"] = float(np.min(v["times"])), float(np.median(v["times"]))
+        loads.append(os.getloadavg()[0])
+    out["_loads"] = loads
+    for name, v in out.items():
+        if name != "_loads":
+            v["min_s"], v["median_s"] = float(np.min(v["times"])), float(np.median(v["times"]))
     return out
 
 
@@ -115,17 +120,21 @@ def main(argv=None) -> dict:
         names = ["CE"] + names
     frozen = {"teacher": t_vars}
     state = gtrain.create_train_state(student, optax.adam(1e-3), x0)
-    compiled = {}
+    compiled, static = {}, {}
     for name in names:
         terms, _, _ = table_objs[name]
-        compiled[name] = gtrain.jit_train_step(C.make_loss_fn(student.apply, terms(), teacher_apply_fn=teacher.apply),
-                                               num_classes=args.classes, donate=False)
+        step = gtrain.jit_train_step(C.make_loss_fn(student.apply, terms(), teacher_apply_fn=teacher.apply),
+                                     num_classes=args.classes, donate=False, validate=False)
+        static[name] = compiled_cost(step, state, batch, frozen)  # XLA FLOPs: a static count of the passes
+        compiled[name] = static[name].pop("compiled")
     timed = time_steps(compiled, state, batch, frozen, steps=args.steps, repeats=args.repeats)
+    loads = timed.pop("_loads")
     out = {}
     for name in names:
         _, expected, note = table_objs[name]
         t = timed[name]
-        out[name] = {"step_ms": 1e3 * t["min_s"], "median_ms": 1e3 * t["median_s"], "compile_s": t["compile_s"],
+        out[name] = {"step_ms": 1e3 * t["min_s"], "median_ms": 1e3 * t["median_s"],
+                     "compile_s": static[name]["compile_s"], "flops": static[name]["flops"],
                      "expected": expected, "note": note}
         print(f"{name:38s} min {out[name]['step_ms']:8.1f} ms, median {out[name]['median_ms']:8.1f} ms "
               f"({out[name]['step_ms'] / out['CE']['step_ms']:.2f}x CE; expected {expected}; compile "
@@ -134,17 +143,21 @@ def main(argv=None) -> dict:
     ig = out.get("CE + iG", {}).get("step_ms")
     for v in out.values():
         v["multiple_of_ce"] = v["step_ms"] / base
+        v["median_multiple_of_ce"] = v["median_ms"] / out["CE"]["median_ms"]
+        v["flops_over_ce"] = v["flops"] / out["CE"]["flops"]
         v["multiple_of_ig"] = v["step_ms"] / ig if ig else None
-    lines = ["| objective | step min (ms) | median (ms) | × CE step | × iG step | expected × CE | note |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"{args.student} student, {args.teacher} teacher, width {args.width}, batch {args.batch} of "
+             f"{args.size}x{args.size}x1; {args.repeats} round-robin repeats of {args.steps} steps, "
+             f"{load_note(loads)}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
+             "| objective | step min (ms) | median (ms) | × CE step (min) | × CE (median) | × iG step | expected × CE "
+             "| XLA FLOPs × CE | note |",
+             "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {n} | {v['step_ms']:.1f} | {v['median_ms']:.1f} | {v['multiple_of_ce']:.2f} | "
+              f"{v['median_multiple_of_ce']:.2f} | "
               f"{'—' if v['multiple_of_ig'] is None else format(v['multiple_of_ig'], '.2f')} | {v['expected']} | "
-              f"{v['note']} |" for n, v in out.items()]
+              f"{v['flops_over_ce']:.2f} | {v['note']} |" for n, v in out.items()]
     table = "\n".join(lines)
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = None
+    load = loads
     meta = {"student": args.student, "teacher": args.teacher, "width": args.width, "batch": args.batch,
             "image": [args.size, args.size, 1], "classes": args.classes, "pairs": [list(q) for q in pairs],
             "steps": args.steps, "repeats": args.repeats, "backend": jax.default_backend(),
