@@ -149,8 +149,8 @@ def main(argv=None) -> dict:
     lines = [f"{args.student} student, {args.teacher} teacher, width {args.width}, batch {args.batch} of "
              f"{args.size}x{args.size}x1; {args.repeats} round-robin repeats of {args.steps} steps, "
              f"{load_note(loads)}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
-             "| objective | step min (ms) | median (ms) | × CE step (min) | × CE (median) | × iG step | expected × CE "
-             "| XLA FLOPs × CE | note |",
+             "| objective | step min (ms) | median (ms) | × CE step (min) | × CE (median) | × iG step | "
+             "expected × CE | XLA FLOPs × CE | note |",
              "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {n} | {v['step_ms']:.1f} | {v['median_ms']:.1f} | {v['multiple_of_ce']:.2f} | "
               f"{v['median_multiple_of_ce']:.2f} | "

@@ -17,9 +17,10 @@ with policies ``nothing`` (``jax.checkpoint_policies.nothing_saveable``), ``dots
 (``--ig-steps`` path points in one vmapped call, ``chunk = steps``), a cross-entropy train step and a
 double-backprop (gradient-norm, eq. 2.3) train step of the one engine (:func:`gradjax.train.jit_train_step`).
 Models: VGG-9 width 0.25 on 32x32x3 (ReLU) and the chapter-5 ResNet-18 (softplus, beta 10) width 1/8 on 16x16x1.
-Memory: the compiled program's temporaries (``compiled.memory_analysis().temp_size_in_bytes``); the process's peak
-RSS is recorded once (it cannot be split per program in one process). Agreement: max |out - out_none| / max |out_none|
-(train steps: of the parameter update).
+Recomputation: the convolutions in the jaxpr and in XLA's optimised program (``compiled.as_text()``) — XLA may
+undo a remat. Memory: the compiled program's temporaries (``compiled.memory_analysis().temp_size_in_bytes``); the
+process's peak RSS is recorded once (it cannot be split per program in one process). Agreement:
+max |out - out_none| / max |out_none| (train steps: of the parameter update).
 
 **Memory budget.** IG with ``--budget-steps`` path points at one batch, per variant in ``--budget-variants``, as
 chunks of ``--budget-chunks`` (the memory-bounded ``lax.scan`` path) and in one call: does remat let a larger chunk
@@ -48,6 +49,8 @@ import contextlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import resource  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 
 import flax.linen as nn  # noqa: E402
@@ -150,6 +153,28 @@ def step_update(out, state):
     return jax.tree.map(jnp.subtract, out[0].params, state.params)
 
 
+def rss_child(args) -> dict:
+    """One memory-budget configuration alone in this process: prints the peak RSS (MB) after initialisation,
+    after compiling and after running it (``ru_maxrss`` is a high-water mark, so each includes the earlier)."""
+    variant, chunk = args.rss_child.split(",")
+    kwargs, shape, module, block = MODELS[args.models.split(",")[0]]
+    model = create_model(num_classes=10, **kwargs)
+    x = jax.random.uniform(jax.random.PRNGKey(0), shape)
+    variables = model.init(jax.random.PRNGKey(1), x[:1], train=False)
+    target = jax.block_until_ready(jnp.argmax(model.apply(variables, x), -1))
+    peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # noqa: E731  (KiB on Linux)
+    out = {"init": peak()}
+    with variant_context(variant, module, block):
+        jitted, fargs = build("IG chunk", variant_apply(model, variant), variables, x, target, args.budget_steps,
+                              chunk=int(chunk))
+        compiled = jitted.lower(*fargs).compile()
+    out["compiled"] = peak()
+    jax.block_until_ready(compiled(*fargs))
+    out["run"] = peak()
+    print(json.dumps(out))
+    return out
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="vgg9,resnet18")
@@ -161,10 +186,15 @@ def main(argv=None) -> dict:
     p.add_argument("--budget-chunks", default="8,32")
     p.add_argument("--budget-variants", default="none,blocks:nothing,whole:dots")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--rss", action="store_true",
+                   help="also run each memory-budget configuration alone in a child process and record its peak RSS")
+    p.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)  # "VARIANT,CHUNK": the child's job
     p.add_argument("--skip", default="", help="comma-separated parts to skip: remat, budget, layouts")
     p.add_argument("--xla", default="default", help="XLA:CPU flag preset (read before JAX starts)")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"))
     args = p.parse_args(argv)
+    if args.rss_child:
+        return rss_child(args)
     skip = set(filter(None, args.skip.split(",")))
     variants = args.variants.split(",")
     if variants[0] != "none":
@@ -214,11 +244,12 @@ def main(argv=None) -> dict:
             lines = [f"**{mname}** ({kwargs}, input {list(shape)}), IG chunk = {args.ig_steps} path points in one "
                      f"call; medians of {args.repeats} interleaved rounds, {load_note(loads)}.", "",
                      "| workload | variant | ms | time / none | temp MB | temp / none | XLA FLOPs / none | "
-                     "rel. diff |", "|---|---|---|---|---|---|---|---|"]
+                     "convs: jaxpr → compiled | rel. diff |", "|---|---|---|---|---|---|---|---|---|"]
             for key, r in res["remat"].items():
                 lines.append(f"| {r['workload']} | {r['variant']} | {1e3 * r['run_s']:.1f} | "
                              f"{r['time_over_none']:.2f} | {r['temp_bytes'] / 2**20:.1f} | {r['temp_over_none']:.2f} | "
-                             f"{r['flops_over_none']:.2f} | {r['rel_diff']:.1e} |")
+                             f"{r['flops_over_none']:.2f} | {r['convs']} → {r['compiled_convs']} | "
+                             f"{r['rel_diff']:.1e} |")
             tables.append("\n".join(lines))
             print(tables[-1], flush=True)
         # ------------------------------------------------------------------------------------------ budget
@@ -239,10 +270,21 @@ def main(argv=None) -> dict:
             lines = [f"**{mname}**, IG with {args.budget_steps} path points on the batch of {shape[0]}; medians of "
                      f"{args.repeats} interleaved rounds, {load_note(loads)}.", "",
                      "| chunk | variant | ms | temp MB |", "|---|---|---|---|"]
+            if args.rss:
+                lines[-2] += " peak RSS MB: after init → compile → run |"
+                lines[-1] += "---|"
             for key in fns:
                 res["budget"][key] = dict(info[key], run_s=med[key], runs_s=runs[key])
                 lines.append(f"| {info[key]['chunk']} | {info[key]['variant']} | {1e3 * med[key]:.1f} | "
                              f"{info[key]['temp_bytes'] / 2**20:.1f} |")
+                if args.rss:
+                    cmd = [sys.executable, "-m", "benchmarks.remat_layouts", "--models", mname, "--budget-steps",
+                           str(args.budget_steps), "--xla", args.xla, "--rss-child",
+                           f"{info[key]['variant']},{info[key]['chunk']}"]
+                    child = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                    rss = json.loads(child.stdout.strip().splitlines()[-1])
+                    res["budget"][key]["peak_rss_mb"] = rss
+                    lines[-1] += f" {rss['init']:.0f} → {rss['compiled']:.0f} → {rss['run']:.0f} |"
             res["budget_loads"] = loads
             tables.append("\n".join(lines))
             print(tables[-1], flush=True)

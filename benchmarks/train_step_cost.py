@@ -19,8 +19,8 @@ gradients); full J multiplies the input-gradient passes by K; the stochastic for
 probe; the gradient-norm penalty is J without the teacher (~2-2.5x). Noisy activation matching with one antithetic
 pair adds two noisy student passes with their backward (2 x 3F) and two teacher forwards (2F): (3F + 8F) / 3F ≈ 3.7x
 (an earlier version of this table expected 2.3x, counting the noisy passes as forwards only). The row "noisy A
-(lax.map loop; before the fix)" is the loss as it was before 2026-12-02 (one noise sample per ``lax.map`` iteration), kept to measure the
-change to one batched call.
+(lax.map loop; before the fix)" is the loss as it was before 2026-12-02 (one noise sample per ``lax.map``
+iteration), kept to measure the change to one batched call.
 """
 from __future__ import annotations
 
@@ -135,7 +135,8 @@ def main(argv=None) -> dict:
         v["convs_over_ce"] = v["convs"] / base["convs"]
     caption = (f"{args.model} width {args.width}, batch {args.batch} of {args.size}x{args.size}x1, "
                f"{jax.devices()[0].device_kind} ({os.cpu_count()} cores), medians of {args.repeats} interleaved "
-               f"rounds of {args.steps} steps, {load_note(loads)}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.")
+               f"rounds of {args.steps} steps, {load_note(loads)}, "
+               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.")
     lines = [caption, "", "| objective | step (ms) | × CE step | expected × | XLA FLOPs × CE | convs × CE | note |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {n} | {v['step_ms']:.1f} | {v['multiple_of_ce']:.2f} | {v['expected']} | {v['flops_over_ce']:.2f} | "
