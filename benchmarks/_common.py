@@ -60,11 +60,14 @@ def configure_xla(argv: list[str] | None = None) -> str:
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int, sync: dict[str, Callable] | None = None,
-                warmup: int = 1) -> tuple[dict[str, float], dict[str, list[float]], list[float]]:
+                warmup: int = 1, rotate: bool = False) -> tuple[dict[str, float], dict[str, list[float]], list[float]]:
     """Median seconds of each zero-argument callable, timed round-robin.
 
-    ``sync[name]`` (default: ``jax.block_until_ready``) waits for a result. Returns ``(medians, all runs,
-    1-minute load averages read after each round)``."""
+    ``sync[name]`` (default: ``jax.block_until_ready``) waits for a result. ``rotate=True`` starts round ``r`` at
+    the ``r``-th callable (A B C, B C A, C A B, ...), so that no callable always follows the same one: on this
+    CPU the first, short call of each round (right after the previous round's longest call) came out 1.3-1.8x
+    slower than the same program later in the round (benchmarks/remat_layouts.py, layouts). Returns
+    ``(medians, all runs, 1-minute load averages read after each round)``."""
     import jax  # noqa: PLC0415  (after configure_xla)
 
     sync = sync or {}
@@ -74,10 +77,12 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, sync: dict[s
             wait[k](fn())
     runs: dict[str, list[float]] = {k: [] for k in fns}
     loads = []
-    for _ in range(repeats):
-        for k, fn in fns.items():
+    names = list(fns)
+    for r in range(repeats):
+        shift = r % len(names) if rotate and names else 0
+        for k in names[shift:] + names[:shift]:
             t0 = time.perf_counter()
-            wait[k](fn())
+            wait[k](fns[k]())
             runs[k].append(time.perf_counter() - t0)
         loads.append(os.getloadavg()[0])
     return {k: statistics.median(v) for k, v in runs.items()}, runs, loads

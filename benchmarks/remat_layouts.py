@@ -32,7 +32,7 @@ boundary (the gradient comes back NCHW); ``auto`` compiles with ``in_shardings=F
 into the chosen formats before timing. Outputs are checked against NHWC.
 
 Everything of one model is timed round-robin in one process (``benchmarks/_common.py:interleaved``; medians, the
-load average recorded — the machine is shared).
+load average recorded — the machine is shared); the budget and layout rows rotate the order every round.
 
     python -m benchmarks.remat_layouts --repeats 5          # ~15 minutes on a loaded 2-core CPU
 
@@ -153,24 +153,36 @@ def step_update(out, state):
     return jax.tree.map(jnp.subtract, out[0].params, state.params)
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB: ``VmHWM`` of ``/proc/self/status`` (reset by ``exec``, unlike
+    ``ru_maxrss``, which a child started by ``subprocess`` inherits from its parent's high-water mark)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def rss_child(args) -> dict:
     """One memory-budget configuration alone in this process: prints the peak RSS (MB) after initialisation,
-    after compiling and after running it (``ru_maxrss`` is a high-water mark, so each includes the earlier)."""
+    after compiling and after running it (a high-water mark, so each includes the earlier)."""
     variant, chunk = args.rss_child.split(",")
     kwargs, shape, module, block = MODELS[args.models.split(",")[0]]
     model = create_model(num_classes=10, **kwargs)
     x = jax.random.uniform(jax.random.PRNGKey(0), shape)
     variables = model.init(jax.random.PRNGKey(1), x[:1], train=False)
     target = jax.block_until_ready(jnp.argmax(model.apply(variables, x), -1))
-    peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # noqa: E731  (KiB on Linux)
-    out = {"init": peak()}
+    out = {"init": peak_rss_mb()}
     with variant_context(variant, module, block):
         jitted, fargs = build("IG chunk", variant_apply(model, variant), variables, x, target, args.budget_steps,
                               chunk=int(chunk))
         compiled = jitted.lower(*fargs).compile()
-    out["compiled"] = peak()
+    out["compiled"] = peak_rss_mb()
     jax.block_until_ready(compiled(*fargs))
-    out["run"] = peak()
+    out["run"] = peak_rss_mb()
     print(json.dumps(out))
     return out
 
@@ -266,7 +278,7 @@ def main(argv=None) -> dict:
                     fns[key] = lambda compiled=compiled, fargs=fargs: compiled(*fargs)
                     info[key] = dict(cost, chunk=c, variant=variant)
                     print(f"{mname} {key}: temp {cost['temp_bytes'] / 2**20:.1f} MB", flush=True)
-            med, runs, loads = interleaved(fns, args.repeats)
+            med, runs, loads = interleaved(fns, args.repeats, rotate=True)
             lines = [f"**{mname}**, IG with {args.budget_steps} path points on the batch of {shape[0]}; medians of "
                      f"{args.repeats} interleaved rounds, {load_note(loads)}.", "",
                      "| chunk | variant | ms | temp MB |", "|---|---|---|---|"]
@@ -331,7 +343,7 @@ def main(argv=None) -> dict:
                     fns[key] = lambda compiled=compiled, fargs=fargs: compiled(*fargs)
                     info[key] = dict(cost, workload=w, form=form, chosen_layouts=chosen)
                     print(f"{mname} {key}: temp {cost['temp_bytes'] / 2**20:.1f} MB; layouts {chosen}", flush=True)
-            med, runs, loads = interleaved(fns, args.repeats)
+            med, runs, loads = interleaved(fns, args.repeats, rotate=True)
             lines = [f"**{mname}**, layouts; medians of {args.repeats} interleaved rounds, {load_note(loads)}.", "",
                      "| workload | input layout | ms | time / NHWC | temp MB | rel. diff to NHWC | layouts XLA chose |",
                      "|---|---|---|---|---|---|---|"]
@@ -349,8 +361,7 @@ def main(argv=None) -> dict:
             tables.append("\n".join(lines))
             print(tables[-1], flush=True)
         result["models"][mname] = res
-    result["machine"] = machine({"xla_preset": XLA_PRESET,
-                                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    result["machine"] = machine({"xla_preset": XLA_PRESET, "peak_rss_mb": peak_rss_mb()})
     result["tables"] = tables
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"remat_layouts-{jax.default_backend()}"
