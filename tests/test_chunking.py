@@ -84,3 +84,40 @@ def test_unrolled_loop_same_sum_no_scan_and_bad_loop_is_an_error():
     np.testing.assert_allclose(float(got), float(np.sin(xs).sum()), rtol=1e-5)
     with pytest.raises(ValueError, match="loop must be one of"):
         C.chunked_sum(f, xs, chunk=3, loop="while")
+
+
+def _has_remat(jaxpr) -> bool:
+    for e in jaxpr.eqns:
+        if e.primitive.name in ("remat2", "checkpoint"):
+            return True
+        for p in e.params.values():
+            for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns") and _has_remat(inner):
+                    return True
+    return False
+
+
+def test_checkpointed_apply_keeps_the_maps_and_is_a_real_remat():
+    """CheckpointedApply (jax.checkpoint around a model's apply) gives the same batched IG chunk and gradient as
+    the plain model, is hashable (a static handle field under jit), really stages a remat, and rejects an unknown
+    policy."""
+    from gradjax import saliency
+    from gradjax.model import ModelHandle
+    from gradjax.models import create_model
+
+    model = create_model("vgg4", 3, width=0.125, activation="softplus")
+    x = jax.random.uniform(jax.random.PRNGKey(0), (2, 8, 8, 1))
+    variables = model.init(jax.random.PRNGKey(1), x, train=False)
+    ig = jax.jit(lambda h, xb: saliency.integrated_gradients(h, xb, 0, steps=4, chunk=4, reduce=None))
+    ref = np.asarray(ig(ModelHandle(model.apply, variables), x))
+    assert np.abs(ref).max() > 0
+    for policy in ("dots", "nothing"):
+        wrapped = C.CheckpointedApply(model.apply, policy)
+        assert hash(wrapped) == hash(C.CheckpointedApply(model.apply, policy))
+        got = np.asarray(ig(ModelHandle(wrapped, variables), x))
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+    grad = lambda f: jax.make_jaxpr(jax.grad(lambda z: f(variables, z).sum()))(x).jaxpr  # noqa: E731
+    assert _has_remat(grad(C.CheckpointedApply(model.apply, "dots"))) and not _has_remat(grad(model.apply))
+    with pytest.raises(ValueError, match="policy must be one of"):
+        C.CheckpointedApply(model.apply, "dots_saveable")
