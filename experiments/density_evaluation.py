@@ -21,8 +21,16 @@ Langevin adds ``sqrt(2 η T) ξ`` (``--langevin-step``, ``--temperature``); deno
 density ratios: label class, test split, noise std 0 … 0.5, mean ratio and mean log-ratio; pixel perturbation: the
 thesis's settings (``--pixel-settings authors`` for the authors' code).
 
+GAN-test options beyond the authors' setting (which stays the default and the reported Table 5.1 row):
+``--samplers`` runs named sampler settings (:data:`SAMPLERS`: e.g. ``mean-prior``, a Gaussian prior around the data's
+mean image and a start there), ``--judge-noise s`` adds a second judge trained on the split plus a copy with
+``N(0, s²)`` noise, and every sampler reports its samples' statistics (pixel mean, saturation, distance to the
+nearest training image, ``f_y``) next to the real digits'. ``--parts judge``: each judge's accuracy on test digits
+plus noise. ``--aggregate a/results.json b/results.json ...`` merges separate runs' per-seed results (e.g. seed 0
+and seeds 1–2) and reports mean ± std over training seeds, without evaluating anything.
+
 Output under ``--out``: ``results.json``, ``results.md`` and PNGs (``ratios.png``, ``samples_<kind>.png``,
-``pixel_own.png``, ``pixel_baseline.png``, ``gradients.png``, ``denoise.png``).
+``gan_samples_<sampler>.png``, ``pixel_own.png``, ``pixel_baseline.png``, ``gradients.png``, ``denoise.png``).
 """
 from __future__ import annotations
 
@@ -181,6 +189,21 @@ def noise_augmented(ds, noise_std: float, seed: int):
                                name=f"{ds.name}+noise{noise_std:g}")
 
 
+JUDGE_NOISE_STDS = (0.0, 0.05, 0.1, 0.2, 0.3)
+
+
+def judge_noise_robustness(judge_fn, x, y, noise_stds=JUDGE_NOISE_STDS, seed: int = 0) -> dict:
+    """Accuracy of ``judge_fn`` on ``x`` + ``N(0, s²)`` noise clipped to [0, 1], for each ``s`` (one fixed draw),
+    and the fraction of those images it puts in its most frequent class (1/K for a balanced set)."""
+    eps = np.random.default_rng(seed).standard_normal(np.shape(x)).astype(np.float32)
+    out = {}
+    for s_ in noise_stds:
+        pred = np.argmax(np.asarray(judge_fn(jnp.asarray(np.clip(x + s_ * eps, 0, 1)))), -1)
+        out[f"{s_:g}"] = {"accuracy": float(np.mean(pred == y)),
+                          "top_class_fraction": float(np.max(np.bincount(pred)) / len(pred))}
+    return out
+
+
 def train_judge(es: EvalScale, train_ds, test_ds, *, seed: int, out: str, judge_dir: Optional[str] = None,
                 progress: bool = False, noise_std: float = 0.0):
     """The GAN-test judge: ``es.judge_model`` (ReLU) trained with the engine on the raw training split, from its own
@@ -192,7 +215,8 @@ def train_judge(es: EvalScale, train_ds, test_ds, *, seed: int, out: str, judge_
     bs = 128 if len(train_ds) >= 1024 else max(8, len(train_ds) // 8)
     sc = Scale(model=es.judge_model, width=es.judge_width, epochs=es.judge_epochs, batch_size=bs, lr=0.05)
     state, _, model = train_classifier(train_ds, test_ds, sc, seed=seed, progress=progress, checkpoint_dir=judge_dir,
-                                       log_path=os.path.join(out, f"judge{'_noise' if noise_std else ''}_metrics.jsonl"))
+                                       log_path=os.path.join(out, "judge_noise_metrics.jsonl" if noise_std
+                                                             else "judge_metrics.jsonl"))
     judge = jax.jit(_fn(model.apply, state.variables))
     pred = np.concatenate([np.argmax(np.asarray(judge(jnp.asarray(test_ds.images[a:b]))), -1)
                            for a, b in _chunks(len(test_ds), 500)])
@@ -204,7 +228,7 @@ def resolve_sampler(smp: Sampler, es: EvalScale, data_mean) -> tuple[Sampler, ob
     smp = dataclasses.replace(smp, steps=es.sample_steps if smp.steps is None else smp.steps,
                               lr=es.sample_lr if smp.lr is None else smp.lr,
                               wd=es.sample_wd if smp.wd is None else smp.wd)
-    pick = lambda v: (jnp.asarray(data_mean) if isinstance(v, str) and v == "data_mean" else jnp.asarray(v, jnp.float32))
+    pick = lambda v: jnp.asarray(data_mean if isinstance(v, str) and v == "data_mean" else v, jnp.float32)
     for v in (smp.center, smp.init_mean):
         if isinstance(v, str) and v != "data_mean":
             raise ValueError(f"a sampler's center / init_mean is a number or 'data_mean'; got {v!r}.")
@@ -291,6 +315,11 @@ def evaluate_models(models: dict, test_ds, es: EvalScale, keys, judge, *, pixel_
                      for o, r in res["density_ratios"].items()}, os.path.join(out, "ratios.png"),
                     "noise std", "median exp(f_y(x+eta) - f_y(x))", "density ratios (Fig. 5.1)", False, 100)
 
+    if "judge" in parts:  # how each judge copes with noisy real digits (the samples are noisy digits at best)
+        judges = {"judge": judge_fn, **(extra_judges or {})}
+        res["judge_on_noisy_digits"] = {j: judge_noise_robustness(fn, x, y, JUDGE_NOISE_STDS)
+                                        for j, fn in judges.items()}
+
     if "gan" in parts:
         judges = {"judge": judge_fn, **(extra_judges or {})}
         samplers = samplers or {"authors": SAMPLERS["authors"]}
@@ -300,8 +329,9 @@ def evaluate_models(models: dict, test_ds, es: EvalScale, keys, judge, *, pixel_
         real = S.sample_statistics(jnp.asarray(x), jnp.asarray(reference)) if reference is not None else None
         if real is not None:
             res["real_statistics"] = {k: float(np.mean(v)) for k, v in real._asdict().items()}
-            res["real_statistics"]["f_y"] = {o: float(np.mean(np.asarray(compiled.logit_of(v, jnp.asarray(x), jnp.asarray(y)))))
-                                             for o, (_, v) in models.items()}
+            res["real_statistics"]["f_y"] = {
+                o: float(np.mean(np.asarray(compiled.logit_of(v, jnp.asarray(x), jnp.asarray(y)))))
+                for o, (_, v) in models.items()}
         res["gan_test_langevin"], res["gan_samplers"] = {}, {}
         for name, smp in samplers.items():
             rs = resolve_sampler(smp, es, data_mean)
@@ -316,7 +346,8 @@ def evaluate_models(models: dict, test_ds, es: EvalScale, keys, judge, *, pixel_
                         hists[j].append(hist[j])
                     if np.all(np.isfinite(smpl)):
                         lab = np.repeat(np.arange(K), es.per_class).astype(np.int32)
-                        f_end.append(float(np.mean(np.asarray(compiled.logit_of(v, jnp.asarray(smpl), jnp.asarray(lab))))))
+                        f_end.append(float(np.mean(np.asarray(compiled.logit_of(v, jnp.asarray(smpl),
+                                                                                jnp.asarray(lab))))))
                         if reference is not None:
                             stats.append({k: float(np.mean(a)) for k, a in S.sample_statistics(
                                 jnp.asarray(smpl), jnp.asarray(reference))._asdict().items()})
@@ -455,8 +486,8 @@ def parse_args(argv=None):
     p.add_argument("--keys", nargs="+", type=int, default=[0, 1, 2], help="sampling / noise key seeds")
     p.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES))
     p.add_argument("--parts", nargs="+", default=["ratios", "samples", "gan", "pixel", "grads", "denoise"],
-                   choices=["ratios", "samples", "gan", "pixel", "grads", "denoise", "none"],
-                   help="'none': only the sweep / estimator study")
+                   choices=["ratios", "samples", "gan", "judge", "pixel", "grads", "denoise", "none"],
+                   help="'none': only the sweep / estimator study; 'judge': each judge's accuracy on noisy digits")
     p.add_argument("--pixel-settings", choices=["thesis", "authors"], default="thesis")
     p.add_argument("--judge-model", default=None)
     p.add_argument("--judge-seed", type=int, default=1234)
@@ -552,7 +583,8 @@ def main(argv=None) -> dict:
     judge_states, extra_judges = [judge_state], {}
     if args.judge_noise:
         nj_state, nj_model, nj_acc = train_judge(es, train_ds, test_ds, seed=args.judge_seed, out=out,
-                                                 judge_dir=args.judge_noise_dir and os.path.abspath(args.judge_noise_dir),
+                                                 judge_dir=(args.judge_noise_dir
+                                                            and os.path.abspath(args.judge_noise_dir)),
                                                  progress=args.progress, noise_std=args.judge_noise)
         extra_judges["noise_judge"] = jax.jit(_fn(nj_model.apply, nj_state.variables))
         judge_states.append(nj_state)
@@ -687,6 +719,12 @@ def report(results: dict) -> str:
                          [[SHORT[o], pc(s["gan_test"]), pc(s["gan_test_langevin"]) if "gan_test_langevin" in s else "-",
                            THESIS_GAN_TEST[o]]
                           for o, s in summ.items() if "gan_test" in s]))
+    if (rob := part_of("judge_on_noisy_digits")) is not None:
+        stds = list(next(iter(rob.values())))
+        parts.append("Judges on test digits + N(0, s^2) noise (clipped): accuracy % / % in the most frequent class\n\n"
+                     + markdown_table(["judge"] + [f"s={v}" for v in stds],
+                                      [[j] + [f"{100 * r[v]['accuracy']:.1f} / {100 * r[v]['top_class_fraction']:.0f}"
+                                              for v in stds] for j, r in rob.items()]))
     if any("gan_samplers" in s for s in summ.values()):
         real = part_of("real_statistics")
         rows = []
@@ -721,7 +759,8 @@ def report(results: dict) -> str:
                 parts.append(f"Discriminative pixel perturbation, {title}: accuracy % after removing the least "
                              f"relevant fraction, mean ± std over {ns(key)} training seeds\n\n" + markdown_table(
                                  ["gradients of"] + [f"{v:g}" for v in fr],
-                                 [[SHORT[o]] + [f"{100 * v:.1f} ± {100 * e:.1f}" for v, e in zip(s[key], s[key + "_std"])]
+                                 [[SHORT[o]] + [f"{100 * v:.1f} ± {100 * e:.1f}"
+                                                for v, e in zip(s[key], s[key + "_std"])]
                                   for o, s in summ.items() if key in s]))
     if any("denoise" in s for s in summ.values()):
         parts.append(f"Denoising (Fig. 5.8): MSE to the clean image, mean ± std over {ns('denoise')} training "

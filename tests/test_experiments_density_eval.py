@@ -58,7 +58,7 @@ def test_gan_samplers_noise_judge_and_aggregation_over_training_seeds(models, tm
     reports mean ± std over training seeds."""
     out = str(tmp_path / "s0")
     res = DE.main(["--scale", "smoke", "--models", models, "--objectives", "baseline", "gradient_norm",
-                   "--seeds", "0", "--keys", "0", "--parts", "gan", "pixel", "--langevin-keys", "0",
+                   "--seeds", "0", "--keys", "0", "--parts", "gan", "pixel", "judge", "--langevin-keys", "0",
                    "--samplers", "authors", "mean-prior", "--judge-noise", "0.3", "--out", out])
     r0 = res["per_seed"][0]
     assert set(r0["gan_samplers"]) == {"authors", "mean-prior"}
@@ -70,6 +70,8 @@ def test_gan_samplers_noise_judge_and_aggregation_over_training_seeds(models, tm
             assert sum(e[o]["judge"]["judge_class_histogram"]) == 10  # smoke: 1 sample per class
     assert r0["gan_test"]["baseline"] == r0["gan_samplers"]["authors"]["baseline"]["judge"]  # the reported row
     assert 0.0 <= res["noise_judge"]["test_accuracy"] <= 1.0 and res["noise_judge"]["noise_std"] == 0.3
+    assert set(r0["judge_on_noisy_digits"]) == {"judge", "noise_judge"}
+    assert set(r0["judge_on_noisy_digits"]["judge"]) == {f"{v:g}" for v in DE.JUDGE_NOISE_STDS}
     assert os.path.getsize(os.path.join(out, "gan_samples_mean-prior.png")) > 1000
     # the data-mean prior starts near the mean image: its samples' pixel mean is far below the authors' U(0, 1) start
     m = r0["gan_samplers"]["mean-prior"]["baseline"]["statistics"]["mean"]
@@ -98,3 +100,13 @@ def test_gan_samplers_noise_judge_and_aggregation_over_training_seeds(models, tm
     np.testing.assert_allclose(s["pixel_own_std"], p.std(0))
     assert s["n_seeds"]["pixel_own"] == 2 and s["gan_samplers"]["mean-prior"]["n_seeds"] == 2
     assert "mean-prior: GN" in open(str(tmp_path / "agg" / "results.md")).read()
+
+
+def test_judge_noise_robustness_by_hand():
+    """A 'judge' that says class 1 when the mean pixel exceeds 0.05: right on black images, wrong on every image once
+    clipped N(0, 0.3²) noise lifts the mean to 0.3 · E[max(0, z)] ≈ 0.12 (± 0.011 over 256 pixels)."""
+    judge = lambda x: np.stack([np.zeros(len(x)), (np.asarray(x).reshape(len(x), -1).mean(1) > 0.05) * 1.0], -1)
+    x, y = np.zeros((64, 16, 16, 1), np.float32), np.zeros(64, np.int64)
+    r = DE.judge_noise_robustness(judge, x, y, (0.0, 0.3))
+    assert r["0"] == {"accuracy": 1.0, "top_class_fraction": 1.0}
+    assert r["0.3"] == {"accuracy": 0.0, "top_class_fraction": 1.0}
