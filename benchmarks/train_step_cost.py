@@ -1,12 +1,12 @@
 """Cost of each chapter-2 regularized train step relative to a plain cross-entropy step.
 
 Every objective is built with :func:`gradjax.losses.make_loss_fn` and compiled by the one step builder
-(:func:`gradjax.train.jit_train_step`); the teacher's variables go in as the step's ``frozen`` argument. All steps
-are compiled first, then timed **round-robin in one process** (``benchmarks/_common.py:interleaved``: ``--repeats``
-rounds of ``--steps`` steps each, the order rotated every round, medians, the 1-minute load average recorded —
-the machine is shared), and reported as a multiple of the cross-entropy step beside the multiple we expect from
-counting passes (thesis §2.4: Jacobian matching ≈ 2x a step, against ~1e4x for the Monte-Carlo noise augmentation it replaces) and two static
-counts of the compiled step: XLA's FLOPs (``cost_analysis``) and the convolutions in its jaxpr (a ``scan`` body
+(:func:`gradjax.train.jit_train_step`); the teacher's variables go in as the step's ``frozen`` argument. All steps are
+compiled first, then timed **round-robin in one process** (``benchmarks/_common.py:interleaved``: ``--repeats`` rounds
+of ``--steps`` steps each, the order rotated every round, medians, the 1-minute load average recorded — the machine is
+shared), and reported as a multiple of the cross-entropy step beside the multiple we expect from counting passes
+(thesis §2.4: Jacobian matching ≈ 2x a step, against ~1e4x for the Monte-Carlo noise augmentation it replaces) and two
+static counts of the compiled step: XLA's FLOPs (``cost_analysis``) and the convolutions in its jaxpr (a ``scan`` body
 counted ``length`` times), each as a multiple of the CE step's.
 
     python -m benchmarks.train_step_cost [--model vgg4|vgg9] [--width 0.125] [--batch 32] [--size 32] [--out DIR]
