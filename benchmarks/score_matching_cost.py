@@ -6,8 +6,10 @@ per probe).
     python -m benchmarks.score_matching_cost --model mlp --image-size 8 --repeats 20
 
 Every step is the real engine step (``gradjax.train.jit_train_step`` of a combinator loss, frozen-moments
-BatchNorm policy, SGD). Time: the minimum (robust to other load on a shared machine; the median is also recorded)
-wall time of ``--repeats`` steps after one warm-up (compile excluded).
+BatchNorm policy, SGD). All steps (and the eval forward) are compiled first, then timed round-robin in one process
+with the order rotated every round (``benchmarks/_common.py:interleaved``; the load average recorded). Time: the
+minimum (robust to other load on a shared machine; the median is also recorded) of ``--repeats`` rounds. XLA's FLOP
+count of each compiled step (``cost_analysis``) is reported beside it as a multiple of the CE step's.
 Memory: XLA's temporary buffer size of the compiled step (``compiled.memory_analysis().temp_size_in_bytes``).
 Also timed: one eval forward pass ``F``, so the marginal cost of the trace term (SM step − gradient-norm step,
 which shares the CE + double-backprop gradient-norm part) can be read in forward passes. Expected (training
@@ -24,14 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks._common import compiled_cost, interleaved, load_note, machine
 from gradjax import train as gtrain
 from gradjax.losses import combine
 from gradjax.losses import score_matching as SM
@@ -81,57 +82,46 @@ def main(argv=None) -> dict:
     state0 = gtrain.create_train_state(model, tx, batch["image"][:2], seed=0)
 
     fwd = jax.jit(lambda v, x: model.apply(v, x, train=False))
-    jax.block_until_ready(fwd(state0.variables, batch["image"]))
-    ts = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fwd(state0.variables, batch["image"]))
-        ts.append(time.perf_counter() - t0)
-    forward_s = min(ts)
-
+    fwd_c = fwd.lower(state0.variables, batch["image"]).compile()
+    fns = {"forward": lambda: fwd_c(state0.variables, batch["image"])}
     rows = {}
     for name in args.variants:
         loss_fn = combine.make_loss_fn(model.apply, _terms(VARIANTS[name]))
-        step = jax.jit(gtrain.make_train_step(loss_fn))
-        t0 = time.perf_counter()
-        compiled = step.lower(state0, batch).compile()
-        compile_s = time.perf_counter() - t0
-        mem = compiled.memory_analysis()
-        temp = int(getattr(mem, "temp_size_in_bytes", 0)) if mem is not None else None
-        state = state0
-        state, m = compiled(state, batch)
-        jax.block_until_ready(m)
-        ts = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            state, m = compiled(state, batch)
-            jax.block_until_ready(m)
-            ts.append(time.perf_counter() - t0)
-        rows[name] = {"step_s": min(ts), "step_median_s": statistics.median(ts), "compile_s": compile_s,
-                      "temp_bytes": temp}
-        print(name, rows[name], flush=True)
-
+        cost = compiled_cost(jax.jit(gtrain.make_train_step(loss_fn)), state0, batch)
+        compiled = cost.pop("compiled")
+        fns[name] = lambda compiled=compiled: compiled(state0, batch)[1]
+        rows[name] = {"compile_s": cost["compile_s"], "temp_bytes": cost["temp_bytes"], "flops": cost["flops"]}
+        print(f"compiled {name} in {cost['compile_s']:.1f} s", flush=True)
+    med, runs, loads = interleaved(fns, args.repeats, rotate=True)
+    forward_s = min(runs["forward"])
+    for name in args.variants:
+        rows[name].update(step_s=min(runs[name]), step_median_s=med[name], runs_s=runs[name])
     ce = rows.get("cross_entropy")
     gn = rows.get("gradient_norm")
     for name, r in rows.items():
         if ce:
             r["time_vs_ce"] = r["step_s"] / ce["step_s"]
             r["memory_vs_ce"] = (r["temp_bytes"] / ce["temp_bytes"]) if ce["temp_bytes"] else None
+            r["median_vs_ce"] = r["step_median_s"] / ce["step_median_s"]
+            r["flops_vs_ce"] = r["flops"] / ce["flops"]
         if gn and name.startswith(("sm_", "anti_")):
             r["trace_cost_in_forwards"] = (r["step_s"] - gn["step_s"]) / forward_s
     res = {"config": vars(args), "forward_s": forward_s, "ce_step_in_forwards": ce["step_s"] / forward_s if ce else None,
            "rows": rows, "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
-           "cpu_count": os.cpu_count()}
+           "cpu_count": os.cpu_count(), "loads": loads, "machine": machine()}
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"score_matching_cost-{jax.default_backend()}.json")
     with open(path, "w") as fh:
         json.dump(res, fh, indent=2)
-    print(f"\nforward F = {1e3 * forward_s:.2f} ms; CE step = {res['ce_step_in_forwards']:.2f} F")
-    print("| variant | step (ms) | × CE time | × CE temp memory | trace part (in F) |\n|---|---|---|---|---|")
+    print(f"\nforward F = {1e3 * forward_s:.2f} ms; CE step = {res['ce_step_in_forwards']:.2f} F; "
+          f"{args.repeats} rotated rounds, {load_note(loads)}")
+    print("| variant | step min (ms) | × CE time (min) | × CE (median) | × CE FLOPs | × CE temp memory | "
+          "trace part (in F) |\n|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         tr = r.get("trace_cost_in_forwards")
         mem = r.get("memory_vs_ce")
         print(f"| {name} | {1e3 * r['step_s']:.1f} | {r.get('time_vs_ce', float('nan')):.2f} | "
+              f"{r.get('median_vs_ce', float('nan')):.2f} | {r.get('flops_vs_ce', float('nan')):.2f} | "
               f"{mem if mem is None else f'{mem:.2f}'} | {'' if tr is None else f'{tr:.1f}'} |")
     return res
 
