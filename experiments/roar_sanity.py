@@ -103,6 +103,44 @@ def compare_runs(run_dirs) -> str:
     return separation_md(by_dataset)
 
 
+def mask_leak_accuracy(train_maps, train_labels, test_maps, test_labels, fraction: float) -> float:
+    """Test accuracy of a multinomial logistic regression that sees **only the ROAR removal mask** of each image
+    (which ``fraction`` of its pixels the map removes, :func:`gradjax.metrics.removal_mask`), never the pixels.
+
+    After ROAR's mean fill the removed region stays visible as a flat patch, so a retrained model can read the class
+    from the mask's shape; this measures how much it could (chance = 1 / classes for a mask that ignores the
+    image, e.g. random removal)."""
+    from sklearn.linear_model import LogisticRegression  # scikit-learn ships the embedded digits; a dependency
+
+    def masks(maps):
+        return np.concatenate([np.asarray(metrics.removal_mask(jnp.asarray(maps[i:i + 1024]), fraction))
+                               for i in range(0, len(maps), 1024)]).reshape(len(maps), -1).astype(np.float32)
+
+    clf = LogisticRegression(max_iter=300).fit(masks(train_maps), np.asarray(train_labels))
+    return float(np.mean(clf.predict(masks(test_maps)) == np.asarray(test_labels)))
+
+
+def run_mask_leak(args, scale, train, test, handle, key, fractions, out: str) -> tuple[dict, str]:
+    """:func:`mask_leak_accuracy` of every ``--roar-methods`` map and of random removal at each fraction above 0."""
+    fractions = [f for f in fractions if f > 0]
+    k1, k2 = jax.random.split(key)  # as metrics.roar_random_baseline draws its scores
+    leak = {"random": [mask_leak_accuracy(np.asarray(jax.random.uniform(k1, train.images.shape[:3])), train.labels,
+                                          np.asarray(jax.random.uniform(k2, test.images.shape[:3])), test.labels, f)
+                       for f in fractions]}
+    for name in tqdm(tuple(args.roar_methods), desc="mask leak", disable=args.no_progress):
+        maps_of = functools.partial(saliency.jit_method(name, **common.saliency_options(scale, name)), handle,
+                                    key=key)
+        train_maps, test_maps = common.in_batches(maps_of, train.images), common.in_batches(maps_of, test.images)
+        leak[name] = [mask_leak_accuracy(train_maps, train.labels, test_maps, test.labels, f) for f in fractions]
+        with open(os.path.join(out, "mask_leak_partial.json"), "w") as fh:
+            json.dump({"dataset": args.dataset, "fractions": fractions, "mask_leak": leak}, fh, indent=2)
+    md = ("Class information in the ROAR removal mask alone: test accuracy of a logistic regression on the binary "
+          f"mask of removed pixels (chance = {1 / train.num_classes:.2f}):\n\n"
+          + common.markdown_table(["method"] + [f"{f:.0%}" for f in fractions],
+                                  [[n] + [f"{a:.3f}" for a in accs] for n, accs in leak.items()]) + "\n")
+    return leak, md
+
+
 def run_roar(args, scale, train, test, handle, key, fractions, repeats: int, out: str) -> tuple[dict, str]:
     """ROAR curves ``{method: (fractions, mean accuracy, std)}`` (random baseline included) and their table."""
     retrain_scale = dataclasses.replace(scale, epochs=args.retrain_epochs or max(1, scale.epochs // 2))
@@ -167,6 +205,9 @@ def main(argv=None) -> dict:
                         help="the VGG convolutions' padding, for the explained and every retrained model")
     parser.add_argument("--roar-methods", nargs="+", default=list(ROAR_METHODS),
                         help="saliency methods (registry names) of the ROAR curves; random removal is always added")
+    parser.add_argument("--mask-leak", action="store_true",
+                        help="no ROAR retraining: how well a logistic regression reads the class from each method's "
+                             "removal mask alone (writes mask_leak.json/.md; reuses --out's trained model)")
     parser.add_argument("--compare", nargs="+", default=None, metavar="RUN_DIR",
                         help="only print the ROAR separation table of earlier runs' results.json (no training)")
     args = parser.parse_args(argv)
@@ -184,6 +225,17 @@ def main(argv=None) -> dict:
                                               progress=not args.no_progress, model_options=model_options(args))
     handle = saliency.ModelHandle(model.apply, state.variables)
     key = jax.random.PRNGKey(args.seed)
+
+    if args.mask_leak:
+        leak, md = run_mask_leak(args, scale, train, test, handle, key, fractions, out)
+        results = {"dataset": args.dataset, "scale": args.scale, "model": scale.model, "fractions": fractions,
+                   "mask_leak": leak, "environment": common.environment()}
+        with open(os.path.join(out, "mask_leak.json"), "w") as fh:
+            json.dump(results, fh, indent=2)
+        with open(os.path.join(out, "mask_leak.md"), "w") as fh:
+            fh.write(md)
+        print(md)
+        return results
 
     repeats = args.repeats or (3 if args.scale == "paper" else 1)
     roar_curves, roar_md = ({}, "") if args.skip_roar else run_roar(args, scale, train, test, handle, key, fractions,

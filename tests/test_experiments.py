@@ -140,3 +140,17 @@ def test_roar_sanity_compare_runs_separation(tmp_path):
     assert "| 0% |" not in md  # every method shares the 0 % retraining
     with pytest.raises(ValueError, match="no results.json"):
         roar_sanity.main(["--compare", str(tmp_path / "missing")])
+
+
+def test_roar_mask_leak_accuracy_reads_the_class_from_the_mask_only():
+    """A map whose top half depends on the class leaks it through the removal mask; random removal does not."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, size=400)
+    side = np.zeros((400, 8, 8), np.float32)
+    side[labels == 0, :, :4] = 1.0  # class 0: the left half is the most salient, class 1: the right half
+    side[labels == 1, :, 4:] = 1.0
+    maps = side + 0.1 * rng.random((400, 8, 8), dtype=np.float32)  # the pixel values inside a half do not matter
+    assert roar_sanity.mask_leak_accuracy(maps[:300], labels[:300], maps[300:], labels[300:], 0.5) == 1.0
+    noise = rng.random((400, 8, 8), dtype=np.float32)
+    chance = roar_sanity.mask_leak_accuracy(noise[:300], labels[:300], noise[300:], labels[300:], 0.5)
+    assert 0.35 < chance < 0.65  # 100 test masks: chance 0.5 +- 0.05
