@@ -616,7 +616,8 @@ def main(argv=None) -> dict:
         sw_scale = dataclasses.replace(scale, epochs=es.sweep_epochs, max_train=es.sweep_max_train)
         sw_train, sw_test = DM.load_raw_splits(sw_scale)
         study_keys = args.keys[:args.study_keys]
-        base = None
+        study_eval = dict(samplers={"authors": SAMPLERS["authors"], **{n: SAMPLERS[n] for n in args.samplers}},
+                          extra_judges=extra_judges, reference=train_ds.images)
         if args.sweep:
             rows = []
             for lam in args.lams:
@@ -624,8 +625,8 @@ def main(argv=None) -> dict:
                     r, st, _, sps = train_score_matching(sw_scale, sw_train, sw_test,
                                                                 os.path.join(out, "sweep", f"lam{lam:g}_mu{mu:g}"),
                                                                 seed=args.seeds[0], lam=lam, mu=mu)
-                    rows.append(_trained_row(r, st, compiled, judge, judge_state, es, test_ds, study_keys,
-                                             dict(lam=lam, mu=mu, seconds_per_step=sps)))
+                    rows.append(_trained_row(r, st, compiled, judge, judge_states, es, test_ds, study_keys,
+                                             dict(lam=lam, mu=mu, seconds_per_step=sps), **study_eval))
                     results["sweep"] = {"scale": dataclasses.asdict(sw_scale), "rows": rows}
                     write_results(out, results, report(results))  # partial results after every cell
         if args.estimators:
@@ -635,8 +636,8 @@ def main(argv=None) -> dict:
                                                             os.path.join(out, "estimators", ov.get("form",
                                                                                                    ov["estimator"])),
                                                             seed=args.seeds[0], **ov)
-                rows.append(_trained_row(r, st, compiled, judge, judge_state, es, test_ds, study_keys,
-                                         dict(estimator=name, seconds_per_step=sps)))
+                rows.append(_trained_row(r, st, compiled, judge, judge_states, es, test_ds, study_keys,
+                                         dict(estimator=name, seconds_per_step=sps), **study_eval))
                 results["estimators"] = {"scale": dataclasses.asdict(sw_scale), "rows": rows}
                 write_results(out, results, report(results))  # partial results after every estimator
         md = report(results)
@@ -646,17 +647,28 @@ def main(argv=None) -> dict:
     return results
 
 
-def _trained_row(r, st, compiled, judge, judge_state, es, test_ds, keys, extra) -> dict:
-    """Accuracy, GAN-test (over ``keys``) and density-ratio slope of one freshly trained model (same architecture
-    as the evaluated models: their compiled functions are reused)."""
-    D.check_independent_judge(judge_state.params, st.params)
+def _trained_row(r, st, compiled, judge, judge_states, es, test_ds, keys, extra, *, samplers=None,
+                 extra_judges=None, reference=None) -> dict:
+    """Accuracy, GAN-test (over ``keys``; the authors' sampler and clean judge, and in ``other_gan_tests`` every
+    further sampler / judge) and density-ratio slope of one freshly trained model (same architecture as the
+    evaluated models: their compiled functions are reused)."""
+    for js in judge_states:
+        D.check_independent_judge(js.params, st.params)
     ev = evaluate_models({"score_matching": (st.apply_fn, st.variables)}, test_ds, es, keys, judge,
                          parts=("ratios", "gan"), out=os.path.dirname(r["run_dir"]), compiled=compiled,
-                         langevin_keys=0)
-    return {**extra, "test_accuracy": r["test_accuracy"], "test_accuracy_batch_stats": r["test_accuracy_batch_stats"],
+                         langevin_keys=0, samplers=samplers, extra_judges=extra_judges, reference=reference)
+    other = {f"{n}/{j}": v["mean"] for n, e in ev["gan_samplers"].items() for j, v in e["score_matching"].items()
+             if isinstance(v, dict) and "mean" in v and (n, j) != ("authors", "judge")}
+    return {**extra, "other_gan_tests": other, "test_accuracy": r["test_accuracy"],
+            "test_accuracy_batch_stats": r["test_accuracy_batch_stats"],
             "diverged": r["diverged"], "steps": r["steps"], "gan_test": ev["gan_test"]["score_matching"],
             "log_ratio_slope": ev["density_ratios"]["score_matching"]["log_ratio_slope"],
             "trace_mean": r["trace_mean"], "grad_sq_norm_mean": r["grad_sq_norm_mean"]}
+
+
+def _others(row) -> str:
+    """``sampler/judge value`` of a study row's further GAN-tests (``-`` when none ran)."""
+    return "; ".join(f"{k} {100 * v:.1f}" for k, v in row.get("other_gan_tests", {}).items()) or "-"
 
 
 def summarize(per_seed: dict, objectives) -> dict:
@@ -771,16 +783,18 @@ def report(results: dict) -> str:
                           for o, s in summ.items() if "denoise" in s]))
     if "sweep" in results:
         parts.append("lambda x mu sweep (Table 5.2 corner)\n\n" + markdown_table(
-            ["lambda", "mu", "acc %", "acc % (batch stats)", "GAN-test %", "thesis acc / GAN-test", "diverged"],
+            ["lambda", "mu", "acc %", "acc % (batch stats)", "GAN-test %", "other GAN-tests %",
+             "thesis acc / GAN-test", "diverged"],
             [[r["lam"], r["mu"], f"{100 * r['test_accuracy']:.1f}", f"{100 * r['test_accuracy_batch_stats']:.1f}",
-              f"{100 * r['gan_test']['mean']:.1f} ± {100 * r['gan_test']['std']:.1f}",
+              f"{100 * r['gan_test']['mean']:.1f} ± {100 * r['gan_test']['std']:.1f}", _others(r),
               "/".join(str(v) for v in THESIS_TABLE_5_2.get((r["lam"], r["mu"]), ("-", "-"))),
               r["diverged"] is not None] for r in results["sweep"]["rows"]]))
     if "estimators" in results:
         parts.append("Trace estimators at equal step cost (score-matching, thesis preset)\n\n" + markdown_table(
-            ["estimator", "acc %", "acc % (batch stats)", "GAN-test %", "log-ratio slope", "s / step"],
+            ["estimator", "acc %", "acc % (batch stats)", "GAN-test %", "other GAN-tests %", "log-ratio slope",
+             "s / step"],
             [[r["estimator"], f"{100 * r['test_accuracy']:.1f}", f"{100 * r['test_accuracy_batch_stats']:.1f}",
-              f"{100 * r['gan_test']['mean']:.1f} ± {100 * r['gan_test']['std']:.1f}", r["log_ratio_slope"],
+              f"{100 * r['gan_test']['mean']:.1f} ± {100 * r['gan_test']['std']:.1f}", _others(r), r["log_ratio_slope"],
               r["seconds_per_step"]] for r in results["estimators"]["rows"]]))
     return "\n\n".join(parts)
 
