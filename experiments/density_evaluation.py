@@ -658,7 +658,7 @@ def _trained_row(r, st, compiled, judge, judge_states, es, test_ds, keys, extra,
                          parts=("ratios", "gan"), out=os.path.dirname(r["run_dir"]), compiled=compiled,
                          langevin_keys=0, samplers=samplers, extra_judges=extra_judges, reference=reference)
     other = {f"{n}/{j}": v["mean"] for n, e in ev["gan_samplers"].items() for j, v in e["score_matching"].items()
-             if isinstance(v, dict) and "mean" in v and (n, j) != ("authors", "judge")}
+             if isinstance(v, dict) and "per_key" in v and (n, j) != ("authors", "judge")}  # judges only
     return {**extra, "other_gan_tests": other, "test_accuracy": r["test_accuracy"],
             "test_accuracy_batch_stats": r["test_accuracy_batch_stats"],
             "diverged": r["diverged"], "steps": r["steps"], "gan_test": ev["gan_test"]["score_matching"],
@@ -689,7 +689,7 @@ def summarize(per_seed: dict, objectives) -> dict:
         for name in names:
             seeds = [s for s, r in per_seed.items() if o in r.get("gan_samplers", {}).get(name, {})]
             e = [per_seed[s]["gan_samplers"][name][o] for s in seeds]
-            judges = [j for j in e[0] if isinstance(e[0][j], dict) and "mean" in e[0][j]]
+            judges = [j for j in e[0] if isinstance(e[0][j], dict) and "per_key" in e[0][j]]
             g = {j: _ms([x[j]["mean"] for x in e]) for j in judges}
             g["n_seeds"] = len(seeds)
             g["f_y"] = float(np.mean([x["f_y"] for x in e]))
