@@ -101,7 +101,7 @@ def gaussian_init(key: Array, shape, mean=0.5, std: float = 0.1, *, blur: float 
             raise ValueError(f"gaussian_init needs {name} >= 0; got {v!r}.")
     eps = jax.random.normal(key, tuple(shape), dtype)
     if blur > 0:
-        eps = _blur(eps, blur) / float(np.sum(_kernel(blur) ** 2))  # ‖k1 ⊗ k1‖₂ = Σ k1²: unit variance away from borders
+        eps = _blur(eps, blur) / float(np.sum(_kernel(blur) ** 2))  # ‖k ⊗ k‖₂ = Σ k²: unit variance inside
     x = jnp.asarray(mean, dtype) + std * eps
     if clip is not None:
         x = jnp.clip(x, clip[0], clip[1])
