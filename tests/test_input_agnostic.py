@@ -2,6 +2,7 @@
 per-class equality, determinism, validation. Tiny hand-made models so that everything compiles in seconds."""
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -162,3 +163,56 @@ def test_bad_input_raises(bad, match):
     target = kw.pop("target_class")
     with pytest.raises(ValueError, match=match):
         ia.input_agnostic(trojaned_logits, target, key=jax.random.PRNGKey(0), **kw)
+
+
+# ---------------------------------------------------------------------------------------------- pinned output
+# Values computed with the single-function implementation before it was split into stages (commit of this test),
+# eagerly, with ``jax_disable_most_optimizations`` (this module's fixture): the stage functions must reproduce them.
+PSHAPE, PK = (4, 4, 2), 3
+
+
+def pin_logits(x):
+    w = jnp.sin(jnp.arange(np.prod(PSHAPE) * PK, dtype=jnp.float32)).reshape(-1, PK) * 0.5
+    z = x.reshape(x.shape[0], -1)
+    return jnp.tanh(z @ w) * 3.0 + jnp.array([0.1, -0.2, 0.05])
+
+
+PIN_CASES = {
+    "l2": dict(low=0.0, high=1.0, distribution="uniform", norm="l2", radius=1.0, steps=6, samples=5, chunk_size=2,
+               fidelity_samples=20, curve_fractions=(0.5, 0.2), curve_steps=3, refine_steps=2, refine_sigma=0.7,
+               tolerance=0.1),
+    "linf": dict(low=-1.0, high=1.0, distribution="mixed", lowfreq_factor=2, norm="linf", radius=0.4, steps=5,
+                 samples=4, chunk_size=3, learning_rate=0.05, momentum=0.8, fidelity_samples=16, curve_fractions=(0.6,),
+                 curve_steps=2, refine_steps=1, refine_sigma=0.5, tolerance=0.2),
+}
+PINNED = {
+    "l2": dict(
+         map=[0.007126227, -0.003239583, 0.004163987, 0.001610528, -0.003950857, 0.009755856, -0.007256918, 0.01110423, -0.01197565, 0.01619191, -0.02264461, 0.02841036, -0.02991886, 0.03492501, -0.02487421, 0.02761984, -0.0301218, 0.03083715, -0.04257842, 0.04280305, -0.04173081, 0.04064945, -0.02855752, 0.02695526, -0.02332386, 0.02137798, -0.02921899, 0.02586084, -0.02358444, 0.01946414, -0.0133154, 0.0100654],
+         loss=[1.90921, 1.556839, 1.103619, 1.179018, 1.329605, 1.036146],
+         success=[0.25, 0.25, 0.15],
+         fidelity=[0.15],
+         fidelity_unrefined=[0.25],
+         refine_accepted=[2],
+         curve_last=[0.04361153, -0.03847763, 0.03257316, -0.02579549, 0.01849018, -0.01086183, 0.002960306, 0.004431876, -0.01286115, 0.02078637, -0.02663338, 0.03395991, -0.03671544, 0.0453614, -0.04941648, 0.05168847, -0.05479693, 0.05607487, -0.05345391, 0.0530003, -0.05283682, 0.04897993, -0.04475562, 0.03905535, -0.03394847, 0.02675444, -0.01995023, 0.01232419, -0.004451477, -0.003510328, 0.01156788, -0.01751039],
+    ),
+    "linf": dict(
+         map=[0.1211391, -0.1119076, 0.1353174, -0.1257161, 0.1287379, -0.1020807, 0.08056966, 0.06643593, -0.1140252, 0.1253728, -0.140583, 0.1457214, -0.1419297, 0.1521993, -0.1371593, 0.1583336, -0.1680415, 0.1700535, -0.1895773, 0.1869476, -0.1844915, 0.1639679, -0.1426242, 0.1380022, -0.155145, 0.1569758, -0.1704696, 0.1459355, -0.1218678, -0.03834755, 0.06630481, -0.09788667],
+         loss=[2.546108, 2.086551, 1.009806, 0.9659094, 1.062393],
+         success=[0.0625, 0.0625],
+         fidelity=[0.0625],
+         fidelity_unrefined=[0.0625],
+         refine_accepted=[1],
+         curve_last=[0.2304014, -0.2165496, 0.2348176, -0.2224202, 0.2354963, -0.2283912, 0.1714369, 0.08590127, -0.165991, 0.2080319, -0.2044361, 0.2099045, -0.2028576, 0.217549, -0.219506, 0.2207426, -0.2222892, 0.223677, -0.22275, 0.2240339, -0.2274741, 0.2287652, -0.2297767, 0.2298982, -0.2332461, 0.238821, -0.2358091, 0.2313415, -0.1997761, -0.07871174, 0.1621687, -0.1899341],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PIN_CASES))
+def test_output_pinned_to_the_single_function_implementation(case):
+    r = jax.jit(lambda k: ia.input_agnostic(pin_logits, 1, key=k, input_shape=PSHAPE, **PIN_CASES[case]))(
+        jax.random.PRNGKey(3))
+    got = dict(map=r.map, loss=r.loss, success=r.success, fidelity=r.fidelity, fidelity_unrefined=r.fidelity_unrefined,
+               refine_accepted=r.refine_accepted, curve_last=r.curve_maps[-1])
+    want = {k: np.asarray(v, np.float32) for k, v in PINNED[case].items()}
+    chex.assert_trees_all_close({k: np.asarray(v, np.float32).ravel() for k, v in got.items()}, want,
+                                rtol=1e-4, atol=1e-6)
