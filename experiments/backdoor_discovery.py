@@ -91,14 +91,14 @@ def _accuracy(logits_fn, images, labels) -> float:
 
 
 def main(argv=None) -> dict:
-    parser = common.base_parser(__doc__.splitlines()[0])
+    parser = common.base_parser(__doc__.splitlines()[0], single_process=(
+        "its work is the per-class trigger searches (input-agnostic maps, Neural Cleanse) on each trained model, "
+        "optimizations that run on one device"))
     parser.add_argument("--radius-fraction", type=float, default=RADIUS_FRACTION)
     args = parser.parse_args(argv)
     cfg = CONFIGS[args.scale]
     s0 = cfg["scale"]
-    scale = common.Scale(model=args.model or s0.model, width=args.width or s0.width, epochs=args.epochs or s0.epochs,
-                         batch_size=args.batch_size or s0.batch_size, lr=args.lr or s0.lr, max_train=s0.max_train,
-                         max_test=s0.max_test)
+    scale = common.resolve_scale(args, {args.scale: s0})
     out = common.out_dir(args, "backdoor")
     progress = not args.no_progress
     t_start = time.time()

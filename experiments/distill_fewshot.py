@@ -16,7 +16,6 @@ of 500, batch 128 (thesis §2.12.3).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import os
 import time
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from experiments import _ch2
+from experiments import common
 from gradjax import data as gdata
 from gradjax.losses import combine as C
 from gradjax.models import create_model
@@ -78,23 +77,23 @@ def _terms(keys):
 
 
 def main(argv=None) -> dict:
-    p = _ch2.add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    p = common.base_parser(__doc__.splitlines()[0], default_dataset=None, seeds="count", overrides=("steps",))
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
     p.add_argument("--n-per-class", default=None, help="comma-separated subset sizes (default: the scale's)")
     args = p.parse_args(argv)
     pre = PRESETS[args.scale]
-    dataset = args.dataset or pre.dataset or _ch2.default_dataset()
+    dataset = args.dataset or pre.dataset or common.default_dataset()
     seeds = args.seeds or pre.seeds
-    methods = _ch2.parse_methods(args.methods, METHODS)
+    methods = common.parse_methods(args.methods, METHODS)
     out = args.out or os.path.join("runs", f"distill_fewshot-{dataset}-{args.scale}")
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
 
-    train, test = _ch2.load(dataset, data_dir=args.data_dir)
+    train, test = common.load(dataset, data_dir=args.data_dir)
     if pre.max_test:
         test = test.subset(np.arange(min(len(test), pre.max_test)))
     K = train.num_classes
-    ns, _ = _ch2.per_class_sizes(train, args.n_per_class, pre.n_per_class)
+    ns, _ = common.per_class_sizes(train, args.n_per_class, pre.n_per_class)
 
     def steps_for(n_examples: int, fixed: int) -> int:
         if args.steps:
@@ -106,15 +105,16 @@ def main(argv=None) -> dict:
     # ---- teacher: VGG-9 with CE on the whole training split (same engine)
     teacher_model = create_model(pre.teacher, K, width=pre.width)
     t_steps = steps_for(len(train), pre.teacher_steps)
-    teacher_trainer = _ch2.Trainer(teacher_model, C.make_loss_fn(teacher_model.apply, [C.cross_entropy()]),
-                                   _ch2.adam_step_decay(pre.lr, t_steps), steps=t_steps,
+    teacher_trainer = common.Trainer(teacher_model, C.make_loss_fn(teacher_model.apply, [C.cross_entropy()]),
+                                   common.adam_step_decay(pre.lr, t_steps), steps=t_steps,
                                    batch_size=pre.batch_size, num_classes=K)
     tstate = teacher_trainer.run(train, seed=1000)
     teacher_vars = tstate.variables
-    teacher_acc = _ch2.accuracy(teacher_model.apply, teacher_vars, test)[0]
+    teacher_acc = common.accuracy(teacher_model.apply, teacher_vars, test)[0]
     print(f"teacher {pre.teacher} test accuracy {100 * teacher_acc:.2f} % ({time.time() - t0:.0f} s)", flush=True)
 
     student_model = create_model(pre.student, K, width=pre.width)
+    student_init = common.compiled_init(student_model)  # one compiled init for every student trainer
     frozen = {"teacher": teacher_vars}
     trainers = {}
     results = {m: {} for m in methods}
@@ -127,30 +127,30 @@ def main(argv=None) -> dict:
                 key = (m, steps)
                 if key not in trainers:
                     loss = C.make_loss_fn(student_model.apply, _terms(METHODS[m]), teacher_apply_fn=teacher_model.apply)
-                    trainers[key] = _ch2.Trainer(student_model, loss, _ch2.adam_step_decay(pre.lr, steps), steps=steps,
-                                                 batch_size=pre.batch_size, num_classes=K)
+                    trainers[key] = common.Trainer(student_model, loss, common.adam_step_decay(pre.lr, steps), steps=steps,
+                                                   batch_size=pre.batch_size, num_classes=K, init_fn=student_init)
                 st = trainers[key].run(sub, seed=s, frozen=frozen)
-                accs.append(_ch2.accuracy(student_model.apply, st.variables, test)[0])
-            results[m][n] = _ch2.mean_std(accs)
-            print(f"n={n:4d} {m:12s} {_ch2.fmt(results[m][n])}  ({time.time() - t0:.0f} s)", flush=True)
+                accs.append(common.accuracy(student_model.apply, st.variables, test)[0])
+            results[m][n] = common.mean_std(accs)
+            print(f"n={n:4d} {m:12s} {common.fmt(results[m][n])}  ({time.time() - t0:.0f} s)", flush=True)
 
     header = ["per class"] + [str(n) for n in ns]
-    rows = [[m] + [_ch2.fmt(results[m][n]) for n in ns] for m in methods]
+    rows = [[m] + [common.fmt(results[m][n]) for n in ns] for m in methods]
     thesis_rows = [[f"{m} (thesis, CIFAR-100)"] + [f"{THESIS[m][THESIS_N.index(n)]:.2f}" if n in THESIS_N else "—"
                                                    for n in ns] for m in methods]
     table = (f"Table 2.1 — {dataset}, teacher {pre.teacher} ({100 * teacher_acc:.2f} %), student {pre.student}, "
              f"width {pre.width:g}, {seeds} seed(s), test accuracy % (mean ± std)\n\n"
-             + _ch2.markdown(header, rows) + "\n\nThesis (CIFAR-100, one run):\n\n" + _ch2.markdown(header, thesis_rows))
-    _ch2.plot_lines(os.path.join(out, "table2_1.png"), ns, {m: [results[m][n] for n in ns] for m in methods},
+             + common.markdown_table(header, rows) + "\n\nThesis (CIFAR-100, one run):\n\n" + common.markdown_table(header, thesis_rows))
+    common.plot_lines(os.path.join(out, "table2_1.png"), ns, {m: [results[m][n] for n in ns] for m in methods},
                     xlabel="examples per class", ylabel="student test accuracy (%)", logx=True,
                     title=f"Few-shot distillation ({dataset}, {pre.teacher}->{pre.student})")
     res = {"table": "2.1", "scale": args.scale, "dataset": dataset, "teacher": pre.teacher, "student": pre.student,
            "width": pre.width, "seeds": seeds, "n_per_class": ns, "teacher_accuracy": teacher_acc,
            "teacher_steps": t_steps, "student_steps": sorted({k[1] for k in trainers}), "batch_size": pre.batch_size,
            "optimizer": f"adam {pre.lr} -> {pre.lr / 10} at 80% of steps", "results": results, "thesis": THESIS,
-           "wall_s": time.time() - t0, "environment": _ch2.environment(),
+           "wall_s": time.time() - t0, "environment": common.environment(),
            "command": "python -m experiments.distill_fewshot " + " ".join(argv if argv is not None else sys.argv[1:])}
-    _ch2.write(out, res, table)
+    common.write_results(out, res, table)
     print(table)
     return res
 

@@ -19,7 +19,6 @@ fixed step budgets (small: measured results in docs/RESULTS.md, "Chapter 4"). Th
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -30,8 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
-from experiments import _ch2
+from experiments import common
 from gradjax import data as gdata
+from gradjax import distributed as gdist
 from gradjax import gradients as G
 from gradjax.losses import combine as C
 from gradjax.losses import fullgrad_matching as FM
@@ -130,37 +130,38 @@ def train_teacher(pre: Preset, dataset: str, train, test, *, steps: int, cache_d
     if cache_dir:
         path = os.path.join(cache_dir, f"{dataset}-{pre.teacher}-w{pre.width:g}-{steps}steps-lr{pre.lr:g}.msgpack")
     if path and os.path.exists(path):
-        template = _ch2._init_fn(model)(jax.random.PRNGKey(0), train.images[:2])
+        template = common.compiled_init(model)(jax.random.PRNGKey(0), train.images[:2])
         with open(path, "rb") as f:
             variables = serialization.from_bytes(template, f.read())
         print(f"teacher loaded from {path}", flush=True)
     else:
-        trainer = _ch2.Trainer(model, C.make_loss_fn(model.apply, [C.cross_entropy()]),
-                               _ch2.adam_step_decay(pre.lr, steps, pre.drop_at), steps=steps,
+        trainer = common.Trainer(model, C.make_loss_fn(model.apply, [C.cross_entropy()]),
+                               common.adam_step_decay(pre.lr, steps, pre.drop_at), steps=steps,
                                batch_size=pre.batch_size, num_classes=K)
         variables = trainer.run(train, seed=1000).variables
-        if path:
+        if path and gdist.is_main_process():
             os.makedirs(cache_dir, exist_ok=True)
             with open(path, "wb") as f:
                 f.write(serialization.to_bytes(variables))
-    return model, variables, _ch2.accuracy(model.apply, variables, test)[0]
+    return model, variables, common.accuracy(model.apply, variables, test)[0]
 
 
 def layer_pairs(student_model, teacher_model, teacher_vars, x0) -> tuple:
     """The default (student, teacher) layer pairs (earliest conv of three resolutions, by module path)."""
-    s_vars = _ch2._init_fn(student_model)(jax.random.PRNGKey(0), x0)
-    return FM.default_pairs(ModelHandle(student_model.apply, s_vars), ModelHandle(teacher_model.apply, teacher_vars),
-                            x0)
+    s_vars = student_model.init(jax.random.PRNGKey(0), x0, train=False)
+    return FM.default_pairs(ModelHandle(student_model.apply, s_vars),
+                            ModelHandle(teacher_model.apply, common.local_copy(teacher_vars)), x0)
 
 
 def student_trainer(student_model, teacher_model, method: str, pairs, *, pre: Preset, steps: int, num_classes: int,
-                    angle: bool = False, weight: float = WEIGHT) -> _ch2.Trainer:
+                    angle: bool = False, weight: float = WEIGHT, init_fn=None) -> common.Trainer:
     """One compiled trainer for ``method`` (:data:`METHODS`); ``angle=True`` adds :func:`gradient_angle_term`;
-    ``weight``: of every matching term (CE keeps :data:`WEIGHT`)."""
+    ``weight``: of every matching term (CE keeps :data:`WEIGHT`); ``init_fn``: a shared
+    :func:`experiments.common.compiled_init` of ``student_model``."""
     terms = _terms(METHODS[method], pairs, weight) + ([gradient_angle_term()] if angle else [])
     loss = C.make_loss_fn(student_model.apply, terms, teacher_apply_fn=teacher_model.apply)
-    return _ch2.Trainer(student_model, loss, _ch2.adam_step_decay(pre.lr, steps, pre.drop_at), steps=steps,
-                        batch_size=pre.batch_size, num_classes=num_classes)
+    return common.Trainer(student_model, loss, common.adam_step_decay(pre.lr, steps, pre.drop_at), steps=steps,
+                          batch_size=pre.batch_size, num_classes=num_classes, init_fn=init_fn)
 
 
 def steps_for(pre: Preset, n_examples: int, fixed: int, override=None) -> int:
@@ -174,14 +175,14 @@ def steps_for(pre: Preset, n_examples: int, fixed: int, override=None) -> int:
 
 def load_data(pre: Preset, dataset: str, data_dir=None):
     """``(train, test)`` of ``dataset``, the test split cut to ``pre.max_test`` examples when set (smoke)."""
-    train, test = _ch2.load(dataset, data_dir=data_dir)
+    train, test = common.load(dataset, data_dir=data_dir)
     if pre.max_test:
         test = test.subset(np.arange(min(len(test), pre.max_test)))
     return train, test
 
 
 def main(argv=None) -> dict:
-    p = _ch2.add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    p = common.base_parser(__doc__.splitlines()[0], default_dataset=None, seeds="count", overrides=("steps",))
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
     p.add_argument("--n-per-class", default=None, help="comma-separated subset sizes (default: the scale's)")
     p.add_argument("--teacher-cache", default=None, help="directory to store/reuse the trained teacher (default: "
@@ -190,16 +191,16 @@ def main(argv=None) -> dict:
                    "keeps 10) — for sensitivity diagnostics, reported beside the thesis setting")
     args = p.parse_args(argv)
     pre = PRESETS[args.scale]
-    dataset = args.dataset or pre.dataset or _ch2.default_dataset()
+    dataset = args.dataset or pre.dataset or common.default_dataset()
     seeds = args.seeds or pre.seeds
-    methods = _ch2.parse_methods(args.methods, METHODS)
+    methods = common.parse_methods(args.methods, METHODS)
     out = args.out or os.path.join("runs", f"distill_fullgrad-{dataset}-{args.scale}")
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
 
     train, test = load_data(pre, dataset, args.data_dir)
     K = train.num_classes
-    ns, _ = _ch2.per_class_sizes(train, args.n_per_class, pre.n_per_class)
+    ns, _ = common.per_class_sizes(train, args.n_per_class, pre.n_per_class)
 
     t_steps = steps_for(pre, len(train), pre.teacher_steps, args.steps)
     cache = args.teacher_cache or (None if args.scale == "smoke" else os.path.join("runs", "ch4_teachers"))
@@ -210,6 +211,7 @@ def main(argv=None) -> dict:
     student_model = create_model(pre.student, K, width=pre.width)
     pairs = layer_pairs(student_model, teacher_model, teacher_vars, train.images[:2])
     print(f"layer pairs (student, teacher): {pairs}", flush=True)
+    student_init = common.compiled_init(student_model)
     frozen = {"teacher": teacher_vars}
     trainers, results, last_terms = {}, {m: {} for m in methods}, {m: {} for m in methods}
     for n in ns:
@@ -221,27 +223,27 @@ def main(argv=None) -> dict:
                 key = (m, steps)
                 if key not in trainers:
                     trainers[key] = student_trainer(student_model, teacher_model, m, pairs, pre=pre, steps=steps,
-                                                    num_classes=K, weight=args.weight)
+                                                    num_classes=K, weight=args.weight, init_fn=student_init)
                 st = trainers[key].run(sub, seed=s, frozen=frozen)
-                accs.append(_ch2.accuracy(student_model.apply, st.variables, test)[0])
+                accs.append(common.accuracy(student_model.apply, st.variables, test)[0])
                 rec = trainers[key].last_records
                 pen.append({k: (rec[0][k], rec[-1][k]) for k in rec[-1] if k.startswith("term/") or k == "accuracy"})
-            results[m][n] = _ch2.mean_std(accs)
+            results[m][n] = common.mean_std(accs)
             last_terms[m][n] = pen  # (first, last) logged train-batch value of each term, per seed
-            print(f"n={n:4d} {m:8s} {_ch2.fmt(results[m][n])}  ({time.time() - t0:.0f} s)", flush=True)
-        _ch2.write(out, {"partial": True, "results": results, "teacher_accuracy": teacher_acc}, "partial\n")
+            print(f"n={n:4d} {m:8s} {common.fmt(results[m][n])}  ({time.time() - t0:.0f} s)", flush=True)
+        common.write_results(out, {"partial": True, "results": results, "teacher_accuracy": teacher_acc}, "partial\n")
 
     header = ["per class"] + [str(n) for n in ns]
-    rows = [[m] + [_ch2.fmt(results[m][n]) for n in ns] for m in methods]
+    rows = [[m] + [common.fmt(results[m][n]) for n in ns] for m in methods]
     ref = THESIS.get(dataset, THESIS["cifar100"])
     ref_name = dataset if dataset in THESIS else "cifar100"
     thesis_rows = [[f"{m} (thesis, {ref_name})"] + [f"{ref['rows'][m][ref['n'].index(n)]:.2f}" if n in ref["n"]
                                                       else "—" for n in ns] for m in methods]
     table = (f"Tables 4.1/4.2 — {dataset}, teacher {pre.teacher} ({100 * teacher_acc:.2f} %), student {pre.student}, "
              f"width {pre.width:g}, {seeds} seed(s), CE weight {WEIGHT:g}, matching weights {args.weight:g}, pairs {list(pairs)}, test accuracy % "
-             f"(mean ± std)\n\n" + _ch2.markdown(header, rows)
-             + f"\n\nThesis ({ref_name}, teacher {ref['teacher']} %):\n\n" + _ch2.markdown(header, thesis_rows))
-    _ch2.plot_lines(os.path.join(out, "table4_1.png"), ns, {m: [results[m][n] for n in ns] for m in methods},
+             f"(mean ± std)\n\n" + common.markdown_table(header, rows)
+             + f"\n\nThesis ({ref_name}, teacher {ref['teacher']} %):\n\n" + common.markdown_table(header, thesis_rows))
+    common.plot_lines(os.path.join(out, "table4_1.png"), ns, {m: [results[m][n] for n in ns] for m in methods},
                     xlabel="examples per class", ylabel="student test accuracy (%)", logx=True,
                     title=f"Full-gradient distillation ({dataset}, {pre.teacher}->{pre.student})")
     res = {"table": "4.1/4.2", "scale": args.scale, "dataset": dataset, "teacher": pre.teacher,
@@ -249,9 +251,9 @@ def main(argv=None) -> dict:
            "teacher_accuracy": teacher_acc, "teacher_steps": t_steps, "pairs": [list(p_) for p_ in pairs],
            "student_steps": sorted({k[1] for k in trainers}), "batch_size": pre.batch_size, "weight": args.weight, "ce_weight": WEIGHT,
            "optimizer": f"adam {pre.lr} -> {pre.lr / 10} at {pre.drop_at:.0%} of steps", "results": results,
-           "train_terms_first_last": last_terms, "thesis": THESIS, "wall_s": time.time() - t0, "environment": _ch2.environment(),
+           "train_terms_first_last": last_terms, "thesis": THESIS, "wall_s": time.time() - t0, "environment": common.environment(),
            "command": "python -m experiments.distill_fullgrad " + " ".join(argv if argv is not None else sys.argv[1:])}
-    _ch2.write(out, res, table)
+    common.write_results(out, res, table)
     print(table)
     return res
 

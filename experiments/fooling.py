@@ -13,7 +13,6 @@ schedule; ours (λ = 1e4, Adam 5e-4 for the fine-tuning) are in ``SCALES`` and r
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import os
@@ -25,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments import common
 from experiments.common import environment, markdown_table, write_results
 from experiments.density_models import DensityScale, load_raw_splits
 from gradjax import data as gdata
@@ -79,17 +79,14 @@ def energy_fractions(apply_fn, variables, images, labels, mask, *, temperature: 
     return {k: 100.0 * v / len(images) for k, v in tot.items()}
 
 
-def _fit(model, loss_fn, state, train_ds, test_ds, bs, epochs, out, name, seed, progress):
-    step = gtrain.jit_train_step(loss_fn, num_classes=train_ds.num_classes)
-    eval_step = gtrain.make_eval_step(model.apply)
-    spe = max(1, gdata.steps_per_epoch(train_ds, bs))
-    eval_fn = lambda s: gtrain.evaluate(s, gdata.batches(test_ds, 256, shuffle=False, drop_remainder=False),
-                                        eval_step)
-    state, _ = gtrain.fit(state, step, lambda e, s0: gdata.batches(train_ds, bs, seed=seed, epoch=e, start=s0),
-                          num_epochs=epochs, steps_per_epoch=spe, checkpoint_dir=os.path.join(out, name, "checkpoints"),
-                          log_path=os.path.join(out, name, "metrics.jsonl"), eval_fn=eval_fn, progress=progress,
-                          log_every=10)
-    return state, eval_fn(state)
+def _fit(model, loss_fn, tx, state, train_ds, test_ds, bs, epochs, out, name, seed, progress):
+    """Train ``state`` with ``loss_fn`` through the harness's :class:`experiments.common.Trainer`; returns (state,
+    final test evaluation)."""
+    trainer = common.Trainer(model, loss_fn, tx, num_classes=train_ds.num_classes, batch_size=bs, epochs=epochs)
+    state = trainer.run(train_ds, seed=seed, state=state, eval_ds=test_ds,
+                        checkpoint_dir=os.path.join(out, name, "checkpoints"),
+                        log_path=os.path.join(out, name, "metrics.jsonl"), progress=progress, log_every=10)
+    return state, trainer.evaluate(state, test_ds)
 
 
 def run(scale: FoolScale, out: str, *, seed: int = 0, lam: Optional[float] = None, activation: str = "relu",
@@ -104,13 +101,11 @@ def run(scale: FoolScale, out: str, *, seed: int = 0, lam: Optional[float] = Non
     spe = max(1, gdata.steps_per_epoch(train_ds, bs))
     t0 = time.time()
     # phase 1: the "pre-trained" classifier (cross-entropy, SGD momentum, lr ÷10 at 50/75 %)
-    total = scale.pretrain_epochs * spe
-    tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(optax.piecewise_constant_schedule(
-        sc.lr, {int(0.5 * total): 0.1, int(0.75 * total): 0.1}), momentum=0.9))
-    state = gtrain.create_train_state(model, tx, train_ds.images[:2], seed=seed)
+    tx = common.sgd_step_decay(sc.lr, scale.pretrain_epochs * spe, (0.5, 0.75), weight_decay=5e-4)
     ce_loss = combine.make_loss_fn(model.apply, [combine.cross_entropy(1.0)])
-    state, ev0 = _fit(model, ce_loss, state, train_ds, test_ds, bs, scale.pretrain_epochs, out, "pretrained", seed,
-                      progress)
+    state, ev0 = _fit(model, ce_loss, tx, None, train_ds, test_ds, bs, scale.pretrain_epochs, out, "pretrained",
+                      seed, progress)
+    state = common.local_copy(state)
     n = min(scale.eval_examples, len(test_ds))
     xs, ys = test_ds.images[:n], test_ds.labels[:n]
     before = energy_fractions(model.apply, state.variables, xs, ys, mask)
@@ -120,8 +115,9 @@ def run(scale: FoolScale, out: str, *, seed: int = 0, lam: Optional[float] = Non
     state2 = gtrain.TrainState.create(apply_fn=model.apply, params=state.params, tx=tx2,
                                       model_state=state.model_state, rng=jax.random.PRNGKey(seed + 1))
     fool_loss = combine.make_loss_fn(model.apply, [combine.cross_entropy(1.0), F.fooling_term(lam, mask=mask)])
-    state2, ev1 = _fit(model, fool_loss, state2, train_ds, test_ds, bs, scale.finetune_epochs, out, "fooled", seed,
-                       progress)
+    state2, ev1 = _fit(model, fool_loss, tx2, state2, train_ds, test_ds, bs, scale.finetune_epochs, out, "fooled",
+                       seed, progress)
+    state2 = common.local_copy(state2)
     after = energy_fractions(model.apply, state2.variables, xs, ys, mask)
     return {"lam": lam, "activation": activation, "mask_side": int(mask[0].sum()), "mask_fraction": float(mask.mean()),
             "accuracy_pretrained": ev0["accuracy"], "accuracy_fooled": ev1["accuracy"],
@@ -130,20 +126,16 @@ def run(scale: FoolScale, out: str, *, seed: int = 0, lam: Optional[float] = Non
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--scale", choices=sorted(SCALES), default="small")
-    p.add_argument("--seed", type=int, default=0)
+    p = common.base_parser(__doc__.split("\n")[0], default_dataset=None, overrides=("width", "activation"))
     p.add_argument("--lam", type=float, default=None, help="weight of L_fool (the thesis does not give it)")
     p.add_argument("--finetune-lr", type=float, default=None, help="Adam learning rate of the fine-tuning")
-    p.add_argument("--activation", choices=["relu", "softplus"], default="relu")
     p.add_argument("--pretrain-epochs", type=int, default=None)
     p.add_argument("--finetune-epochs", type=int, default=None)
-    p.add_argument("--width", type=float, default=None)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--out", default=None)
     p.add_argument("--progress", action="store_true")
     args = p.parse_args(argv)
     scale = SCALES[args.scale]
+    if args.dataset is not None:
+        scale = dataclasses.replace(scale, data=dataclasses.replace(scale.data, dataset=args.dataset))
     if args.width is not None:
         scale = dataclasses.replace(scale, data=dataclasses.replace(scale.data, width=args.width))
     scale = dataclasses.replace(scale, **{k: v for k, v in dict(pretrain_epochs=args.pretrain_epochs,
@@ -153,10 +145,9 @@ def main(argv=None) -> dict:
     out = args.out or os.path.join("runs", f"fooling-{scale.data.dataset}-{args.scale}")
     os.makedirs(out, exist_ok=True)
     r = run(scale, out, seed=args.seed, lam=args.lam, activation=args.activation, data_dir=args.data_dir,
-            progress=args.progress)
+            progress=args.progress and not args.no_progress)
     results = {"scale": dataclasses.asdict(scale), "result": r, "thesis_%": THESIS, "environment": environment(),
-               "command": "python -m experiments.fooling " + " ".join(argv if argv is not None else
-                                                                     __import__("sys").argv[1:])}
+               "command": common.command("fooling", argv)}
     b, a = r["energy_before_%"], r["energy_after_%"]
     md = markdown_table(
         ["gradient", "energy in mask, before (%)", "after fooling (%)", "thesis after (%)"],

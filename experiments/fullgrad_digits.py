@@ -15,7 +15,6 @@ Trains (or reuses, from ``--out``/checkpoints) a VGG classifier, computes every 
 from __future__ import annotations
 
 import copy
-import json
 import os
 import sys
 import time
@@ -55,11 +54,10 @@ SIGNED_OPTIONS = {"gradient": {"reduce": "sum"}, "integrated_gradients": {"reduc
 
 
 def main(argv=None) -> dict:
-    parser = common.base_parser(__doc__.splitlines()[0])
+    parser = common.base_parser(__doc__.splitlines()[0], seeds="list", single_process=(
+        "its work is saliency maps and perturbation curves of one small classifier, computed one batch at a time "
+        "on one device; --seeds runs one process per seed instead"))
     parser.add_argument("--num-images", type=int, default=None, help="test images to explain (default by scale)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None,
-                        help="run once per seed (each in OUT/seed<n>) and write the mean ± std over seeds of every "
-                             "table entry to OUT/results_seeds.md / .json (default: one run with --seed)")
     args = parser.parse_args(argv)
     if args.seeds:
         return run_seeds(args)
@@ -74,7 +72,7 @@ def run_seeds(args) -> dict:
         a = copy.copy(args)
         a.seed, a.out = seed, os.path.join(base, f"seed{seed}")
         runs.append(run(a))
-    ms = lambda v: f"{np.mean(v):.3f} ± {np.std(v):.3f}"  # noqa: E731
+    ms = lambda v: "{mean:.3f} ± {std:.3f}".format(**common.mean_std(v))  # noqa: E731  (sample std, ddof 1)
     rows32 = [[n] + [ms([r["table_3_2"][n][str(f)][0] for r in runs]) for f in TABLE_FRACTIONS]
               + [" / ".join(THESIS_TABLE_3_2[n])] for n in TABLE_METHODS]
     rows31 = [[n, ms([r["table_3_1"][n][0] for r in runs]), THESIS_TABLE_3_1[n]] for n in TABLE_METHODS]
@@ -91,10 +89,7 @@ def run_seeds(args) -> dict:
                "table_3_1": {n: [r["table_3_1"][n][0] for r in runs] for n in TABLE_METHODS},
                "perturbation_curves": {n: [r["perturbation_curves"][n][1] for r in runs] for n in TABLE_METHODS},
                "environment": common.environment()}
-    with open(os.path.join(base, "results_seeds.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    with open(os.path.join(base, "results_seeds.md"), "w") as f:
-        f.write(md)
+    common.write_results(base, summary, md, stem="results_seeds")
     print(md)
     return summary
 

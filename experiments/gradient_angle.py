@@ -17,14 +17,13 @@ gradient). Teacher, objectives, layer pairs and optimizer are those of :mod:`exp
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 
 import numpy as np
 
-from experiments import _ch2
+from experiments import common
 from experiments import distill_fullgrad as DF
 from gradjax import data as gdata
 from gradjax.models import create_model
@@ -65,7 +64,7 @@ def plot_curves(path: str, curves: dict, *, title: str) -> None:
 
 
 def main(argv=None) -> dict:
-    p = _ch2.add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    p = common.base_parser(__doc__.splitlines()[0], default_dataset=None, seeds="count", overrides=("steps",))
     p.add_argument("--parts", default="a,b", help="which panels: a, b or a,b")
     p.add_argument("--methods", default=",".join(FIG_A_METHODS), help="panel (a) objectives (distill_fullgrad "
                    "method names)")
@@ -75,10 +74,10 @@ def main(argv=None) -> dict:
     parts = [s.strip() for s in args.parts.split(",") if s.strip()]
     if not parts or any(s not in ("a", "b") for s in parts):
         raise ValueError(f"--parts must list 'a' and/or 'b'; got {args.parts!r}.")
-    methods = _ch2.parse_methods(args.methods, DF.METHODS)
+    methods = common.parse_methods(args.methods, DF.METHODS)
     students = [m.strip().lower() for m in args.students.split(",")]
     pre = DF.PRESETS[args.scale]
-    dataset = args.dataset or pre.dataset or _ch2.default_dataset()
+    dataset = args.dataset or pre.dataset or common.default_dataset()
     seeds = args.seeds or pre.seeds
     out = args.out or os.path.join("runs", f"gradient_angle-{dataset}-{args.scale}")
     os.makedirs(out, exist_ok=True)
@@ -106,7 +105,7 @@ def main(argv=None) -> dict:
                 trainer = DF.student_trainer(model, teacher_model, method, pairs, pre=pre, steps=steps,
                                              num_classes=K, angle=True)
             st = trainer.run(sub, seed=s, frozen=frozen)
-            accs.append(_ch2.accuracy(model.apply, st.variables, test)[0])
+            accs.append(common.accuracy(model.apply, st.variables, test)[0])
             steps_axis, c = _curve(trainer.last_records)
             curves.append(c)
             for k in trainer.last_records[-1]:
@@ -114,12 +113,12 @@ def main(argv=None) -> dict:
                     terms.setdefault(k, []).append([r.get(k) for r in trainer.last_records])
         r = {"student": student, "method": method, "n_per_class": n, "pairs": [list(q) for q in pairs],
              "steps": steps_axis, "runs": curves, "train_curves": terms,
-             "final_angle": _ch2.mean_std([c[-1] for c in curves]),
-             "test_accuracy": _ch2.mean_std(accs)}
+             "final_angle": common.mean_std([c[-1] for c in curves]),
+             "test_accuracy": common.mean_std(accs)}
         trend = ", ".join(f"{k} {np.mean([c[0] for c in v]):.3g} -> {np.mean([c[-1] for c in v]):.3g}"
                           for k, v in terms.items())
         print(f"{student} {method:7s} n={n}: final angle {r['final_angle']['mean']:.1f} ± "
-              f"{r['final_angle']['std']:.1f} deg, test {_ch2.fmt(r['test_accuracy'])}  ({time.time() - t0:.0f} s); "
+              f"{r['final_angle']['std']:.1f} deg, test {common.fmt(r['test_accuracy'])}  ({time.time() - t0:.0f} s); "
               f"train {trend}", flush=True)
         return r
 
@@ -131,14 +130,14 @@ def main(argv=None) -> dict:
     if "a" in parts:
         for m in methods:
             res["a"][m] = run(pre.student, m, n_a)
-            _ch2.write(out, {**res, "partial": True}, "partial\n")
+            common.write_results(out, {**res, "partial": True}, "partial\n")
         plot_curves(os.path.join(out, "fig4_1a.png"), res["a"],
                     title=f"(a) {pre.student} student, {n_a}/class, {dataset}")
         rows = [[m, f"{r['final_angle']['mean']:.1f} ± {r['final_angle']['std']:.1f}",
-                 f"{min(np.mean(r['runs'], 0)):.1f}", _ch2.fmt(r["test_accuracy"])] for m, r in res["a"].items()]
+                 f"{min(np.mean(r['runs'], 0)):.1f}", common.fmt(r["test_accuracy"])] for m, r in res["a"].items()]
         lines.append(f"Fig. 4.1a — {dataset}, teacher {pre.teacher} ({100 * teacher_acc:.2f} %), student "
                      f"{pre.student}, {n_a} per class, {seeds} seed(s)\n\n"
-                     + _ch2.markdown(["objective", "final angle (deg)", "min of mean curve (deg)", "test acc %"],
+                     + common.markdown_table(["objective", "final angle (deg)", "min of mean curve (deg)", "test acc %"],
                                      rows) + "\n\nThesis: iG alone stays above 85 deg; iG+FG and iG+Att go lower.")
     if "b" in parts:
         for stu in students:
@@ -147,19 +146,19 @@ def main(argv=None) -> dict:
                 res["b"][stu] = prev
             else:
                 res["b"][stu] = run(stu, "FG", n_b)
-            _ch2.write(out, {**res, "partial": True}, "partial\n")
+            common.write_results(out, {**res, "partial": True}, "partial\n")
         plot_curves(os.path.join(out, "fig4_1b.png"), res["b"],
                     title=f"(b) FG matching, {n_b}/class, {dataset}, teacher {pre.teacher}")
-        rows = [[s, f"{r['final_angle']['mean']:.1f} ± {r['final_angle']['std']:.1f}", _ch2.fmt(r["test_accuracy"]),
+        rows = [[s, f"{r['final_angle']['mean']:.1f} ± {r['final_angle']['std']:.1f}", common.fmt(r["test_accuracy"]),
                  f"{THESIS_B[s]:.2f}" if s in THESIS_B else "—"] for s, r in res["b"].items()]
         lines.append(f"Fig. 4.1b — FG students, {n_b} per class, {seeds} seed(s)\n\n"
-                     + _ch2.markdown(["student", "final angle (deg)", "test acc %", "thesis acc % (CIFAR-100)"],
+                     + common.markdown_table(["student", "final angle (deg)", "test acc %", "thesis acc % (CIFAR-100)"],
                                      rows))
     res["wall_s"] = time.time() - t0
-    res["environment"] = _ch2.environment()
+    res["environment"] = common.environment()
     res["command"] = "python -m experiments.gradient_angle " + " ".join(argv if argv is not None else sys.argv[1:])
     table = "\n\n".join(lines)
-    _ch2.write(out, res, table)
+    common.write_results(out, res, table)
     print(table)
     return res
 

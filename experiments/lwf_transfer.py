@@ -31,7 +31,6 @@ MIT Scenes, ResNet-34 -> VGG-9, SGD momentum 0.9, lr 1e-3 / 10 at epochs 40 and 
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -39,7 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from experiments import _ch2
+from experiments import common
 from gradjax import data as gdata
 from gradjax.losses import combine as C
 from gradjax.models import create_model
@@ -111,8 +110,8 @@ def method_terms(method: str, nt: int, ns: int, *, level: int = 1, window=None, 
 
 
 def _load_task(name, classes, data_dir):
-    train, test = _ch2.load(name, data_dir=data_dir)
-    return _ch2.class_subset(train, classes), _ch2.class_subset(test, classes)
+    train, test = common.load(name, data_dir=data_dir)
+    return common.class_subset(train, classes), common.class_subset(test, classes)
 
 
 def _grad_loss_reduction(records) -> float:
@@ -121,14 +120,14 @@ def _grad_loss_reduction(records) -> float:
 
 
 def main(argv=None) -> dict:
-    p = _ch2.add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    p = common.base_parser(__doc__.splitlines()[0], default_dataset=None, seeds="count", overrides=("steps",))
     p.add_argument("--tables", default="2.3,2.4,2.5")
     p.add_argument("--source", default=None, help="source-task dataset (teacher)")
     p.add_argument("--target", default=None, help="target-task dataset (student)")
     p.add_argument("--methods", default=",".join(METHODS), help="Table 2.3 methods (comma-separated)")
     p.add_argument("--n-per-class", default=None, help="Table 2.3 subset sizes, comma-separated (0 = all)")
     args = p.parse_args(argv)
-    methods = _ch2.parse_methods(args.methods, METHODS)
+    methods = common.parse_methods(args.methods, METHODS)
     pre = PRESETS[args.scale]
     source, target = args.source or pre.source, args.dataset or args.target or pre.target
     tables = [t.strip() for t in args.tables.split(",")]
@@ -154,29 +153,30 @@ def main(argv=None) -> dict:
         return fixed
 
     def tx(steps):
-        return _ch2.adam_step_decay(pre.lr, steps) if pre.optimizer == "adam" else _ch2.sgd_step_decay(pre.lr, steps)
+        return common.adam_step_decay(pre.lr, steps) if pre.optimizer == "adam" else common.sgd_step_decay(pre.lr, steps)
 
     # ---- teacher on the source task
     teacher = create_model(pre.teacher, ns_, width=pre.width)
     ts = steps_for(len(s_train), pre.teacher_steps)
-    tstate = _ch2.Trainer(teacher, C.make_loss_fn(teacher.apply, [C.cross_entropy()]), tx(ts), steps=ts,
+    tstate = common.Trainer(teacher, C.make_loss_fn(teacher.apply, [C.cross_entropy()]), tx(ts), steps=ts,
                           batch_size=min(pre.batch_size * 2, 128),
                           num_classes=ns_).run(s_train, seed=1000)
     teacher_vars = tstate.variables
-    teacher_acc = _ch2.accuracy(teacher.apply, teacher_vars, s_test)[0]
+    teacher_acc = common.accuracy(teacher.apply, teacher_vars, s_test)[0]
     print(f"teacher {pre.teacher} on {source} {pre.source_classes}: {100 * teacher_acc:.2f} % "
           f"({time.time() - t0:.0f} s)", flush=True)
     frozen = {"teacher": teacher_vars}
 
     student = TwoHeadVGG(VGG_CONFIGS[pre.student], nt_, ns_, width=pre.width)
+    student_init = common.compiled_init(student)  # shared by every student trainer
     # ---- the oracle's pretraining: the student's source head on the source task itself
     src_head = source_slice(nt_, ns_)
     pretrained = None
     if "2.3" in tables and "CE pretrained (oracle)" in methods:
-        pstate = _ch2.Trainer(student, C.make_loss_fn(student.apply, [C.cross_entropy(head=src_head)],
+        pstate = common.Trainer(student, C.make_loss_fn(student.apply, [C.cross_entropy(head=src_head)],
                                                       metrics_head=src_head),
                               tx(ts), steps=ts, batch_size=min(pre.batch_size * 2, 128),
-                              num_classes=ns_).run(s_train, seed=2000)
+                              num_classes=ns_, init_fn=student_init).run(s_train, seed=2000)
         pretrained = (pstate.params, pstate.model_state)
 
     trainers = {}
@@ -188,11 +188,11 @@ def main(argv=None) -> dict:
         if key not in trainers:
             loss = C.make_loss_fn(student.apply, method_terms(method, nt_, ns_, w=pre.weight, **kw),
                                   teacher_apply_fn=teacher.apply, metrics_head=tgt)
-            trainers[key] = _ch2.Trainer(student, loss, tx(steps), steps=steps, batch_size=pre.batch_size,
-                                         num_classes=nt_)
+            trainers[key] = common.Trainer(student, loss, tx(steps), steps=steps, batch_size=pre.batch_size,
+                                           num_classes=nt_, init_fn=student_init)
         tr = trainers[key]
         st = tr.run(sub, seed=seed, frozen=frozen, init_params=pretrained if "oracle" in method else None)
-        return _ch2.accuracy(student.apply, st.variables, t_test, head=tgt)[0], _grad_loss_reduction(tr.last_records)
+        return common.accuracy(student.apply, st.variables, t_test, head=tgt)[0], _grad_loss_reduction(tr.last_records)
 
     results = {"teacher_accuracy": teacher_acc}
     md = [f"LwF transfer — teacher {pre.teacher} on {source} classes {list(pre.source_classes)} "
@@ -204,17 +204,17 @@ def main(argv=None) -> dict:
         r23 = {m: {} for m in methods}
         for n in ns:
             for m in methods:
-                r23[m][str(n or "Full")] = _ch2.mean_std([run(m, n, s)[0] for s in range(seeds)])
-                print(f"2.3 n={n or 'Full'} {m:24s} {_ch2.fmt(r23[m][str(n or 'Full')])} ({time.time() - t0:.0f} s)",
+                r23[m][str(n or "Full")] = common.mean_std([run(m, n, s)[0] for s in range(seeds)])
+                print(f"2.3 n={n or 'Full'} {m:24s} {common.fmt(r23[m][str(n or 'Full')])} ({time.time() - t0:.0f} s)",
                       flush=True)
-                _ch2.write(out, {"partial": True, "teacher_accuracy": teacher_acc, "table2_3": r23}, "partial run")
+                common.write_results(out, {"partial": True, "teacher_accuracy": teacher_acc, "table2_3": r23}, "partial run")
         results["table2_3"] = r23
         cols = [str(n or "Full") for n in ns]
-        md += ["", "Table 2.3", "", _ch2.markdown(["per class"] + cols, [[m] + [_ch2.fmt(r23[m][c]) for c in cols]
+        md += ["", "Table 2.3", "", common.markdown_table(["per class"] + cols, [[m] + [common.fmt(r23[m][c]) for c in cols]
                                                                           for m in methods]),
                "", "Thesis (ImageNet -> MIT Scenes):", "",
-               _ch2.markdown(["per class"] + THESIS_23_N, [[m] + [f"{v:.2f}" for v in THESIS_23[m]] for m in METHODS])]
-        _ch2.plot_lines(os.path.join(out, "table2_3.png"), [n or per_class_max for n in ns],
+               common.markdown_table(["per class"] + THESIS_23_N, [[m] + [f"{v:.2f}" for v in THESIS_23[m]] for m in METHODS])]
+        common.plot_lines(os.path.join(out, "table2_3.png"), [n or per_class_max for n in ns],
                         {m: [r23[m][c] for c in cols] for m in methods}, xlabel="target examples per class",
                         ylabel="target test accuracy (%)", title=f"LwF transfer {source} -> {target}", logx=True)
     m_abl = "CE + {A+att+J}"
@@ -222,25 +222,25 @@ def main(argv=None) -> dict:
         r24 = {}
         for lvl, (sl, tl) in LEVELS.items():
             runs = [run(m_abl, pre.ablation_n, s, level=lvl) for s in range(seeds)]
-            r24[f"level {lvl} ({sl}, {tl})"] = {"accuracy": _ch2.mean_std([a for a, _ in runs]),
-                                                "grad_loss_reduction": _ch2.mean_std([g / 100 for _, g in runs])}
+            r24[f"level {lvl} ({sl}, {tl})"] = {"accuracy": common.mean_std([a for a, _ in runs]),
+                                                "grad_loss_reduction": common.mean_std([g / 100 for _, g in runs])}
             print(f"2.4 level {lvl}: {r24[f'level {lvl} ({sl}, {tl})']}", flush=True)
         results["table2_4"] = r24
         md += ["", f"Table 2.4 — depth of the Jacobian pair, {m_abl}, {pre.ablation_n} per class", "",
-               _ch2.markdown(["pair (student, teacher)", "accuracy %", "grad-loss reduction %"],
-                             [[k, _ch2.fmt(v["accuracy"]), _ch2.fmt(v["grad_loss_reduction"])]
+               common.markdown_table(["pair (student, teacher)", "accuracy %", "grad-loss reduction %"],
+                             [[k, common.fmt(v["accuracy"]), common.fmt(v["grad_loss_reduction"])]
                               for k, v in r24.items()]),
                "", "Thesis (ResNet-34 layer, VGG layer): " + ", ".join(f"{k}: {a} % / {g} %" for k, (a, g)
                                                                      in THESIS_24.items())]
     if "2.5" in tables:
         r25 = {}
         for name, (window, divisor) in WINDOWS.items():
-            r25[name] = _ch2.mean_std([run(m_abl, pre.ablation_n, s, window=window, divisor=divisor)[0]
+            r25[name] = common.mean_std([run(m_abl, pre.ablation_n, s, window=window, divisor=divisor)[0]
                                        for s in range(seeds)])
-            print(f"2.5 window {name}: {_ch2.fmt(r25[name])}", flush=True)
+            print(f"2.5 window {name}: {common.fmt(r25[name])}", flush=True)
         results["table2_5"] = r25
         md += ["", f"Table 2.5 — pooling window of the attention-Jacobian, {m_abl}, level 1, {pre.ablation_n} per "
-               f"class", "", _ch2.markdown(list(WINDOWS), [[_ch2.fmt(r25[k]) for k in WINDOWS]]),
+               f"class", "", common.markdown_table(list(WINDOWS), [[common.fmt(r25[k]) for k in WINDOWS]]),
                "", "Thesis: " + ", ".join(f"{k} {v}" for k, v in THESIS_25.items())]
     table = "\n".join(md)
     res = {"tables": tables, "scale": args.scale, "source": source, "target": target,
@@ -249,9 +249,9 @@ def main(argv=None) -> dict:
            "levels": LEVELS, "student_steps": sorted({k[1] for k in trainers}), "teacher_steps": ts,
            "optimizer": pre.optimizer, "results": results,
            "thesis": {"2.3": THESIS_23, "2.4": THESIS_24, "2.5": THESIS_25}, "wall_s": time.time() - t0,
-           "environment": _ch2.environment(),
+           "environment": common.environment(),
            "command": "python -m experiments.lwf_transfer " + " ".join(argv if argv is not None else sys.argv[1:])}
-    _ch2.write(out, res, table)
+    common.write_results(out, res, table)
     print(table)
     return res
 

@@ -13,7 +13,6 @@ the one training engine.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from experiments import _ch2
+from experiments import common
 from gradjax.losses import combine as C
 from gradjax.models import create_model
 
@@ -86,16 +85,16 @@ def build_model(name: str, num_classes: int, width: float, placement, rate: floa
 
 
 def main(argv=None) -> dict:
-    p = _ch2.add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    p = common.base_parser(__doc__.splitlines()[0], default_dataset=None, seeds="count", overrides=("steps",))
     p.add_argument("--configs", default=None, help="comma-separated subset, e.g. 'lambda=0,lambda=1,l2'")
     args = p.parse_args(argv)
     pre = PRESETS[args.scale]
-    dataset = args.dataset or pre.dataset or _ch2.default_dataset()
+    dataset = args.dataset or pre.dataset or common.default_dataset()
     seeds = args.seeds or pre.seeds
     out = args.out or os.path.join("runs", f"noise_robustness-{dataset}-{args.scale}")
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
-    train, test = _ch2.load(dataset, data_dir=args.data_dir)
+    train, test = common.load(dataset, data_dir=args.data_dir)
     if pre.max_train:
         train = train.subset(np.arange(min(len(train), pre.max_train)))
     if pre.max_test:
@@ -114,13 +113,13 @@ def main(argv=None) -> dict:
 
     def report():
         header = ["sigma"] + [f"{s:g}" for s in SIGMAS]
-        rows = [[n] + [_ch2.fmt(results[n][str(s)]) for s in SIGMAS] for n in results]
+        rows = [[n] + [common.fmt(results[n][str(s)]) for s in SIGMAS] for n in results]
         trows = [[f"{n} (thesis)"] + [f"{v:.2f}" for v in THESIS[n]] for n in results if n in THESIS]
         table = (f"Table 2.2 — {dataset}, {pre.model} width {pre.width:g}, {steps} steps, {seeds} seed(s), "
                  f"{pre.draws} noise draws; test accuracy % under Gaussian noise on normalized images (mean ± std over "
-                 f"seeds)\n\n" + _ch2.markdown(header, rows) + "\n\nThesis (VGG-9, CIFAR-100, one run):\n\n"
-                 + _ch2.markdown(header, trows))
-        _ch2.plot_lines(os.path.join(out, "table2_2.png"), list(SIGMAS),
+                 f"seeds)\n\n" + common.markdown_table(header, rows) + "\n\nThesis (VGG-9, CIFAR-100, one run):\n\n"
+                 + common.markdown_table(header, trows))
+        common.plot_lines(os.path.join(out, "table2_2.png"), list(SIGMAS),
                         {n: [results[n][str(s)] for s in SIGMAS] for n in results},
                         xlabel="test noise sigma (normalized units)", ylabel="test accuracy (%)",
                         title=f"Noise robustness ({dataset}, {pre.model})")
@@ -128,25 +127,25 @@ def main(argv=None) -> dict:
                "seeds": seeds, "steps": steps, "batch_size": pre.batch_size, "noise_draws": pre.draws,
                "penalty": "lambda * ||grad_x CE(x, y)||^2 (eq. 2.3 form, label class), double backprop, frozen BN moments",
                "l2_gamma": 1e-3, "dropout": "0.25 on the last conv block's output (dropout-pools: after every max-pool)", "optimizer": f"adam {pre.lr} -> {pre.lr / 10} at 80% of steps",
-               "results": results, "thesis": THESIS, "wall_s": time.time() - t0, "environment": _ch2.environment(),
+               "results": results, "thesis": THESIS, "wall_s": time.time() - t0, "environment": common.environment(),
                "command": "python -m experiments.noise_robustness " + " ".join(argv if argv is not None else sys.argv[1:])}
-        _ch2.write(out, res, table)
+        common.write_results(out, res, table)
         return res, table
 
     results = {}
     for name, (terms, placement, drop) in cfgs.items():
         model = build_model(pre.model, K, pre.width, placement, drop)
         loss = C.make_loss_fn(model.apply, terms, dropout=placement is not None)
-        trainer = _ch2.Trainer(model, loss, _ch2.adam_step_decay(pre.lr, steps), steps=steps,
+        trainer = common.Trainer(model, loss, common.adam_step_decay(pre.lr, steps), steps=steps,
                                batch_size=pre.batch_size, num_classes=K)
         per_sigma = {s: [] for s in SIGMAS}
         for seed in range(seeds):
             st = trainer.run(train, seed=seed)
             for s in SIGMAS:
-                per_sigma[s].append(_ch2.accuracy(model.apply, st.variables, test, noise_sigma=s, draws=pre.draws,
+                per_sigma[s].append(common.accuracy(model.apply, st.variables, test, noise_sigma=s, draws=pre.draws,
                                                   seed=100 + seed)[0])
-        results[name] = {str(s): _ch2.mean_std(v) for s, v in per_sigma.items()}
-        print(f"{name:12s} " + "  ".join(_ch2.fmt(results[name][str(s)]) for s in SIGMAS)
+        results[name] = {str(s): common.mean_std(v) for s, v in per_sigma.items()}
+        print(f"{name:12s} " + "  ".join(common.fmt(results[name][str(s)]) for s in SIGMAS)
               + f"  ({time.time() - t0:.0f} s)", flush=True)
         report()  # partial results after every configuration
 

@@ -114,7 +114,9 @@ def cascade_correlations(study_fn, params, batch_stats, key, x, target, layers, 
 
 
 def main(argv=None) -> dict:
-    parser = common.base_parser(__doc__.splitlines()[0])
+    parser = common.base_parser(__doc__.splitlines()[0], single_process=(
+        "its work is the cascading-randomization check and pixel perturbation of small classifiers, one batch at a "
+        "time on one device"))
     parser.add_argument("--paddings", nargs="+", choices=PADDINGS, default=list(PADDINGS))
     parser.add_argument("--sizes", type=int, nargs="+", default=None,
                         help="input sizes (the deepest layer map's resolution is size / 16 for VGG-9)")

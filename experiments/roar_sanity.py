@@ -25,6 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from experiments import common
+from gradjax import distributed as gdist
 from gradjax import metrics, saliency, viz
 
 ROAR_METHODS = ("gradient", "integrated_gradients", "smoothgrad_sq", "gradcam", "fullgrad")  # thesis Fig. 3.2b
@@ -132,8 +133,8 @@ def run_mask_leak(args, scale, train, test, handle, key, fractions, out: str) ->
                                     key=key)
         train_maps, test_maps = common.in_batches(maps_of, train.images), common.in_batches(maps_of, test.images)
         leak[name] = [mask_leak_accuracy(train_maps, train.labels, test_maps, test.labels, f) for f in fractions]
-        with open(os.path.join(out, "mask_leak_partial.json"), "w") as fh:
-            json.dump({"dataset": args.dataset, "fractions": fractions, "mask_leak": leak}, fh, indent=2)
+        common.write_results(out, {"dataset": args.dataset, "fractions": fractions, "mask_leak": leak},
+                             stem="mask_leak_partial")
     md = ("Class information in the ROAR removal mask alone: test accuracy of a logistic regression on the binary "
           f"mask of removed pixels (chance = {1 / train.num_classes:.2f}):\n\n"
           + common.markdown_table(["method"] + [f"{f:.0%}" for f in fractions],
@@ -145,6 +146,9 @@ def run_roar(args, scale, train, test, handle, key, fractions, repeats: int, out
     """ROAR curves ``{method: (fractions, mean accuracy, std)}`` (random baseline included) and their table."""
     retrain_scale = dataclasses.replace(scale, epochs=args.retrain_epochs or max(1, scale.epochs // 2))
     retrained: dict[tuple, float] = {}  # every method's 0 % point retrains on the same (unmodified) data
+    # one compiled trainer for every retraining (same model, data size and schedule); multi-process: global mesh
+    trainer = common.classifier_trainer(retrain_scale, train, activation=args.activation,
+                                        model_options=model_options(args))
 
     def train_and_evaluate(seed: int, tr_x, tr_y, te_x, te_y) -> float:
         arrays = (tr_x, tr_y, te_x, te_y)
@@ -152,8 +156,8 @@ def run_roar(args, scale, train, test, handle, key, fractions, repeats: int, out
         if digest not in retrained:
             tr = dataclasses.replace(train, images=np.asarray(tr_x, np.float32), labels=np.asarray(tr_y))
             te = dataclasses.replace(test, images=np.asarray(te_x, np.float32), labels=np.asarray(te_y))
-            _, records, _ = common.train_classifier(tr, te, retrain_scale, seed=seed, activation=args.activation,
-                                                    progress=False, model_options=model_options(args))
+            _, records, _ = common.train_classifier(tr, te, retrain_scale, seed=seed, progress=False,
+                                                    trainer=trainer)
             retrained[digest] = [r for r in records if "eval_accuracy" in r][-1]["eval_accuracy"]  # final model's
         return retrained[digest]
 
@@ -176,15 +180,16 @@ def run_roar(args, scale, train, test, handle, key, fractions, repeats: int, out
             train_maps, test_maps = common.in_batches(maps_of, train.images), common.in_batches(maps_of, test.images)
             roar_curves[name] = roar_over_seeds(lambda te: metrics.roar(
                 te, train.images, train.labels, test.images, test.labels, train_maps, test_maps, fractions))
-        with open(os.path.join(out, "roar_partial.json"), "w") as f:
-            json.dump({"dataset": args.dataset, "fractions": list(fractions), "roar_repeats": repeats,
-                       "roar": {k: {"mean": v[1].tolist(), "std": v[2].tolist(), "per_seed": v[3].tolist()}
-                                for k, v in roar_curves.items()}}, f, indent=2)
+        common.write_results(out, {"dataset": args.dataset, "fractions": list(fractions), "roar_repeats": repeats,
+                                   "roar": {k: {"mean": v[1], "std": v[2], "per_seed": v[3]}
+                                            for k, v in roar_curves.items()}}, stem="roar_partial")
     roar_curves = {k: roar_curves[k] for k in tuple(args.roar_methods) + ("random",)}  # table order: random last
     separation = roar_separation_summary({k: v[3] for k, v in roar_curves.items()}, fractions) if repeats > 1 else {}
     roar_rows = [[name] + [f"{m:.3f} ± {sd:.3f}" if repeats > 1 else f"{m:.3f}" for m, sd in zip(c[1], c[2])]
                  for name, c in roar_curves.items()]
-    viz.roar_curves({k: v[:3] for k, v in roar_curves.items()}, os.path.join(out, "roar.png"), title=f"ROAR ({args.dataset}, {scale.model})")
+    if gdist.is_main_process():
+        viz.roar_curves({k: v[:3] for k, v in roar_curves.items()}, os.path.join(out, "roar.png"),
+                        title=f"ROAR ({args.dataset}, {scale.model})")
     roar_md = (f"ROAR (thesis §3.5.2): test accuracy after removing the most salient pixels (mean fill) and "
                f"retraining for {retrain_scale.epochs} epochs, mean over {repeats} seed(s) (lower is better):\n\n"
                + common.markdown_table(["method"] + [f"{f:.0%}" for f in fractions], roar_rows) + "\n\n"
@@ -223,6 +228,7 @@ def main(argv=None) -> dict:
     state, _, model = common.train_classifier(train, test, scale, seed=args.seed, activation=args.activation,
                                               checkpoint_dir=os.path.join(out, "checkpoints"),
                                               progress=not args.no_progress, model_options=model_options(args))
+    state = common.local_copy(state)  # multi-process: every process explains the same full copy
     handle = saliency.ModelHandle(model.apply, state.variables)
     key = jax.random.PRNGKey(args.seed)
 
@@ -230,10 +236,7 @@ def main(argv=None) -> dict:
         leak, md = run_mask_leak(args, scale, train, test, handle, key, fractions, out)
         results = {"dataset": args.dataset, "scale": args.scale, "model": scale.model, "fractions": fractions,
                    "mask_leak": leak, "environment": common.environment()}
-        with open(os.path.join(out, "mask_leak.json"), "w") as fh:
-            json.dump(results, fh, indent=2)
-        with open(os.path.join(out, "mask_leak.md"), "w") as fh:
-            fh.write(md)
+        common.write_results(out, results, md, stem="mask_leak")
         print(md)
         return results
 
@@ -267,8 +270,9 @@ def main(argv=None) -> dict:
         sanity[name] = np.asarray(res.spearman)
         prior_rho[name] = [float(jnp.mean(metrics.rank_correlation(res.maps[i], prior))) for i in (0, -1)]
         stages = res.stages
-    viz.sanity_check_plot(stages, sanity, os.path.join(out, "sanity_check.png"),
-                          title="Cascading randomization (output layer first)")
+    if gdist.is_main_process():
+        viz.sanity_check_plot(stages, sanity, os.path.join(out, "sanity_check.png"),
+                              title="Cascading randomization (output layer first)")
     sanity_md = ("Sanity check: mean Spearman rank correlation with the original maps after randomizing layers "
                  "(cumulatively, from the output); last two columns: rank correlation with a weight-independent "
                  "centre prior (minus the distance from the image centre) for the trained and the fully random "

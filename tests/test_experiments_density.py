@@ -38,11 +38,11 @@ def test_density_main_smoke_writes_results_and_reusable_checkpoints(tmp_path):
 
 def test_score_matching_stable_while_unstable_setting_trips_divergence_guard(tiny, tmp_path):
     sc, tr, te = tiny
-    stable = DM.Trainer(sc, tr, te, preset="thesis").run("score_matching", 0, str(tmp_path / "stable"))
+    stable = DM.DensityRunner(sc, tr, te, preset="thesis").run("score_matching", 0, str(tmp_path / "stable"))
     assert stable["diverged"] is None and stable["steps"] == sc.epochs * (128 // sc.batch_size)
     assert np.isfinite(stable["trace_mean"]) and np.isfinite(stable["test_cross_entropy"])
     # no stability term and a huge weight: the Hessian trace runs off to -inf and the step goes non-finite
-    unstable = DM.Trainer(sc, tr, te, preset="thesis", overrides=dict(lam=1e4, mu=0.0))
+    unstable = DM.DensityRunner(sc, tr, te, preset="thesis", overrides=dict(lam=1e4, mu=0.0))
     r = unstable.run("score_matching", 0, str(tmp_path / "unstable"))
     assert r["diverged"] is not None and "diverged" in r["diverged"]
     _, state, _ = DM.load_trained(os.path.join(str(tmp_path / "unstable"), "score_matching", "seed0"))
