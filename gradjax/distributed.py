@@ -8,16 +8,18 @@ over a mesh of all of them is one SPMD program whose collectives XLA inserts. gr
    ``--coordinator-address/--num-processes/--process-id`` flags) starts ``jax.distributed`` — with explicit
    values, from the environment, or auto-detected on TPU pods / SLURM / Open MPI — with a timeout and clear errors
    for an unreachable coordinator, a process that never shows up, and processes that disagree on the count.
-2. :func:`global_mesh` is a 1-D ``"data"`` mesh over every device of every process; the engine's
-   :func:`gradjax.train.sharded_train_step` runs on it unchanged (the loss is written for the global batch).
+2. The engine runs on that runtime unchanged, with the placement of :mod:`gradjax.train.placement`:
+   :func:`gradjax.train.data_mesh` is by default a 1-D ``"data"`` mesh over every device of every process,
+   :func:`gradjax.train.sharded_train_step` compiles for it (the loss is written for the global batch), and
+   :func:`gradjax.train.replicate` puts the train state and frozen inputs (a teacher's variables) on every device
+   of every process (optionally checking that all processes hold the same values).
 3. :func:`local_batches` makes each process read only *its* rows of every global batch (the order is
    :func:`gradjax.data.epoch_permutation` of ``(seed, epoch)``, so the global batch — and the result — does not
-   depend on the number of processes), and :func:`to_global` / :func:`global_batches` assemble them into global
-   arrays with ``jax.make_array_from_process_local_data``.
-4. :func:`replicate` puts the train state and frozen inputs (a teacher's variables) on every device of every
-   process (optionally checking that all processes hold the same values); :func:`evaluate` computes global
-   accuracy/cross-entropy sums with one sharded step (padded last batch, masked), identical on every process.
-5. Checkpoints (:class:`gradjax.train.Checkpointer`, orbax) are written by all processes together (one copy on
+   depend on the number of processes), and :func:`global_batches` assembles them into global arrays with
+   :func:`gradjax.train.shard` (``jax.make_array_from_process_local_data``). With ``shuffle=False,
+   drop_remainder=False`` (padded last batch with a ``mask``) they are the input of :func:`gradjax.train.evaluate`,
+   which then computes global accuracy/cross-entropy sums, identical on every process.
+4. Checkpoints (:class:`gradjax.train.Checkpointer`, orbax) are written by all processes together (one copy on
    disk, in a directory every host can reach); metrics files and progress bars come from process 0 only
    (:func:`is_main_process`, :func:`main_print`).
 
@@ -32,7 +34,6 @@ Try it on one machine with fake CPU devices (see README, "Multi-host training"):
 """
 from __future__ import annotations
 
-import functools
 import os
 import socket
 import sys
@@ -41,10 +42,10 @@ import time
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from gradjax.train.placement import shard
 
 PyTree = Any
 
@@ -270,13 +271,7 @@ def sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-# ----------------------------------------------------------------------------------------- mesh and input
-def global_mesh(axis: str = "data") -> Mesh:
-    """A 1-D mesh over every device of every process (``jax.devices()``, ordered by process), for
-    :func:`gradjax.train.sharded_train_step`."""
-    return Mesh(np.asarray(jax.devices()).reshape(-1), (axis,))
-
-
+# ------------------------------------------------------------------------------------------ per-process input
 def process_rows(global_batch_size: int, mesh: Mesh, axis: str = "data") -> slice:
     """The rows ``[start, stop)`` of a global batch that live on this process's devices of ``mesh`` (batch split
     along ``axis``). Raises ``ValueError`` if the batch does not divide over the mesh's devices."""
@@ -293,7 +288,7 @@ def process_rows(global_batch_size: int, mesh: Mesh, axis: str = "data") -> slic
     for (_, stop), (start, _) in zip(rows, rows[1:]):
         if start != stop:
             raise ValueError(f"this process's rows of the global batch are not contiguous ({rows}); build the mesh "
-                             "with devices ordered by process (global_mesh()).")
+                             "with devices ordered by process (gradjax.train.data_mesh()).")
     return slice(rows[0][0], rows[-1][1])
 
 
@@ -317,7 +312,7 @@ def local_batches(source, global_batch_size: int, mesh: Mesh, *, seed: int = 0, 
     ``source[i] -> dict`` (e.g. ``tfds.data_source(name, split=...)``; ``transform(batch) -> batch`` decodes /
     normalizes). With ``drop_remainder=False`` the last global batch is padded to a multiple of the device count
     by repeating its first example, and every batch gets a float ``"mask"`` entry (1 = real, 0 = padding), as
-    :func:`evaluate` expects."""
+    :func:`gradjax.train.evaluate` expects."""
     rows = process_rows(global_batch_size, mesh, axis)
     n = len(source)
     from gradjax.data import epoch_permutation
@@ -336,79 +331,12 @@ def local_batches(source, global_batch_size: int, mesh: Mesh, *, seed: int = 0, 
         yield batch
 
 
-def to_global(local_batch: Mapping[str, Any], mesh: Mesh, *, global_batch_size: Optional[int] = None,
-              axis: str = "data") -> dict:
-    """Assemble every process's slice (``local_batch``, this process's rows of :func:`process_rows`) into global
-    arrays split along ``axis`` of ``mesh``, with ``jax.make_array_from_process_local_data``. With one process
-    this is ``device_put`` with the same sharding."""
-    sharding = NamedSharding(mesh, P(axis))
-    out = {}
-    for k, v in local_batch.items():
-        v = np.asarray(v)
-        shape = None if global_batch_size is None else (global_batch_size,) + v.shape[1:]
-        out[k] = jax.make_array_from_process_local_data(sharding, v, shape)
-    return out
-
-
 def global_batches(source, global_batch_size: int, mesh: Mesh, *, seed: int = 0, epoch: int = 0, start: int = 0,
                    axis: str = "data", **kwargs) -> Iterator[dict]:
-    """:func:`local_batches` assembled with :func:`to_global`: the input of a sharded step, e.g. for
-    :func:`gradjax.train.fit` ``(epoch_batches=lambda e, s: global_batches(ds, B, mesh, seed=0, epoch=e,
-    start=s))``."""
+    """:func:`local_batches` assembled into global arrays split along ``axis`` of ``mesh`` with
+    :func:`gradjax.train.shard`: the input of a sharded step, e.g. for :func:`gradjax.train.fit`
+    ``(epoch_batches=lambda e, s: global_batches(ds, B, mesh, seed=0, epoch=e, start=s))``, or with
+    ``shuffle=False, drop_remainder=False`` of :func:`gradjax.train.evaluate`. With one process this is
+    :func:`gradjax.data.batches` placed on the mesh."""
     for b in local_batches(source, global_batch_size, mesh, seed=seed, epoch=epoch, start=start, axis=axis, **kwargs):
-        yield to_global(b, mesh, global_batch_size=global_batch_size, axis=axis)
-
-
-def replicate(tree: PyTree, mesh: Mesh, *, check_equal: bool = False) -> PyTree:
-    """Copy a pytree (train state, a teacher's variables as ``frozen``) to every device of every process
-    (``NamedSharding(mesh, P())``). Every process must pass the same values (e.g. built from the same seed, or
-    loaded from the same checkpoint); ``check_equal=True`` verifies that across processes (one collective) and
-    raises ``AssertionError`` naming the mismatch otherwise."""
-    if check_equal and jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.assert_equal(jax.tree.map(np.asarray, jax.device_get(tree)),
-                                     "gradjax.distributed.replicate: processes hold different values")
-    sharding = NamedSharding(mesh, P())
-
-    def put(x):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return x if x.sharding.is_equivalent_to(sharding, x.ndim) else jax.device_put(x, sharding)
-        host = np.asarray(x)
-        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
-
-    return jax.tree.map(put, tree)
-
-
-# ----------------------------------------------------------------------------------------------- evaluation
-@functools.lru_cache(maxsize=8)
-def _eval_step(apply_fn: Callable, mesh: Mesh, axis: str):
-    replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(axis))
-
-    def step(variables, batch):
-        logits = apply_fn(variables, batch["image"], train=False)
-        m = batch["mask"]
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-        return {"correct": jnp.sum(m * (jnp.argmax(logits, -1) == batch["label"])),
-                "cross_entropy_sum": jnp.sum(m * ce), "count": jnp.sum(m)}
-
-    return jax.jit(step, in_shardings=(replicated, split), out_shardings=replicated)
-
-
-def evaluate(state, source, global_batch_size: int, mesh: Mesh, *, axis: str = "data",
-             transform: Optional[Callable] = None) -> dict:
-    """Accuracy and mean cross-entropy of ``state`` (a :class:`gradjax.train.TrainState`, replicated) over all of
-    ``source`` (in order, the last batch padded and masked), each process reading only its rows; the sums are
-    reduced across processes by XLA, so every process gets the same global result."""
-    step = _eval_step(state.apply_fn, mesh, axis)
-    variables = state.variables
-    tot = {"correct": 0.0, "cross_entropy_sum": 0.0, "count": 0.0}
-    for b in local_batches(source, global_batch_size, mesh, shuffle=False, drop_remainder=False, axis=axis,
-                           transform=transform):
-        out = jax.device_get(step(variables, to_global(b, mesh, global_batch_size=global_batch_size, axis=axis)))
-        for k in tot:
-            tot[k] += float(out[k])
-    if tot["count"] == 0:
-        raise ValueError("evaluate() got no examples.")
-    return {"accuracy": tot["correct"] / tot["count"], "cross_entropy": tot["cross_entropy_sum"] / tot["count"],
-            "count": int(tot["count"])}
+        yield shard(b, mesh, axis=axis, global_batch_size=global_batch_size)

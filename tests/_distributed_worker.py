@@ -86,9 +86,13 @@ def train(kind, mesh, *, checkpoint_dir=None, log_path=None, max_steps=None, pro
     if (kind, mesh) not in _STEPS:  # one compiled step per objective and mesh
         _STEPS[kind, mesh] = gtrain.sharded_train_step(loss_for(kind, teacher), mesh, num_classes=K, donate=False)
     step = _STEPS[kind, mesh]
-    state = gdist.replicate(state0, mesh)
-    frozen = gdist.replicate(tv, mesh, check_equal=True) if kind == "jacobian" else None
-    eval_fn = lambda s: gdist.evaluate(s, test_ds, EVAL_BATCH, mesh)
+    if (kind, mesh, "eval") not in _STEPS:  # one compiled eval step per model, built by the caller
+        _STEPS[kind, mesh, "eval"] = gtrain.make_eval_step(state0.apply_fn)
+    eval_step = _STEPS[kind, mesh, "eval"]
+    state = gtrain.replicate(state0, mesh)
+    frozen = gtrain.replicate(tv, mesh, check_equal=True) if kind == "jacobian" else None
+    eval_fn = lambda s: gtrain.evaluate(
+        s, gdist.global_batches(test_ds, EVAL_BATCH, mesh, shuffle=False, drop_remainder=False), eval_step)
     state, records = gtrain.fit(
         state, step, lambda e, s: gdist.global_batches(train_ds, GLOBAL_BATCH, mesh, seed=0, epoch=e, start=s),
         num_epochs=EPOCHS, steps_per_epoch=STEPS_PER_EPOCH, checkpoint_dir=checkpoint_dir,
@@ -113,6 +117,7 @@ def main(argv=None):
     import jax
 
     from gradjax import distributed as gdist
+    from gradjax import train as gtrain
 
     gdist.initialize(args.coordinator_address, args.num_processes, args.process_id, timeout_s=args.timeout,
                      heartbeat_timeout_s=30)
@@ -124,7 +129,7 @@ def main(argv=None):
     import numpy as np
 
     jax.config.update("jax_disable_most_optimizations", True)  # tiny models: compile time dominates
-    mesh = gdist.global_mesh()
+    mesh = gtrain.data_mesh()  # every device of every process
 
     def save(name, state, records, ev):
         flat = {"/".join(str(k.key) for k in path): np.asarray(v)

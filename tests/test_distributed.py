@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -90,8 +91,7 @@ def _load(path):
 
 def _close(a, b, what, atol=2e-5, rtol=2e-4):
     assert sorted(a) == sorted(b), what
-    for k in a:
-        np.testing.assert_allclose(a[k], b[k], atol=atol, rtol=rtol, err_msg=f"{what}: {k}")
+    chex.assert_trees_all_close(a, b, atol=atol, rtol=rtol, custom_message=what)
 
 
 def _flat(state):
@@ -208,8 +208,8 @@ def test_bad_configuration_in_process():
 
 
 def test_per_process_rows_cover_the_global_batch_in_order():
-    """With one process, local_batches is gradjax.data.batches (the global order), and to_global/evaluate agree
-    with the single-device path (padded, masked last batch)."""
+    """With one process, local_batches is gradjax.data.batches (the global order), global_batches places them on
+    the mesh, and evaluate over the padded, masked global batches agrees with the host batches."""
     train_ds, test_ds = W.make_data()
     mesh = gtrain.data_mesh(jax.devices()[:8])
     assert gdist.process_rows(16, mesh) == slice(0, 16)
@@ -219,3 +219,12 @@ def test_per_process_rows_cover_the_global_batch_in_order():
         np.testing.assert_array_equal(np.asarray(got["label"]), want["label"])
     padded = list(gdist.local_batches(test_ds, 8, mesh, shuffle=False, drop_remainder=False))
     assert [int(b["mask"].sum()) for b in padded] == [8, 8, 4]
+    np.testing.assert_array_equal(padded[-1]["label"][:4], test_ds.labels[16:])
+    state = W.setup()[0]
+    eval_step = gtrain.make_eval_step(state.apply_fn)
+    host = gtrain.evaluate(state, gdata.batches(test_ds, 7, shuffle=False, drop_remainder=False), eval_step)
+    glob = gtrain.evaluate(gtrain.replicate(state, mesh),
+                           gdist.global_batches(test_ds, 8, mesh, shuffle=False, drop_remainder=False), eval_step)
+    assert glob["count"] == host["count"] == W.N_TEST
+    assert glob["accuracy"] == host["accuracy"]
+    np.testing.assert_allclose(glob["cross_entropy"], host["cross_entropy"], rtol=1e-5)

@@ -1,8 +1,8 @@
 """The training contract loss_fn(params, model_state, batch, ctx): double-backprop objectives (gradient norm,
 Jacobian matching against a frozen teacher) through the single-device, pmap and sharded steps; ``frozen`` is a
-step argument (not constants); batch specs for non-image batches; clear errors for bad input."""
-import re
-
+step argument (new teacher values, same compiled step, new result); batch specs for non-image batches; clear errors
+for bad input."""
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gradjax import model as gmodel
 from gradjax import train as gtrain
+from gradjax.losses.classification import cross_entropy
 from gradjax.models import create_model
 
 pytestmark = pytest.mark.usefixtures("fast_compilation")
@@ -35,7 +36,7 @@ def grad_norm_loss(apply_fn, lam=0.5):
     def loss_fn(params, model_state, batch, ctx):
         x, y = batch["image"], batch["label"]
         logits, new_state, moments = gmodel.apply_train(apply_fn, params, model_state, x)
-        ce = gtrain.cross_entropy(logits, y)
+        ce = jnp.mean(cross_entropy(logits, y))
         frozen = gmodel.extra_pass_fn(apply_fn, params, model_state, moments, "frozen")
         g = jax.grad(lambda z: jnp.sum(optax.softmax_cross_entropy_with_integer_labels(frozen(z)[0], y)))(x)
         pen = jnp.mean(jnp.sum(jnp.square(g), axis=(1, 2, 3)))
@@ -51,7 +52,7 @@ def jacobian_matching_loss(apply_fn, teacher_apply, lam=10.0):
     def loss_fn(params, model_state, batch, ctx):
         x, y = batch["image"], batch["label"]
         logits, new_state, moments = gmodel.apply_train(apply_fn, params, model_state, x)
-        ce = gtrain.cross_entropy(logits, y)
+        ce = jnp.mean(cross_entropy(logits, y))
         gs = jax.grad(lambda z: _sel(gmodel.apply_frozen(apply_fn, params, model_state, moments, z), y))(x)
         gt = jax.grad(lambda z: _sel(teacher_apply(ctx.frozen, z, train=False), y))(x)
         jm = jnp.mean(jnp.sum(jnp.square(gs - gt), axis=(1, 2, 3)))
@@ -82,8 +83,24 @@ def _losses(kind, teacher, axis_name=None):
 
 
 def _close(a, b, atol=2e-5, rtol=2e-4):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=rtol)
+    chex.assert_trees_all_close(a, b, atol=atol, rtol=rtol)
+
+
+_STEPS = {}
+
+
+def _jit_step(kind, teacher):
+    """One jitted single-device step per objective for the whole module (compilation dominates), with a list that
+    grows each time jit traces the loss."""
+    if kind not in _STEPS:
+        loss, traces = _losses(kind, teacher), []
+
+        def counted(params, model_state, batch, ctx):
+            traces.append(1)  # a Python side effect: runs only while tracing
+            return loss(params, model_state, batch, ctx)
+
+        _STEPS[kind] = (gtrain.jit_train_step(counted, num_classes=K, donate=False), traces)
+    return _STEPS[kind]
 
 
 @pytest.mark.parametrize("kind", ["grad_norm", "jacobian"])
@@ -91,7 +108,7 @@ def test_double_backprop_losses_agree_on_jit_pmap_and_sharded_steps(setup, kind)
     state0, teacher, tv, batches = setup
     frozen = tv if kind == "jacobian" else None
 
-    step = gtrain.jit_train_step(_losses(kind, teacher), num_classes=K, donate=False)
+    step, _ = _jit_step(kind, teacher)
     ref = state0
     for b in batches:
         ref, m = step(ref, b, frozen)
@@ -100,59 +117,54 @@ def test_double_backprop_losses_agree_on_jit_pmap_and_sharded_steps(setup, kind)
     assert float(m[reg]) > 0
 
     devs = jax.devices()[:N_DEV]
+    mesh = gtrain.data_mesh(devs)
     pstep = gtrain.pmap_train_step(_losses(kind, teacher, "batch"), axis_name="batch", devices=devs, num_classes=K,
                                    donate=False)
-    st = gtrain.replicate(state0, devs)
+    st = gtrain.replicate(state0, mesh, device_axis=True)
     for b in batches:
-        st, pm = pstep(st, gtrain.shard_batch(b, N_DEV), frozen)
+        st, pm = pstep(st, gtrain.shard(b, mesh, device_axis=True), frozen)
     st = gtrain.unreplicate(st)
     _close(st.params, ref.params)
     _close(st.batch_stats, ref.batch_stats)
     np.testing.assert_allclose(float(gtrain.unreplicate(pm)[reg]), float(m[reg]), rtol=2e-4)
 
-    mesh = gtrain.data_mesh(devs)
     sstep = gtrain.sharded_train_step(_losses(kind, teacher), mesh, num_classes=K, donate=False)
-    st = gtrain.put_replicated(state0, mesh)
+    st = gtrain.replicate(state0, mesh)
     for b in batches:
-        st, _ = sstep(st, gtrain.put_sharded(b, mesh), frozen)
+        st, _ = sstep(st, gtrain.shard(b, mesh), frozen)
     _close(st.params, ref.params)
     _close(st.batch_stats, ref.batch_stats)
     assert not np.allclose(ref.batch_stats["block0"]["bn"]["mean"], 0.0)
 
 
-def _main_signature(text: str) -> str:
-    return re.search(r"func\.func public @main\((.*?)\)\s*->", text, re.S).group(1)
-
-
 def test_teacher_variables_are_step_arguments_not_constants(setup):
+    """``frozen`` is an argument of the compiled step: other teacher values go through the same compiled step (the
+    loss is traced once) and give the other teacher's update — the one a program with that teacher baked in as
+    constants computes. A teacher captured as a constant would keep giving the old teacher's update."""
     state, teacher, tv, batches = setup
+    step, traces = _jit_step("jacobian", teacher)
+    s1, m1 = step(state, batches[0], tv)
+    n_traces = len(traces)
+    tv2 = jax.tree.map(lambda x: 1.5 * x, tv)  # another teacher (scaled weights, other input-gradients)
+    s2, m2 = step(state, batches[0], tv2)
+    assert len(traces) == n_traces, "new teacher values must not retrace the step"
+    assert abs(float(m2["jacobian"]) - float(m1["jacobian"])) > 1e-3 * abs(float(m1["jacobian"]))
+    assert not np.allclose(s2.params["head"]["kernel"], s1.params["head"]["kernel"])
     loss = _losses("jacobian", teacher)
-    step = gtrain.jit_train_step(loss, num_classes=K, donate=False)
-    text = step.compiled.lower(state, batches[0], tv).as_text()
-    signature = _main_signature(text)
-    n_args = len(re.findall(r"%arg\d+:", signature))
-    n_own = sum(len(jax.tree.leaves(t)) for t in (state, batches[0]))
-    # every teacher leaf is an argument, except the head's bias: it does not affect an input-gradient, so jit
-    # (keep_unused=False) prunes it
-    assert n_args == n_own + len(jax.tree.leaves(tv)) - 1
-    kernels = [tv["params"][f"block{i}"]["conv"]["kernel"] for i in range(3)]
-    ktypes = ["tensor<" + "x".join(map(str, k.shape)) + "xf32>" for k in kernels]
-    assert all(t in signature for t in ktypes)
-    assert not [ln for ln in text.splitlines() if "constant" in ln and any(t in ln for t in ktypes)]
-    # control: closing over the teacher bakes its weights into the program as constants
-    closed = jax.jit(gtrain.make_train_step(lambda p, s, b, ctx: loss(p, s, b, ctx._replace(frozen=tv))))
-    text = closed.lower(state, batches[0]).as_text()
-    assert len(re.findall(r"%arg\d+:", _main_signature(text))) == n_own
-    assert all(any("constant" in ln and t in ln for ln in text.splitlines()) for t in ktypes)
+    baked = jax.jit(gtrain.make_train_step(lambda p, s, b, ctx: loss(p, s, b, ctx._replace(frozen=tv2))))
+    s_ref, m_ref = baked(state, batches[0])
+    np.testing.assert_allclose(float(m2["jacobian"]), float(m_ref["jacobian"]), rtol=1e-4)
+    _close(s2.params, s_ref.params)
 
 
 def test_frozen_must_not_carry_a_device_axis(setup):
     state, teacher, tv, batches = setup
     devs = jax.devices()[:N_DEV]
     pstep = gtrain.pmap_train_step(_losses("jacobian", teacher, "batch"), devices=devs, num_classes=K, donate=False)
-    with pytest.raises(ValueError, match=r"frozen\[.*split across devices.*leading device axis.*un-replicated"):
-        pstep(gtrain.replicate(state, devs), gtrain.shard_batch(batches[0], N_DEV), gtrain.replicate(tv, devs))
     mesh = gtrain.data_mesh(devs)
+    with pytest.raises(ValueError, match=r"frozen\[.*split across devices.*leading device axis.*un-replicated"):
+        pstep(gtrain.replicate(state, mesh, device_axis=True), gtrain.shard(batches[0], mesh, device_axis=True),
+              gtrain.replicate(tv, mesh, device_axis=True))
     sstep = gtrain.sharded_train_step(_losses("jacobian", teacher), mesh, num_classes=K, donate=False)
     per_example = jax.device_put(jnp.zeros((BS, K)), NamedSharding(mesh, P("data")))
     with pytest.raises(ValueError, match="split across devices.*belong in the batch"):
@@ -230,7 +242,7 @@ def test_pmap_and_sharded_batches_are_checked():
     devs = jax.devices()[:N_DEV]
     pstep = gtrain.pmap_train_step(loss_fn, devices=devs, batch_spec=POINTS, donate=False)
     with pytest.raises(ValueError, match="leading device axis of size 8"):
-        pstep(gtrain.replicate(state, devs), {"x": np.zeros((4, 2, 2), np.float32)})
+        pstep(gtrain.replicate(state, gtrain.data_mesh(devs), device_axis=True), {"x": np.zeros((4, 2, 2), np.float32)})
     sstep = gtrain.sharded_train_step(loss_fn, gtrain.data_mesh(devs), batch_spec=POINTS, donate=False)
     with pytest.raises(ValueError, match="not divisible by the 8 devices"):
         sstep(state, {"x": np.zeros((12, 2), np.float32)})
