@@ -29,9 +29,9 @@ def main() -> None:
     jax.config.update("jax_disable_most_optimizations", True)  # tiny models: compile time dominates
     from _distributed_worker import KINDS, train
 
-    from gradjax import distributed as gdist
+    from gradjax import train as gtrain
 
-    mesh = gdist.global_mesh()
+    mesh = gtrain.data_mesh()
     for kind in sys.argv[1:] or KINDS:
         state, _, ev = train(kind, mesh)
         print(kind, digest(state), {k: round(float(v), 8) for k, v in sorted(ev.items())}, flush=True)

@@ -92,6 +92,7 @@ def test_pmap_step_key_differs_per_device_and_step(setup):
     model, state, batches, _ = setup
     n_dev = min(2, jax.local_device_count())
     devices = jax.local_devices()[:n_dev]
+    mesh = train.data_mesh(devices)
     step = train.pmap_train_step(_observing_loss(model.apply), devices=devices, num_classes=NUM_CLASSES,
                                  donate=False)
     base = state.rng
@@ -99,8 +100,8 @@ def test_pmap_step_key_differs_per_device_and_step(setup):
     for t in range(N_STEPS):
         # the state at step t, freshly replicated (a pmap output has another placement than replicate()'s and
         # would cost a second compile; the step counter's increment is checked here and in the jit test)
-        rstate = train.replicate(state.replace(step=jnp.asarray(t, state.step.dtype)), devices)
-        rstate, m = step(rstate, train.shard_batch(batches[t], n_dev))
+        rstate = train.replicate(state.replace(step=jnp.asarray(t, state.step.dtype)), mesh, device_axis=True)
+        rstate, m = step(rstate, train.shard(batches[t], mesh, device_axis=True))
         np.testing.assert_array_equal(np.asarray(rstate.step), np.full(n_dev, t + 1))
         np.testing.assert_array_equal(np.asarray(m["ctx_step"]), np.full(n_dev, t))
         per_step.append(_observed_words(m))  # [devices, words]
@@ -120,10 +121,10 @@ def test_sharded_step_key_is_the_single_device_key(setup):
     mesh = train.data_mesh(jax.devices()[:n_dev])
     step = train.sharded_train_step(_observing_loss(model.apply), mesh, num_classes=NUM_CLASSES, donate=False)
     base = state.rng
-    st = train.put_replicated(state, mesh)
+    st = train.replicate(state, mesh)
     obs = []
     for t in range(N_STEPS):
-        st, m = step(st, train.put_sharded(batches[t], mesh))
+        st, m = step(st, train.shard(batches[t], mesh))
         assert int(m["ctx_step"]) == t
         obs.append(_observed_words(m))
     _assert_fresh_and_derived(np.stack(obs), base, range(N_STEPS))
