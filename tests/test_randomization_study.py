@@ -158,5 +158,5 @@ def test_fullgrad_digits_seeds_aggregates_mean_and_std_over_seeds(tmp_path, monk
     summary = json.loads((out / "results_seeds.json").read_text())
     assert summary["table_3_1"]["gradient"] == [10.0, 30.0]
     md = (out / "results_seeds.md").read_text()
-    assert "| gradient | 20.000 ± 10.000 |" in md  # Table 3.1: mean ± (population) std over seeds
-    assert "| random | 2.500 ± 1.000 | 2.700 ± 1.000 | 2.900 ± 1.000 |" in md  # Table 3.2 at RF 0.5 / 0.7 / 0.9
+    assert "| gradient | 20.000 ± 14.142 |" in md  # Table 3.1: mean ± sample std (ddof 1) over seeds
+    assert "| random | 2.500 ± 1.414 | 2.700 ± 1.414 | 2.900 ± 1.414 |" in md  # Table 3.2 at RF 0.5 / 0.7 / 0.9
