@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from experiments import common
 from gradjax import backdoor as bd
 from gradjax import data as gdata
-from gradjax.input_agnostic import input_agnostic
+from gradjax.input_agnostic import InputAgnosticOptions, input_agnostic
 from gradjax.neural_cleanse import neural_cleanse
 
 
@@ -57,19 +57,19 @@ CONFIGS = {
     "smoke": dict(trojans=(Trojan(0, 7, 3, 0.1),), clean_seeds=(0,),
                   scale=common.Scale(model="vgg4", width=0.125, epochs=1, batch_size=64, lr=0.05, max_train=256,
                                      max_test=64),
-                  ia=dict(steps=4, samples=4, chunk_size=4, fidelity_samples=16, curve_fractions=(0.5, 0.25),
+                  ia=dict(steps=4, samples=4, chunk=4, fidelity_samples=16, curve_fractions=(0.5, 0.25),
                           curve_steps=2, refine_steps=1),
                   nc=dict(steps=4, batch_size=4), nc_images=16),
     "small": dict(trojans=(Trojan(0, 7, 3, 0.1), Trojan(0, 2, 5, 0.05), Trojan(1, 4, 3, 0.05), Trojan(1, 0, 5, 0.1)),
                   clean_seeds=(0, 1),
                   scale=common.Scale(model="vgg4", width=0.125, epochs=6, batch_size=64, lr=0.05),
-                  ia=dict(steps=40, samples=12, chunk_size=12, fidelity_samples=64, curve_steps=6, refine_steps=2),
+                  ia=dict(steps=40, samples=12, chunk=12, fidelity_samples=64, curve_steps=6, refine_steps=2),
                   nc=dict(steps=120, batch_size=12), nc_images=200),
     "paper": dict(trojans=tuple(Trojan(s, t, k, p) for s in (0, 1, 2) for t, k, p in
                                 ((7, 3, 0.1), (2, 5, 0.05), (4, 3, 0.05), (0, 5, 0.1), (9, 3, 0.01))),
                   clean_seeds=(0, 1, 2),
                   scale=common.Scale(model="vgg9", width=0.5, epochs=30, batch_size=128, lr=0.05),
-                  ia=dict(steps=200, samples=64, chunk_size=64, fidelity_samples=512, curve_steps=25,
+                  ia=dict(steps=200, samples=64, chunk=64, fidelity_samples=512, curve_steps=25,
                           refine_steps=4),
                   nc=dict(steps=1000, batch_size=64), nc_images=1000),
 }
@@ -107,7 +107,8 @@ def main(argv=None) -> dict:
     lo = float(np.mean(train.normalize(np.zeros(channels))))
     hi = float(np.mean(train.normalize(np.ones(channels))))
     radius = args.radius_fraction * float(np.sqrt(np.prod(train.images.shape[1:]))) * (hi - lo)
-    ia_opts = dict(input_shape=tuple(train.images.shape[1:]), low=lo, high=hi, norm="l2", radius=radius, **cfg["ia"])
+    ia_shape = tuple(train.images.shape[1:])
+    ia_opts = dict(low=lo, high=hi, norm="l2", radius=radius, **cfg["ia"])
     nc_images = jnp.asarray(test.images[:cfg["nc_images"]])
 
     # one compiled program per method, reused for every model (the variables are arguments, not constants)
@@ -116,7 +117,8 @@ def main(argv=None) -> dict:
     def logits_of(variables):
         return lambda x: model_def.apply(variables, x, train=False)
 
-    run_ia = jax.jit(lambda v, k: input_agnostic(logits_of(v), "all", key=k, **ia_opts))
+    run_ia = jax.jit(lambda v, k: input_agnostic(logits_of(v), ia_shape, "all", key=k,
+                                                    options=InputAgnosticOptions(**ia_opts)))
     run_nc = jax.jit(lambda v, k: neural_cleanse(logits_of(v), nc_images, "all", key=k, low=lo, high=hi, **cfg["nc"]))
 
     jobs = [("trojaned", t) for t in cfg["trojans"]] + [("clean", s) for s in cfg["clean_seeds"]]
@@ -194,7 +196,7 @@ def main(argv=None) -> dict:
     md, summary = _tables(records, scale, args, radius, stability)
     results = {"dataset": args.dataset, "scale": args.scale, "model": scale.model, "width": scale.width,
                "epochs": scale.epochs, "radius": radius, "level": LEVEL, "threshold": THRESHOLD,
-               "ia_options": {k: v for k, v in ia_opts.items()}, "nc_options": cfg["nc"], "nc_images": cfg["nc_images"],
+               "ia_options": {"input_shape": ia_shape, **ia_opts}, "nc_options": cfg["nc"], "nc_images": cfg["nc_images"],
                "models": records, "summary": summary, "stability": stability,
                "total_seconds": time.time() - t_start, "environment": common.environment()}
     common.write_results(out, results, md)

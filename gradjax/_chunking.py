@@ -6,6 +6,18 @@ the basis vectors of the exact Hessian trace — goes through :func:`chunked_sum
 together (one batched model call on ``chunk`` times the batch), and a running sum carries across chunks, so memory
 is that of one chunk, whatever the number of items.
 
+**One spelling, one default, library-wide.** Every public function of gradjax that evaluates many items in
+memory-bounded pieces (path points, noise samples, probes, random inputs, images) takes the two keyword-only
+options
+
+* ``chunk: int | None = None`` — items per batched call (``>= 1``; clipped to the number of items);
+* ``memory_budget: int | None = None`` — bytes for the automatic choice,
+
+and ``chunk=None`` (the default) means "sized from ``memory_budget`` by :func:`auto_chunk`", with
+``memory_budget=None`` meaning :data:`DEFAULT_MEMORY_BUDGET`. An explicit ``chunk`` wins over the budget. Results
+never depend on either (items are drawn from their own keys; sums differ only in float summation order). No other
+spelling (``chunk_size``, ``batch_size`` for a memory chunk, ``eval_chunk``) and no other fixed default.
+
 Every pass counts: ``n`` items cost exactly ``n`` item evaluations. ``n = q * chunk + r``: the ``q`` full chunks run
 in one loop and the ``r`` leftover items in one smaller call after it (never padded up to a full chunk, which made
 50 integrated-gradients steps cost 56 evaluations with ``chunk=8``).

@@ -22,6 +22,7 @@ import numpy as np
 from jax import lax
 
 from gradjax import _validation as V
+from gradjax._chunking import auto_chunk
 from gradjax.gradients import PREDICTED, resolve_target, select
 from gradjax.model import ModelHandle, as_logits_fn, module_calls, require_handle
 
@@ -239,16 +240,23 @@ class RoarResult(NamedTuple):
     accuracies: tuple
 
 
-def _remove_in_batches(images, maps, fraction, most_salient, fill, batch_size):
-    out = [np.asarray(remove_pixels(jnp.asarray(images[i:i + batch_size]), jnp.asarray(maps[i:i + batch_size]),
-                                    jnp.float32(fraction), most_salient=most_salient, fill=fill))
-           for i in range(0, images.shape[0], batch_size)]
+def _remove_in_chunks(images, maps, fraction, most_salient, fill, chunk, memory_budget):
+    """:func:`remove_pixels` on ``chunk`` images per call (``None``: sized from ``memory_budget``, as
+    :func:`gradjax._chunking.auto_chunk`)."""
+    def remove(xs):
+        return remove_pixels(xs[0], xs[1], jnp.float32(fraction), most_salient=most_salient, fill=fill)
+
+    n = images.shape[0]
+    if chunk is None:
+        chunk = auto_chunk(remove, (jnp.asarray(images[:1]), jnp.asarray(maps[:1])), n, memory_budget)
+    out = [np.asarray(remove((jnp.asarray(images[i:i + chunk]), jnp.asarray(maps[i:i + chunk]))))
+           for i in range(0, n, chunk)]
     return np.concatenate(out, axis=0)
 
 
 def roar(train_and_evaluate: Callable[[Any, Any, Any, Any], float], train_images, train_labels, test_images,
          test_labels, train_saliency, test_saliency, fractions: Sequence[float], *, most_salient: bool = True,
-         fill: Fill = "mean", batch_size: int = 1024) -> RoarResult:
+         fill: Fill = "mean", chunk: Optional[int] = None, memory_budget: Optional[int] = None) -> RoarResult:
     """RemOve And Retrain (Hooker et al. 2019; thesis §3.5.2, Fig. 3.2b).
 
     For every ``k`` in ``fractions``: replace the top-``k`` most salient pixels of *every* train and test image
@@ -261,7 +269,9 @@ def roar(train_and_evaluate: Callable[[Any, Any, Any, Any], float], train_images
     Args:
       train_saliency: ``[N, H, W]`` maps of the train images.
       test_saliency: ``[N, H, W]`` maps of the test images.
-      batch_size: images masked per jitted call (memory bound for large datasets).
+      chunk: images masked per call (memory bound for large datasets); ``None`` (default): as many as
+        ``memory_budget`` bytes allow (``None``: :data:`gradjax._chunking.DEFAULT_MEMORY_BUDGET`), the policy of
+        :mod:`gradjax._chunking`. The result does not depend on either.
 
     Returns :class:`RoarResult`. For the random baseline use :func:`roar_random_baseline`.
     """
@@ -276,21 +286,21 @@ def roar(train_and_evaluate: Callable[[Any, Any, Any, Any], float], train_images
     V.check_finite(test_images, "test_images")
     fr = [float(k) for k in fractions]
     _check_fraction(np.asarray(fr), "fractions")
-    batch_size = int(batch_size)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
+    chunk = None if chunk is None else V.check_count(chunk, "chunk")
+    memory_budget = None if memory_budget is None else V.check_count(memory_budget, "memory_budget")
     accs = []
     for k in fr:
-        tr = _remove_in_batches(train_images, np.asarray(train_saliency), k, most_salient, fill, batch_size)
-        te = _remove_in_batches(test_images, np.asarray(test_saliency), k, most_salient, fill, batch_size)
+        tr = _remove_in_chunks(train_images, np.asarray(train_saliency), k, most_salient, fill, chunk, memory_budget)
+        te = _remove_in_chunks(test_images, np.asarray(test_saliency), k, most_salient, fill, chunk, memory_budget)
         accs.append(float(train_and_evaluate(tr, train_labels, te, test_labels)))
     return RoarResult(tuple(fr), tuple(accs))
 
 
 def roar_random_baseline(train_and_evaluate, train_images, train_labels, test_images, test_labels,
                          fractions: Sequence[float], *, key, fill: Fill = "mean",
-                         batch_size: int = 1024) -> RoarResult:
-    """ROAR with pixels removed uniformly at random (the random baseline of §3.5.2)."""
+                         chunk: Optional[int] = None, memory_budget: Optional[int] = None) -> RoarResult:
+    """ROAR with pixels removed uniformly at random (the random baseline of §3.5.2); ``chunk``,
+    ``memory_budget``: as :func:`roar`."""
     k1, k2 = jax.random.split(key)
     train_images, test_images = np.asarray(train_images), np.asarray(test_images)
     V.check_images(train_images[:1], "train_images")
@@ -298,7 +308,7 @@ def roar_random_baseline(train_and_evaluate, train_images, train_labels, test_im
     s_tr = np.asarray(jax.random.uniform(k1, train_images.shape[:3]))
     s_te = np.asarray(jax.random.uniform(k2, test_images.shape[:3]))
     return roar(train_and_evaluate, train_images, train_labels, test_images, test_labels, s_tr, s_te, fractions,
-                most_salient=True, fill=fill, batch_size=batch_size)
+                most_salient=True, fill=fill, chunk=chunk, memory_budget=memory_budget)
 
 
 class RoarSeparation(NamedTuple):

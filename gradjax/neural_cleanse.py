@@ -24,7 +24,7 @@ for every class when run for all classes at once (vmapped, one compiled program)
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,7 @@ import optax
 from jax import lax
 
 from gradjax import _validation as V
+from gradjax._chunking import chunked_sum
 from gradjax.model import Model, as_logits_fn
 
 Array = jax.Array
@@ -61,17 +62,24 @@ def apply_trigger(x: Array, mask: Array, pattern: Array) -> Array:
 def neural_cleanse(model: Model, images: Array, target_class: Union[int, Array, Sequence[int], str], *, key: Array,
                    low=0.0, high=1.0, steps: int = 300, batch_size: int = 32, learning_rate: float = 0.1,
                    init_cost: float = 1e-3, success_threshold: float = 0.99, patience: int = 10,
-                   cost_multiplier: float = 1.5, eval_chunk: int = 128) -> NeuralCleanseResult:
+                   cost_multiplier: float = 1.5, chunk: Optional[int] = None,
+                   memory_budget: Optional[int] = None) -> NeuralCleanseResult:
     """Reverse-engineer the minimal trigger of ``target_class`` (an int, an int array ``[K']`` or ``"all"``) from
     clean ``images [N, H, W, C]`` (see the module docstring for the objective and schedule).
+
+    The final attack success on all ``N`` images is evaluated ``chunk`` images per model call
+    (:func:`gradjax._chunking.chunked_sum`); ``chunk=None`` (default) sizes the chunk from ``memory_budget`` bytes
+    (``None``: :data:`gradjax._chunking.DEFAULT_MEMORY_BUDGET`). Neither changes the result.
 
     Raises ``ValueError`` for non-image input, a class out of range, or non-positive counts."""
     logits_fn = as_logits_fn(model)
     V.check_images(images, "images")
     n, h, w, c = images.shape
-    for name, v in (("steps", steps), ("batch_size", batch_size), ("patience", patience), ("eval_chunk", eval_chunk)):
+    for name, v in (("steps", steps), ("batch_size", batch_size), ("patience", patience)):
         if int(v) != v or v < 1:
             raise ValueError(f"{name} must be an integer >= 1; got {v!r}.")
+    chunk = None if chunk is None else V.check_count(chunk, "chunk")
+    memory_budget = None if memory_budget is None else V.check_count(memory_budget, "memory_budget")
     if not 0 < success_threshold <= 1:
         raise ValueError(f"success_threshold must lie in (0, 1]; got {success_threshold}.")
     num_classes = int(jax.eval_shape(logits_fn, jax.ShapeDtypeStruct((1, h, w, c), images.dtype)).shape[-1])
@@ -121,7 +129,7 @@ def neural_cleanse(model: Model, images: Array, target_class: Union[int, Array, 
         final = jax.tree.map(lambda a, b: jnp.where(reached, a, b), best_v, v)
         m, p = decode(final)
 
-        success = _success_rate(logits_fn, images, m, p, cls, eval_chunk)
+        success = _success_rate(logits_fn, images, m, p, cls, chunk, memory_budget)
         return NeuralCleanseResult(mask=m, pattern=p, l1=jnp.sum(m), success=success, reached=reached, cost=cost)
 
     if single:
@@ -129,20 +137,9 @@ def neural_cleanse(model: Model, images: Array, target_class: Union[int, Array, 
     return jax.vmap(one_class)(classes)
 
 
-def _success_rate(logits_fn, images, m, p, cls, chunk):
+def _success_rate(logits_fn, images, m, p, cls, chunk, memory_budget):
     """Fraction of ``images`` classified as ``cls`` after applying the trigger, ``chunk`` images per call."""
-    n = images.shape[0]
-    chunk = min(chunk, n)
-    n_chunks = -(-n // chunk)
-    pad = n_chunks * chunk - n
-    xs = jnp.concatenate([images, jnp.repeat(images[-1:], pad, axis=0)]) if pad else images
-    xs = xs.reshape((n_chunks, chunk) + images.shape[1:])
-    valid = (jnp.arange(n_chunks * chunk) < n).reshape(n_chunks, chunk)
+    def hits(x):
+        return (jnp.argmax(logits_fn(apply_trigger(x, m, p)), -1) == cls).astype(jnp.float32)
 
-    def body(acc, inp):
-        x, ok = inp
-        hit = jnp.argmax(logits_fn(apply_trigger(x, m, p)), -1) == cls
-        return acc + jnp.sum(ok & hit), None
-
-    total, _ = lax.scan(body, jnp.zeros((), jnp.int32), (xs, valid))
-    return total / n
+    return chunked_sum(hits, images, chunk=chunk, memory_budget=memory_budget) / images.shape[0]

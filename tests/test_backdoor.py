@@ -92,9 +92,13 @@ def test_apply_trigger():
     assert float(y[0, 0, 0, 0]) == 5.0 and float(y[0, 1, 1, 0]) == 1.0
 
 
+def _nc_images():
+    return jax.random.uniform(jax.random.PRNGKey(3), (64,) + SHAPE) * 0.6
+
+
 @pytest.fixture(scope="module")
 def nc_result():
-    images = jax.random.uniform(jax.random.PRNGKey(3), (64,) + SHAPE) * 0.6
+    images = _nc_images()
     run = jax.jit(lambda k: neural_cleanse(trojaned_logits, images, "all", key=k, steps=150, batch_size=16,
                                            learning_rate=0.2, patience=5))
     return run(jax.random.PRNGKey(0))
@@ -111,6 +115,23 @@ def test_neural_cleanse_finds_the_planted_backdoor(nc_result):
     hot, planted = np.asarray(bd.localize(r.mask[TROJAN])), data.trigger_mask(SHAPE[:2], (2, 2))
     assert hot.any() and not np.any(hot & ~planted)
     assert float(jnp.min(r.pattern)) >= 0.0 and float(jnp.max(r.pattern)) <= 1.0
+    # success: the fraction of all the images the triggered model assigns to the class, by hand
+    images = _nc_images()
+    for c in range(K):
+        hand = np.mean(np.asarray(jnp.argmax(trojaned_logits(apply_trigger(images, r.mask[c], r.pattern[c])), -1)) == c)
+        assert float(r.success[c]) == pytest.approx(hand)
+
+
+def test_neural_cleanse_success_does_not_depend_on_chunk():
+    from gradjax.neural_cleanse import _success_rate
+
+    images = _nc_images()
+    m = jnp.zeros(SHAPE[:2]).at[-2:, -2:].set(0.3)
+    p = jnp.ones(SHAPE)
+    hand = np.mean(np.asarray(jnp.argmax(trojaned_logits(apply_trigger(images, m, p)), -1)) == TROJAN)
+    assert 0.1 < hand < 1.0  # a partial trigger: some images flip, some do not
+    for chunk, budget in ((None, None), (7, None), (None, 1)):  # one call; 9 chunks + a rest of 1; chunks of 1
+        assert float(_success_rate(trojaned_logits, images, m, p, TROJAN, chunk, budget)) == pytest.approx(hand)
 
 
 def test_neural_cleanse_validation():
@@ -121,6 +142,8 @@ def test_neural_cleanse_validation():
         neural_cleanse(trojaned_logits, images[0], 0, key=jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="steps"):
         neural_cleanse(trojaned_logits, images, 0, key=jax.random.PRNGKey(0), steps=0)
+    with pytest.raises(ValueError, match="chunk"):
+        neural_cleanse(trojaned_logits, images, 0, key=jax.random.PRNGKey(0), chunk=0)
 
 
 def test_input_agnostic_statistics_detect_the_planted_backdoor():

@@ -119,10 +119,11 @@ def test_roar_by_hand():
     np.testing.assert_allclose(calls[1][2][0, ..., 0], [[1, 2], [2.5, 2.5]])
     np.testing.assert_array_equal(calls[1][1], [0, 1, 2])
     assert res.accuracies == (10.0, 8.0)
-    # batching does not change the result
-    calls.clear()
-    M.roar(train_and_evaluate, tr, np.array([0, 1, 2]), te, np.array([0]), s_tr, s_te, [0.5], batch_size=2)
-    np.testing.assert_allclose(calls[0][0], expected_tr)
+    # chunking does not change the result (2 + 1 images; 1-image chunks from a 1-byte memory budget)
+    for opts in (dict(chunk=2), dict(memory_budget=1)):
+        calls.clear()
+        M.roar(train_and_evaluate, tr, np.array([0, 1, 2]), te, np.array([0]), s_tr, s_te, [0.5], **opts)
+        np.testing.assert_allclose(calls[0][0], expected_tr)
 
     calls.clear()
     rnd = M.roar_random_baseline(train_and_evaluate, tr, np.array([0, 1, 2]), te, np.array([0]), [0.5],
