@@ -39,7 +39,7 @@ frozen-moments pass (BatchNorm with recorded batch moments under ``stop_gradient
 
 **Jit.** Nothing here jits itself; the caller does, once, e.g.::
 
-    fg_fn = jax.jit(lambda handle, x, t: full_gradients(handle, x, t, merge="conv_bn"))
+    fg_fn = jax.jit(lambda handle, x, t: full_gradients(handle, x, t))
     fg = fg_fn(ModelHandle(model.apply, variables), x, labels)   # the handle is a pytree: variables traced
 
 Called eagerly, the functions run operation by operation (each operation compiled once per shape by JAX) and also
@@ -53,9 +53,10 @@ import jax
 import jax.numpy as jnp
 
 from gradjax import _validation as V
+from gradjax import precision as P
 from gradjax.gradients import PREDICTED, logits_and_target_gradient, per_example_sum, select
 from gradjax.model import ModelHandle, require_handle
-from gradjax.models.layers import TAP
+from gradjax.models.layers import TAP, TAP_INFO, TapInfo
 
 Array = jax.Array
 
@@ -63,6 +64,7 @@ MERGE_MODES = ("none", "conv_bn", "block")
 """How bias-gradient maps are grouped into layers; see :func:`full_gradients`."""
 
 _COLLECTIONS = ("biases", "perturbations")
+_META = (TAP_INFO,)
 
 
 class FullGradients(NamedTuple):
@@ -206,6 +208,8 @@ class TapGradients(NamedTuple):
       tap_gradients: ``{path: [B, *z_l.shape[1:]]}`` — ``grad_{z_l} f_t`` at the output of every bias tap.
       biases: ``{path: b_l}`` — each tap's bias, broadcastable to ``z_l``.
       updates: updated ``mutable`` collections (train mode) or ``None``.
+      info: ``{path: TapInfo}`` — each tap's declared kind and group (:class:`gradjax.models.layers.TapInfo`;
+        static, no arrays), for the taps that declared one (all taps of gradjax's layers).
     """
 
     logits: Array
@@ -214,6 +218,7 @@ class TapGradients(NamedTuple):
     tap_gradients: dict
     biases: dict
     updates: Optional[dict] = None
+    info: Optional[dict] = None
 
 
 def tap_gradients(model: ModelHandle, x, target=PREDICTED, *, mutable: Sequence[str] = ()) -> TapGradients:
@@ -221,77 +226,74 @@ def tap_gradients(model: ModelHandle, x, target=PREDICTED, *, mutable: Sequence[
 
     One :func:`gradjax.gradients.logits_and_target_gradient` of ``(x, perturbations) -> logits`` (each tap adds
     a zero perturbation to its output ``z_l``, so the gradient w.r.t. it is ``grad_{z_l} f``) with the one-hot
-    cotangent of ``target``: one forward and one backward pass; the tap structure comes from
-    :func:`jax.eval_shape` (free). ``mutable``: model collections a train-mode handle updates, e.g.
-    ``("batch_stats",)``; they come back in ``updates``.
+    cotangent of ``target``: one forward and one backward pass; the tap structure comes from one abstract trace
+    (free). ``mutable``: model collections a train-mode handle updates, e.g. ``("batch_stats",)``; they come back
+    in ``updates``. Traced under the precision policy (:func:`gradjax.precision.policy`: float32-exact products
+    unless a matmul precision has been set).
 
     Low level (used by :func:`full_gradients` and the FullGrad saliency family): static checks only.
     """
-    handle = _handle(model, "tap_gradients")
+    return _tap_gradients(model, x, target, mutable, "tap_gradients")[0]
+
+
+def _tap_gradients(model, x, target, mutable, method: str) -> tuple[TapGradients, P.PrecisionReport]:
+    handle = _handle(model, method)
     x = V.check_input(x, min_rank=2, finite=False)
     mutable = _check_mutable(mutable)
     kwargs, variables = handle.kwargs, handle.variables
 
     def collect(v, x_):  # shapes of the logits and of every tap, without computing anything
-        return handle.apply_fn(v, x_, mutable=list(_COLLECTIONS) + mutable, **kwargs)
+        return handle.apply_fn(v, x_, mutable=list(_COLLECTIONS + _META) + mutable, **kwargs)
 
-    out_spec, state_spec = jax.eval_shape(collect, _spec(variables), _spec(x))
-    if len(out_spec.shape) != 2 or out_spec.shape[0] != x.shape[0]:
-        raise ValueError(f"the model must return logits of shape [B, num_classes] = [{x.shape[0]}, K]; got "
-                         f"{out_spec.shape}.")
-    state_spec = dict(state_spec)
-    pert_spec = dict(state_spec.get("perturbations", {}))
-    unmatched = set(flatten_taps(dict(state_spec.get("biases", {})))) ^ set(flatten_taps(pert_spec))
-    if unmatched:
-        raise ValueError(
-            "every bias tap must both sow its bias ('biases') and perturb its output ('perturbations') under the same "
-            f"module path (use gradjax.models.layers.bias_tap); unmatched: {sorted(unmatched)}.")
-    perts = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), pert_spec)
+    with P.policy():
+        closed, (out_spec, state_spec) = jax.make_jaxpr(collect, return_shape=True)(_spec(variables), _spec(x))
+        report = P.report_from_jaxpr(closed, jnp.result_type(x))
+        if len(out_spec.shape) != 2 or out_spec.shape[0] != x.shape[0]:
+            raise ValueError(f"the model must return logits of shape [B, num_classes] = [{x.shape[0]}, K]; got "
+                             f"{out_spec.shape}.")
+        state_spec = dict(state_spec)
+        pert_spec = dict(state_spec.get("perturbations", {}))
+        unmatched = set(flatten_taps(dict(state_spec.get("biases", {})))) ^ set(flatten_taps(pert_spec))
+        if unmatched:
+            raise ValueError(
+                "every bias tap must both sow its bias ('biases') and perturb its output ('perturbations') under the "
+                f"same module path (use gradjax.models.layers.bias_tap); unmatched: {sorted(unmatched)}.")
+        info = flatten_taps(dict(state_spec.get(TAP_INFO, {})))
+        perts = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), pert_spec)
 
-    def logits_fn(primal):
-        x_, p_ = primal
-        v = dict(variables)
-        if p_:
-            v["perturbations"] = p_
-        logits, state = handle.apply_fn(v, x_, mutable=["biases"] + mutable, **kwargs)
-        state = dict(state)
-        return logits, (flatten_taps(dict(state.get("biases", {}))), {k: state[k] for k in mutable if k in state})
+        def logits_fn(primal):
+            x_, p_ = primal
+            v = dict(variables)
+            if p_:
+                v["perturbations"] = p_
+            logits, state = handle.apply_fn(v, x_, mutable=["biases"] + mutable, **kwargs)
+            state = dict(state)
+            return logits, (flatten_taps(dict(state.get("biases", {}))), {k: state[k] for k in mutable if k in state})
 
-    r = logits_and_target_gradient(logits_fn, (x, perts), target, has_aux=True)
+        r = logits_and_target_gradient(logits_fn, (x, perts), target, has_aux=True)
     grad_x, grad_p = r.gradient
     biases, updates = r.aux
-    return TapGradients(r.logits, r.target, grad_x, flatten_taps(grad_p), biases, updates if mutable else None)
+    taps = TapGradients(r.logits, r.target, grad_x, flatten_taps(grad_p), biases, updates if mutable else None, info)
+    return taps, report
 
 
-def _merge_maps(maps: dict[str, Array], merge: str, params: Mapping) -> dict[str, Array]:
+def _merge_maps(maps: dict[str, Array], merge: str, info: Mapping[str, TapInfo]) -> dict[str, Array]:
     if merge == "none":
         return dict(maps)
     groups: dict[str, list[str]] = {}
-    if merge == "block":
-        for k in maps:
-            groups.setdefault(k.split("/")[0], []).append(k)
-    else:  # conv_bn: a BatchNorm named "...bn..." is paired with the conv named the same with "bn" -> "conv"
-        def has_module(parts):
-            node = params
-            for p in parts:
-                if not isinstance(node, Mapping) or p not in node:
-                    return False
-                node = node[p]
-            return True
-
-        for k in maps:
-            parts = k.split("/")
-            parent, name = parts[:-1], parts[-1]
-            new = k
-            if "bn" in name:
-                conv = name.replace("bn", "conv")
-                if (("/".join(parent + [conv])) in maps) or has_module(parent + [conv]):
-                    new = "/".join(parent) if name == "bn" and parent else "/".join(parent + [name.replace("bn", "conv_bn")])
-            elif "conv" in name:
-                bn = name.replace("conv", "bn")
-                if "/".join(parent + [bn]) in maps:
-                    new = "/".join(parent) if name == "conv" and parent else "/".join(parent + [name.replace("conv", "conv_bn")])
-            groups.setdefault(new, []).append(k)
+    for k in maps:
+        new = k
+        if merge == "block":
+            new = k.split("/")[0]
+        else:  # conv_bn: the group each tap declared where it was made (gradjax.models.layers.TapInfo)
+            group = info[k].group if k in info else None
+            if group is not None:
+                parent = k.split("/")[:-1]
+                new = "/".join(parent + ([group] if group else []))
+                if not new:
+                    raise ValueError(f"merge='conv_bn': the tap {k!r} declares group '' (its parent module) but has "
+                                     "no parent; declare a group name.")
+        groups.setdefault(new, []).append(k)
     out = {}
     for new, members in groups.items():
         shapes = {tuple(maps[m].shape) for m in members}
@@ -313,13 +315,14 @@ def _merge_maps(maps: dict[str, Array], merge: str, params: Mapping) -> dict[str
 
 def decompose(taps: TapGradients, x, *, merge: str = "none", params: Optional[Mapping] = None) -> FullGradients:
     """Assemble the full-gradient decomposition (thesis eq. 3.3) from one :func:`tap_gradients` at ``x``:
-    ``f^b_l = grad_{z_l} f ⊙ b_l`` per tap, grouped by ``merge`` (see :func:`full_gradients`; ``"conv_bn"`` looks
-    for bias-free convolutions in ``params``), the selected logit and the completeness residual. Pure arithmetic
-    (no model call)."""
+    ``f^b_l = grad_{z_l} f ⊙ b_l`` per tap, grouped by ``merge`` (see :func:`full_gradients`; ``"conv_bn"`` uses
+    the groups the taps declared, ``taps.info``), the selected logit and the completeness residual. Pure arithmetic
+    (no model call). ``params`` is not used (groups are declared by the taps, not looked up in the parameters);
+    accepted for compatibility."""
     V.check_choice(merge, MERGE_MODES, "merge")
     g_flat, b_flat = taps.tap_gradients, taps.biases
     maps = {k: jnp.broadcast_to(g_flat[k] * b_flat[k].astype(g_flat[k].dtype), g_flat[k].shape) for k in g_flat}
-    maps = _merge_maps(maps, merge, params or {})
+    maps = _merge_maps(maps, merge, taps.info or {})
     output = select(taps.logits, taps.target)
     residual = output - per_example_sum(taps.input_gradient * x).astype(output.dtype)
     for m in maps.values():
@@ -355,12 +358,15 @@ def full_gradients(model: ModelHandle, x, target=PREDICTED, *, merge: str = "non
       target: int array ``[B]`` (or a scalar, broadcast) of classes with ``0 <= t < num_classes``, or
         :data:`PREDICTED` for the arg-max class of each example.
       merge: grouping of the bias-gradient maps (a regrouping of the same sum, so completeness holds for all):
-        ``"none"`` — one entry per bias site (``"block0/conv"``, ``"block0/bn"``, ``"block0/act"``, ``"head"``);
-        ``"conv_bn"`` — a convolution and its BatchNorm count as one layer: the BatchNorm ``P/<..bn..>`` and the
-        convolution ``P/<..conv..>`` (same name with ``bn`` -> ``conv``) are summed into one entry named ``P``
-        for the VGG names ``conv``/``bn`` (``"block0"``), else ``P/<..conv_bn..>`` (ResNet:
-        ``"stage0_block0/conv_bn1"``, ``"stage1_block0/shortcut_conv_bn"``, ``"stem_conv_bn"``; a bias-free
-        convolution contributes nothing but still names the entry); unpaired sites keep their names;
+        ``"none"`` (default; the authors' FullGrad decomposition) — one entry per bias site (``"block0/conv"``,
+        ``"block0/bn"``, ``"block0/act"``, ``"head"``);
+        ``"conv_bn"`` — a convolution and its BatchNorm count as one layer: sites that declared the same
+        ``group`` where their tap was made (:class:`gradjax.models.layers.TapInfo`, ``bias_tap(..., group=)``)
+        under the same parent ``P`` are summed into ``P/<group>`` — ``P`` itself for group ``""`` (VGG:
+        ``"block0"``), ResNet: ``"stage0_block0/conv_bn1"``, ``"stage1_block0/shortcut_conv_bn"``,
+        ``"stem_conv_bn"`` (a bias-free convolution contributes nothing; its BatchNorm names the entry). Nothing is
+        inferred from module names: a tap without a declared group (a user model calling ``bias_tap`` without
+        ``group=``) keeps its own entry, as under ``"none"``;
         ``"block"`` — all sites under the same top-level module are summed (``"block0"``, ``"stage0_block0"``,
         ``"head"``, ...). Maps in one group must share a shape (they do in VGG and ResNet).
       dtype: optional floating dtype to run in (``x`` and all floating variables are cast), e.g. ``jnp.float64``
@@ -374,6 +380,12 @@ def full_gradients(model: ModelHandle, x, target=PREDICTED, *, merge: str = "non
     Jittable (the handle is a pytree whose ``apply_fn`` is static), e.g.
     ``jax.jit(lambda h, x, t: full_gradients(h, x, t))``, and vmappable over stacks of batches. Under ``jit`` only
     static checks (rank, dtype, batch size) run.
+
+    Precision (:mod:`gradjax.precision`): traced with float32-exact products (``"highest"``) unless a matmul
+    precision has been set (``jax.default_matmul_precision``), so completeness holds to round-off on GPUs and TPUs
+    too. A :class:`gradjax.precision.PrecisionWarning` (at trace time) says when the model's products are less
+    precise than the dtype — an opted-into TF32/bfloat16 precision, a model built with ``precision="default"`` or
+    ``dtype=jnp.bfloat16``, or emulated rounding — and completeness then holds only to ~that precision's eps.
     """
     handle = _handle(model, "full_gradients")
     V.check_choice(merge, MERGE_MODES, "merge")
@@ -381,8 +393,10 @@ def full_gradients(model: ModelHandle, x, target=PREDICTED, *, merge: str = "non
     x = V.check_input(x, min_rank=2)
     if dt is not None:
         x, handle = _cast(x, dt), handle.replace(variables=_cast(handle.variables, dt))
-    taps = tap_gradients(handle, x, target, mutable=mutable)
-    return decompose(taps, x, merge=merge, params=handle.variables.get("params", {}))
+    taps, report = _tap_gradients(handle, x, target, mutable, "full_gradients")
+    P.warn_if_inexact(report, "gradjax.fullgrad.full_gradients",
+                      f"completeness (eq. 3.3) holds only to ~{report.eps:.0e} relative instead of round-off")
+    return decompose(taps, x, merge=merge)
 
 
 def completeness_residual(model: ModelHandle, x, target=PREDICTED, *, dtype=None,
@@ -392,7 +406,8 @@ def completeness_residual(model: ModelHandle, x, target=PREDICTED, *, dtype=None
     The deviation from eq. 3.3 (thesis §3.4 / §3.9, Proposition 9) relative to the output; ``floor``
     (default: the dtype's smallest normal number) avoids dividing by zero. Round-off level (~1e-6 in float32,
     ~1e-14 in float64) for a model whose every bias site is tapped; large values mean a constant term of the
-    model is not exposed as a bias tap (or the model is not in eval mode).
+    model is not exposed as a bias tap (or the model is not in eval mode), or — with a
+    :class:`gradjax.precision.PrecisionWarning` — reduced-precision products (see :func:`full_gradients`).
     """
     return full_gradients(model, x, target, dtype=dtype).relative_residual(floor)
 

@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradjax import _validation as V
+from gradjax import precision as _precision
 from gradjax._chunking import chunked_sum
 from gradjax.gradients import per_example_sum, value_and_input_gradient
 
@@ -146,6 +147,7 @@ def hvp(f: ScalarFn, x: jax.Array, v: jax.Array, *, batch_mode: BatchMode = "sum
     return jax.jvp(vg, (x,), (v.astype(x.dtype),))[1][1]
 
 
+@_precision.exact_by_default  # float32-exact products unless the caller set a matmul precision
 def _exact(f, x, *, max_dim, chunk_size, batch_mode):
     x = V.check_input(x)
     V.check_choice(batch_mode, _BATCH_MODES, "batch_mode")
@@ -184,6 +186,7 @@ def exact_trace(f: ScalarFn, x: jax.Array, *, max_dim: int = 4096, chunk_size: i
 # ----------------------------------------------------------------------------------------------------------
 # Hutchinson
 # ----------------------------------------------------------------------------------------------------------
+@_precision.exact_by_default
 def _hutchinson(f, x, key, *, num_probes, distribution, chunk_size, batch_mode):
     x = V.check_input(x)
     num_probes = V.check_count(num_probes, "num_probes")
@@ -236,20 +239,23 @@ class TaylorNoise(NamedTuple):
     """std of the first-order term of one sample: ``2 ‖∇f(x)‖ / σ`` (one-sided form; 0 for the others)."""
 
 
-def _roundoff(fx, x, g, sigma, dtype):
+def _roundoff(fx, x, g, sigma, dtype, eps=None):
     """Order-of-magnitude floor of the float round-off in one Taylor sample (per example).
 
     Each evaluation of ``f`` carries a relative error of at least ``eps`` (the unit round-off of ``dtype``), and
     the difference ``f(x+σε) - f(x)`` keeps the absolute error ``~2 eps |f|``, amplified by ``2/σ²`` (one-sided,
     control variate) or ``1/σ²`` with four terms (antithetic); rounding ``x + σε`` to ``dtype`` perturbs the
-    step by ``eps |x_i|``, adding ``~eps Σ|x_i ∂_i f|`` to the difference (only when ``g`` is known)."""
-    eps = float(jnp.finfo(dtype).eps)
+    step by ``eps |x_i|``, adding ``~eps Σ|x_i ∂_i f|`` to the difference (only when ``g`` is known). ``eps``: the
+    effective unit round-off of ``f``'s products (:func:`gradjax.precision.effective_eps`: TF32's 2^-10 on a GPU
+    at the default matmul precision, not float32's); default ``dtype``'s."""
+    eps = float(jnp.finfo(dtype).eps) if eps is None else eps
     scale = jnp.abs(fx)
     if g is not None:
         scale = scale + per_example_sum(jnp.abs(x * g))
     return 4.0 * eps * scale / jnp.asarray(sigma, dtype) ** 2
 
 
+@_precision.exact_by_default
 def taylor_noise_floor(f: ScalarFn, x: jax.Array, *, sigma: float,
                        form: Literal["one_sided", "antithetic", "control_variate"] = "one_sided",
                        fx: jax.Array | None = None, grad_fx: jax.Array | None = None,
@@ -277,18 +283,19 @@ def taylor_noise_floor(f: ScalarFn, x: jax.Array, *, sigma: float,
     dtype = jnp.result_type(x)
     gnorm = jnp.sqrt(per_example_sum(grad_fx * grad_fx))
     spread = 2.0 * gnorm / sigma if form == "one_sided" else jnp.zeros_like(gnorm)
-    return TaylorNoise(roundoff=_roundoff(fx, x, grad_fx, sigma, dtype), gradient_spread=spread)
+    return TaylorNoise(roundoff=_roundoff(fx, x, grad_fx, sigma, dtype, _precision.effective_eps(f, x)),
+                       gradient_spread=spread)
 
 
-def _warn_if_roundoff(fx, x, g, sigma, estimate, warn_rtol):
+def _warn_if_roundoff(fx, x, g, sigma, estimate, warn_rtol, f=None):
     """Eager calls only: warn when the round-off floor of one sample is not small against the estimate."""
     if warn_rtol is None or not all(V.is_concrete(a) for a in (fx, x, sigma, estimate)):
         return
     if g is not None and not V.is_concrete(g):
         g = None
     dtype = jnp.result_type(x)
-    floor = np.asarray(_roundoff(fx, x, g, sigma, dtype))
-    eps = float(jnp.finfo(dtype).eps)
+    eps = float(jnp.finfo(dtype).eps) if f is None else _precision.effective_eps(f, x)  # f's products' precision
+    floor = np.asarray(_roundoff(fx, x, g, sigma, dtype, eps))
     step_lost = float(sigma) <= 64 * eps * float(np.max(np.abs(np.asarray(x)), initial=0.0))
     ref = np.maximum(np.abs(np.asarray(estimate)), np.finfo(np.float64).tiny)
     worst = float(np.max(floor / ref))
@@ -303,6 +310,7 @@ def _warn_if_roundoff(fx, x, g, sigma, estimate, warn_rtol):
             RuntimeWarning, stacklevel=3)
 
 
+@_precision.exact_by_default
 def _taylor(f, x, key, *, sigma, num_probes, distribution, form, grad_fx, fx, chunk_size, batch_mode,
             warn_rtol, want_grad=False):
     x = V.check_input(x)
@@ -341,7 +349,7 @@ def _taylor(f, x, key, *, sigma, num_probes, distribution, form, grad_fx, fx, ch
         return 2.0 / s**2 * (f(x + v) - fx - per_example_sum(grad_fx * v))
 
     tr = _probe_mean(estimate, key, num_probes, chunk_size)
-    _warn_if_roundoff(fx, x, grad_fx, sigma, tr, warn_rtol)
+    _warn_if_roundoff(fx, x, grad_fx, sigma, tr, warn_rtol, f)
     return fx, grad_fx, tr
 
 
@@ -391,6 +399,7 @@ def taylor_trace(f: ScalarFn, x: jax.Array, key: jax.Array, *, sigma: float, num
 # ----------------------------------------------------------------------------------------------------------
 # Hutch++
 # ----------------------------------------------------------------------------------------------------------
+@_precision.exact_by_default
 def _hutchpp(f, x, key, *, num_matvecs, distribution, chunk_size, batch_mode):
     x = V.check_input(x)
     m = V.check_count(num_matvecs, "num_matvecs", minimum=3)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,8 @@ import pytest
 from gradjax.fullgrad import (MERGE_MODES, PREDICTED, FullGradients, bias_taps, completeness_residual,
                               flatten_taps, full_gradients)
 from gradjax.model import ModelHandle as H
-from gradjax.models import MLP, TappedDense, create_model
+from gradjax.models import MLP, TapInfo, TappedBatchNorm, TappedConv, TappedDense, create_model
+from gradjax.models.layers import global_average_pool
 
 NUM_CLASSES = 10
 
@@ -178,7 +180,7 @@ def test_proposition5_no_taps_at_all():
     np.testing.assert_allclose(fg.input_term(x), fg.output, rtol=1e-5)
     assert float(jnp.max(fg.relative_residual())) < 1e-5
     jitted = jax.jit(lambda v_, x_: full_gradients(H(m.apply, v_), x_))(v, x)
-    np.testing.assert_allclose(jitted.output, fg.output, rtol=1e-6)
+    chex.assert_trees_all_close(jitted.output, fg.output, rtol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -292,23 +294,90 @@ def test_merge_conv_bn_resnet_names():
     assert set(blk) == {"stem_bn", "head"} | {f"stage{s}_block{j}" for s in range(4) for j in range(2)}
 
 
+def test_taps_declare_kind_and_group():
+    """Every tap of the built-in layers records what it is where it is made (no guessing from names)."""
+    model, v, x = conv_setup("vgg9", "softplus")
+    from gradjax.fullgrad import tap_gradients
+    info = tap_gradients(H(model.apply, v), x).info
+    assert info["block0/conv"] == TapInfo("conv", "") and info["block0/bn"] == TapInfo("bn", "")
+    assert info["block0/act"] == TapInfo("activation", None) and info["head"] == TapInfo("dense", None)
+    rmodel, rv, _ = conv_setup("resnet18", "relu")
+    rinfo = tap_gradients(H(rmodel.apply, rv), x).info
+    assert rinfo["stem_bn"] == TapInfo("bn", "stem_conv_bn")
+    assert rinfo["stage1_block0/shortcut_bn"] == TapInfo("bn", "shortcut_conv_bn")
+
+
+class _Named(nn.Module):
+    """A user model whose module names contain 'bn'/'conv' by accident (``subnet``, ``suconvet``) and whose
+    conv + BatchNorm layer has other names (``c``, ``norm``) but declares its group."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        z = TappedConv(3, name="suconvet")(x)  # no declared group: its own layer
+        z = TappedBatchNorm(name="subnet")(z, train=train)  # 'bn' in the name, but no declared group
+        y = TappedConv(3, tap_group="layer", name="c")(nn.relu(z))
+        y = TappedBatchNorm(tap_group="layer", name="norm")(y, train=train)
+        return TappedDense(NUM_CLASSES, name="head")(global_average_pool(nn.relu(y)))
+
+
+def test_conv_bn_merges_declared_groups_not_names():
+    """merge="conv_bn" sums the taps that declared one group; a module named ``subnet`` (which contains "bn") is
+    not paired with a conv by name (the old rule merged ``subnet`` and ``suconvet`` into ``suconv_bnet``)."""
+    m = _Named()
+    x = jnp.asarray(np.random.default_rng(11).normal(size=(2, 6, 6, 2)), jnp.float32)
+    v = _fill(m, x, 12)
+    none = full_gradients(H(m.apply, v), x).bias_gradients
+    cb = full_gradients(H(m.apply, v), x, merge="conv_bn")
+    assert set(none) == {"suconvet", "subnet", "c", "norm", "head"}
+    assert set(cb.bias_gradients) == {"suconvet", "subnet", "layer", "head"}
+    np.testing.assert_array_equal(cb.bias_gradients["subnet"], none["subnet"])
+    np.testing.assert_array_equal(cb.bias_gradients["suconvet"], none["suconvet"])
+    np.testing.assert_allclose(cb.bias_gradients["layer"], none["c"] + none["norm"], rtol=1e-6)
+    assert float(jnp.max(jnp.abs(none["c"]))) > 1e-3  # the conv bias really contributes to the group
+    assert float(jnp.max(cb.relative_residual())) < 1e-5
+
+
+def test_group_of_a_tap_without_parent_is_rejected():
+    class Top(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            return TappedDense(NUM_CLASSES, tap_group="", name="head")(x.reshape(x.shape[0], -1))
+
+    x = jnp.ones((2, 3))
+    v = Top().init(jax.random.PRNGKey(0), x)
+    with pytest.raises(ValueError, match="no parent"):
+        full_gradients(H(Top().apply, v), x, merge="conv_bn")
+    with pytest.raises(ValueError, match="kind"):
+        from gradjax.models import bias_tap
+        bias_tap(None, x, x, kind="batchnorm")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # jit / vmap / grad
 # --------------------------------------------------------------------------------------------------------------
 
-def test_jit_equals_eager_and_the_handle_passes_through_jit():
+class TestJitVariants(chex.TestCase):
+    """The same values with and without ``jax.jit`` (chex variants), checked against independent references."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_full_gradients_with_and_without_jit(self):
+        model, v, x = mlp_setup("relu")
+        t = jnp.array([1, 0, 9])
+        fg = self.variant(lambda v_, x_, t_: full_gradients(H(model.apply, v_), x_, t_, merge="block"))(v, x, t)
+        ref_grad = jax.vmap(lambda xi, ti: jax.grad(lambda z: model.apply(v, z[None])[0, ti])(xi))(x, t)
+        chex.assert_trees_all_close(fg.input_gradient, ref_grad, rtol=1e-5, atol=1e-6)
+        chex.assert_trees_all_close(fg.output, model.apply(v, x)[jnp.arange(3), t], rtol=1e-6)
+        self.assertLess(float(jnp.max(fg.relative_residual())), 1e-5)
+        # the handle itself as an argument (variables traced under jit, apply_fn static), PREDICTED closed over
+        pred = self.variant(lambda h, x_: full_gradients(h, x_))(H(model.apply, v), x)
+        chex.assert_trees_all_close(pred.output, jnp.max(model.apply(v, x), axis=-1), rtol=1e-6)
+        chex.assert_trees_all_close(pred.bias_gradients["head"],
+                                    jax.nn.one_hot(jnp.argmax(model.apply(v, x), -1), NUM_CLASSES)
+                                    * v["params"]["head"]["bias"], rtol=1e-6)
+
+
+def test_value_checks_run_eagerly():
     model, v, x = mlp_setup("relu")
-    t = jnp.array([1, 0, 9])
-    eager = full_gradients(H(model.apply, v), x, t, merge="block")
-    jitted = jax.jit(lambda v_, x_, t_: full_gradients(H(model.apply, v_), x_, t_, merge="block"))(v, x, t)
-    assert jax.tree.structure(eager) == jax.tree.structure(jitted)
-    for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    # the handle itself as a jit argument (variables traced, apply_fn static), PREDICTED closed over
-    fn = jax.jit(lambda h, x_: full_gradients(h, x_))
-    pred_eager, pred_jit = full_gradients(H(model.apply, v), x), fn(H(model.apply, v), x)
-    for a, b in zip(jax.tree.leaves(pred_eager), jax.tree.leaves(pred_jit)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)  # (the residual is round-off: ~1e-6)
     # value checks run in eager calls (under jit the arguments are tracers)
     with pytest.raises(ValueError, match=r"target must lie in \[0, 10\)"):
         full_gradients(H(model.apply, v), x, jnp.array([0, 1, 10]))
@@ -343,9 +412,8 @@ def test_differentiable_wrt_params():
     g_bias = jax.grad(lambda p: both(p)[0])
     g_rest = jax.grad(lambda p: both(p)[1])
     ga, gb = jax.jit(lambda p: (g_bias(p), g_rest(p)))(v["params"])
-    for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
-        assert bool(jnp.all(jnp.isfinite(a)))
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    chex.assert_tree_all_finite(ga)
+    chex.assert_trees_all_close(ga, gb, rtol=1e-4, atol=1e-4)
     assert float(jnp.max(jnp.abs(ga["dense0"]["bias"]))) > 1e-2
 
 
@@ -423,8 +491,7 @@ def test_train_mode_full_gradients_return_updated_batch_stats():
 
     fg, logits, state, g = run(v, x)
     np.testing.assert_allclose(fg.output, logits[jnp.arange(3), t], rtol=1e-5, atol=1e-6)
-    for a, b in zip(jax.tree.leaves(fg.updates["batch_stats"]), jax.tree.leaves(state["batch_stats"])):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(fg.updates["batch_stats"], state["batch_stats"], rtol=1e-6, atol=1e-7)
     assert not np.allclose(fg.updates["batch_stats"]["block0"]["bn"]["mean"], v["batch_stats"]["block0"]["bn"]["mean"])
     np.testing.assert_allclose(fg.input_gradient, g, rtol=1e-4, atol=1e-6)
     assert full_gradients(H(model.apply, v), x, t).updates is None  # eval mode: nothing to update

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -146,11 +147,21 @@ def test_vmap_mode_is_per_example_for_batch_mixing_models():
     assert float(jnp.abs(sm - per_example).max()) > 1e-2
 
 
-def test_jit_equals_eager_and_vmappable():
+class TestJitVariants(chex.TestCase):
+    """The same values with and without ``jax.jit`` (chex variants), against a per-example forward-mode reference."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_logit_gradient_and_jacobian_with_and_without_jit(self):
+        _, f, x, labels = setup(jnp.float32)
+        J = jac_reference(f, x)  # [B, K, ...]
+        g = self.variant(lambda z, t: G.logit_gradient(f, z, t))(x, labels)
+        chex.assert_trees_all_close(g, J[jnp.arange(x.shape[0]), labels], rtol=1e-5, atol=1e-6)
+        chex.assert_trees_all_close(self.variant(lambda z: G.jacobian(f, z, mode="full"))(x), J, rtol=1e-5,
+                                    atol=1e-6)
+
+
+def test_vmappable():
     _, f, x, labels = setup(jnp.float32)
-    for fn in (lambda z, t: G.logit_gradient(f, z, t),
-               lambda z, t: G.jacobian(f, z, mode="full")):
-        np.testing.assert_allclose(jax.jit(fn)(x, labels), fn(x, labels), rtol=1e-5, atol=1e-6)
     # vmap over an extra leading axis of batches (and PREDICTED under jit)
     xs = jnp.stack([x, 2 * x, -x])
     out = jax.jit(jax.vmap(lambda z: G.logit_gradient(f, z)))(xs)
@@ -254,10 +265,9 @@ def test_has_aux_returns_train_mode_batch_stats():
     np.testing.assert_allclose(lg, logits, rtol=1e-6)
     np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(gl, ref_loss, rtol=1e-5, atol=1e-6)
-    for a, b in zip(jax.tree.leaves(aux), jax.tree.leaves(state)):
-        np.testing.assert_allclose(a, b, rtol=1e-6)
+    chex.assert_trees_all_close(aux, state, rtol=1e-6)
     assert not np.allclose(aux["batch_stats"]["bn"]["mean"], v["batch_stats"]["bn"]["mean"])
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), aux_l, state)
+    chex.assert_trees_all_close(aux_l, state, rtol=1e-6)
     # vmap mode: each example as a batch of one, aux stacked over examples
     assert aux_v["batch_stats"]["bn"]["mean"].shape == (x.shape[0], 8)
     assert gv.shape == x.shape and not np.allclose(gv, g, atol=1e-4)

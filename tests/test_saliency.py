@@ -232,8 +232,8 @@ def test_fullgrad_pre_psi_parts_sum_to_output_vgg32():
     np.testing.assert_allclose(np.asarray(total), np.asarray(out), rtol=2e-4, atol=2e-4)
     # the bias part is not negligible, so this checks more than the input term
     assert float(jnp.min(jnp.abs(out - (dec.input_gradient * x).reshape(2, -1).sum(1)))) > 1e-2
-    # maps for every spatial conv+bn layer (default merge="conv_bn"), none for the dense head
-    assert set(fm.layer_maps) == {f"block{i}" for i in range(3)}
+    # maps for every spatial conv and bn site (default merge="none", the authors'), none for the dense head
+    assert set(fm.layer_maps) == {f"block{i}/{site}" for i in range(3) for site in ("conv", "bn")}
     assert fm.saliency.shape == (2, 32, 32)
     np.testing.assert_allclose(np.asarray(fm.saliency),
                                np.asarray(fm.input_map + sum(fm.layer_maps.values())), rtol=1e-6, atol=1e-6)
@@ -265,8 +265,8 @@ def test_fullgrad_psi_matches_manual_rescale(nopool):
             np.testing.assert_allclose(np.asarray(fm.layer_maps[k]), psi(m, (1, 2, 3)), rtol=1e-5, atol=1e-6)
     # per-channel rescaling (literal eq. 3.2): every channel of every layer reaches exactly 1
     per_ch = S.fullgrad_maps(h, x, jnp.array([1, 2]), rescale="channel")
-    np.testing.assert_allclose(np.asarray(per_ch.layer_maps["conv_bn1"]),
-                               psi(dec.bias_gradients["conv_bn1"], (1, 2)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(per_ch.layer_maps["bn1"]),
+                               psi(dec.bias_gradients["bn1"], (1, 2)), rtol=1e-5, atol=1e-6)
 
 
 def test_tap_gradients_times_bias_are_the_bias_gradients(nopool):
@@ -392,20 +392,21 @@ def test_fullgrad_matches_the_authors_formula_on_a_trained_bn_vgg(bn_vgg):
     inp, sep, folded = _bn_vgg_terms(h, x, t)
     assert max(np.abs(m).max() for m in sep[0::2]) < 1e-7  # the conv maps are round-off-sized
     tol = dict(rtol=1e-5, atol=2e-5)
-    # merge="none": every conv and BatchNorm a layer, exactly the reference code on this network
+    # default merge="none": every conv and BatchNorm a layer, exactly the reference code on this network
     authors = _np_authors_fullgrad(inp, sep, size)
-    np.testing.assert_allclose(np.asarray(S.fullgrad(h, x, t, merge="none")), authors, **tol)
-    # default merge="conv_bn": the reference code on the same network with every conv+BN folded into one conv
-    np.testing.assert_allclose(np.asarray(S.fullgrad(h, x, t)), _np_authors_fullgrad(inp, folded, size), **tol)
+    np.testing.assert_allclose(np.asarray(S.fullgrad(h, x, t)), authors, **tol)
+    # merge="conv_bn": the reference code on the same network with every conv+BN folded into one conv
+    merged = np.asarray(S.fullgrad(h, x, t, merge="conv_bn"))
+    np.testing.assert_allclose(merged, _np_authors_fullgrad(inp, folded, size), **tol)
     # here the two differ only by the conv maps' weights ~max|f^b_conv| / 1e-6 (~1e-3)
     rng = authors.max((1, 2)) - authors.min((1, 2))
-    assert np.abs(np.asarray(S.fullgrad(h, x, t)) - authors).max() < 0.02 * rng.min()
+    assert np.abs(merged - authors).max() < 0.02 * rng.min()
     # the old rescaling (eps=0) stretches each round-off conv map to [0, 1]: far from the reference
     old = np.asarray(S.fullgrad(h, x, t, merge="none", eps=0.0))
     np.testing.assert_allclose(old, _np_authors_fullgrad(inp, sep, size, eps=0.0), rtol=1e-4, atol=1e-4)
     assert np.abs(old - authors).max() > 0.1 * rng.min()
     # eps is irrelevant once conv and BN are one layer
-    np.testing.assert_allclose(np.asarray(S.fullgrad(h, x, t, eps=0.0)), np.asarray(S.fullgrad(h, x, t)),
+    np.testing.assert_allclose(np.asarray(S.fullgrad(h, x, t, eps=0.0, merge="conv_bn")), merged,
                                rtol=1e-4, atol=1e-4)
 
 
@@ -413,15 +414,15 @@ def test_smooth_fullgrad_without_noise_uses_the_authors_input_rule_on_rgb(bn_vgg
     _, h, x = bn_vgg
     t = jnp.array([3, 8])
     size = x.shape[1:3]
-    inp, _, folded = _bn_vgg_terms(h, x, t)
+    inp, sites, _ = _bn_vgg_terms(h, x, t)  # default merge="none": the authors' per-site layers
     sm = np.asarray(S.smooth_fullgrad(h, x, t, key=rbg_key(1), samples=1, chunk=1, noise_level=0.0))
-    ref = _np_authors_fullgrad(inp, folded, size, input_sum_first=True)  # SmoothFullGrad: grd.sum(1) first
+    ref = _np_authors_fullgrad(inp, sites, size, input_sum_first=True)  # SmoothFullGrad: grd.sum(1) first
     np.testing.assert_allclose(sm, ref, rtol=1e-5, atol=2e-5)
     np.testing.assert_allclose(sm, np.asarray(S.fullgrad(h, x, t, input_sum="before")), rtol=1e-5, atol=1e-5)
     # the old rule (post-process the input term per layer, channels summed after) is input_sum="after"
     old = np.asarray(S.smooth_fullgrad(h, x, t, key=rbg_key(1), samples=1, chunk=1, noise_level=0.0,
                                        input_sum="after"))
-    np.testing.assert_allclose(old, _np_authors_fullgrad(inp, folded, size), rtol=1e-5, atol=2e-5)
+    np.testing.assert_allclose(old, _np_authors_fullgrad(inp, sites, size), rtol=1e-5, atol=2e-5)
     assert np.abs(old - sm).max() > 1e-3  # on RGB the two rules differ
 
 

@@ -6,12 +6,13 @@ All take ``x [B, H, W, C]`` (the MLP any ``[B, ...]``) and ``train: bool`` and r
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 
-from gradjax.models.layers import (TAP, Activation, TappedBatchNorm, TappedConv, TappedDense, bias_tap,
-                                   softplus_beta)
+from gradjax.models.layers import (TAP, TAP_INFO, TAP_KINDS, Activation, TapInfo, TappedBatchNorm, TappedConv,
+                                   TappedDense, bias_tap, softplus_beta)
+from gradjax.precision import lax_precision as _lax_precision
 from gradjax.models.mlp import MLP
 from gradjax.models.resnet import BasicBlock, ResNet
 from gradjax.models.vgg import VGG, VGG_CONFIGS, ConvBlock
@@ -21,31 +22,46 @@ MODEL_NAMES = tuple(VGG_CONFIGS) + ("resnet18", "mlp")
 
 def create_model(name: str, num_classes: int, *, activation: str = "relu", beta: float = 10.0,
                  width: float = 1.0, axis_name: Optional[str] = None, hidden: tuple[int, ...] = (128, 128),
-                 dropout: float = 0.0, padding: str = "zero") -> nn.Module:
+                 dropout: float = 0.0, padding: str = "zero", precision: Any = "highest", dtype: Any = None,
+                 emulate: Optional[str] = None) -> nn.Module:
     """Build a model by name. ``width`` scales every channel count (1.0 = thesis); ``axis_name`` is
     BatchNorm's cross-device axis for ``pmap`` training; ``dropout`` (VGG only) the rate of a dropout layer after
     every max-pool (Table 2.2's baseline: 0.25); ``padding`` (VGG only) the convolutions' border rule, ``"zero"``,
-    ``"reflect"`` or ``"circular"``."""
+    ``"reflect"`` or ``"circular"``.
+
+    Precision (:mod:`gradjax.precision`): ``precision`` of every convolution / Dense product (default
+    ``"highest"``: exact float32 on GPUs and TPUs too; ``"default"``: TF32 / bfloat16 speed; ``None``: follow
+    ``jax.default_matmul_precision``); ``dtype`` the compute dtype (``jnp.bfloat16``: mixed precision, float32
+    parameters, BatchNorm and logits); ``emulate`` ``"gpu"``/``"tpu"`` rounds the products' inputs as that chip
+    would (reduced-precision tests on the CPU)."""
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1); got {dropout}.")
     if activation not in ("relu", "softplus"):
         raise ValueError(f"activation must be 'relu' or 'softplus'; got {activation!r}.")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1; got {num_classes}.")
+    _lax_precision(precision)  # ValueError on an unknown name
+    if emulate is not None and emulate not in ("gpu", "tpu"):
+        raise ValueError(f"emulate must be None, 'gpu' or 'tpu'; got {emulate!r}.")
+    if dtype is not None:
+        import jax.numpy as jnp
+        if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
+            raise ValueError(f"dtype must be a floating dtype (e.g. jnp.bfloat16) or None; got {dtype!r}.")
+    prec = dict(precision=precision, dtype=dtype, emulate=emulate)
     key = name.lower().replace("-", "").replace("_", "")
     if key in VGG_CONFIGS:
         return VGG(VGG_CONFIGS[key], num_classes, activation, beta, width, axis_name=axis_name, dropout=dropout,
-                   padding=padding)
+                   padding=padding, **prec)
     if padding != "zero":
         raise ValueError(f"padding is a VGG option; {name!r} has only zero padding.")
     if dropout:
         raise ValueError(f"dropout is a VGG option; {name!r} has none.")
     if key == "resnet18":
-        return ResNet(num_classes, (2, 2, 2, 2), activation, beta, width, axis_name=axis_name)
+        return ResNet(num_classes, (2, 2, 2, 2), activation, beta, width, axis_name=axis_name, **prec)
     if key == "mlp":
-        return MLP(tuple(int(max(1, round(h * width))) for h in hidden), num_classes, activation, beta)
+        return MLP(tuple(int(max(1, round(h * width))) for h in hidden), num_classes, activation, beta, **prec)
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}.")
 
 
-__all__ = ["TAP", "Activation", "TappedBatchNorm", "TappedConv", "TappedDense", "bias_tap", "softplus_beta",
+__all__ = ["TAP", "TAP_INFO", "TAP_KINDS", "TapInfo", "Activation", "TappedBatchNorm", "TappedConv", "TappedDense", "bias_tap", "softplus_beta",
            "MLP", "BasicBlock", "ResNet", "VGG", "VGG_CONFIGS", "ConvBlock", "MODEL_NAMES", "create_model"]

@@ -17,6 +17,17 @@ Both collections are nested dicts keyed by module path (never by registration or
 same structure and can be zipped. Both are no-ops unless the caller asks for them (``perturbations`` passed in,
 ``biases`` mutable), so training pays nothing.
 
+Each tap also *declares* what it is, where it is made: ``bias_tap(..., kind=, group=)`` records a static
+:class:`TapInfo` (collection ``"tap_info"``, same path): its ``kind`` (``"conv"``, ``"dense"``, ``"bn"``,
+``"activation"``) and, optionally, the ``group`` of sites that form one layer (a convolution and its BatchNorm),
+which ``merge="conv_bn"`` of :func:`gradjax.fullgrad.full_gradients` sums. Nothing is inferred from module names.
+
+Precision (see :mod:`gradjax.precision`): :class:`TappedConv` / :class:`TappedDense` take ``precision`` (default
+``"highest"``: exact float32 products on every backend; ``None`` follows ``jax.default_matmul_precision``),
+``dtype`` (compute dtype, e.g. ``jnp.bfloat16`` for mixed precision; parameters stay float32) and ``emulate``
+(``"gpu"`` / ``"tpu"``: round the inputs of the product as that chip would at the resolved precision, with
+``lax.reduce_precision`` — reduced-precision tests on the CPU).
+
 Taps:
 
 * :class:`TappedConv` / :class:`TappedDense`: the learned bias ``b``.
@@ -28,51 +39,110 @@ Taps:
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+import dataclasses
+from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 from jax import lax
 
+from gradjax import precision as _precision
+
 TAP = "tap"
 """Name of the perturbation / bias entry of every tap (its module path identifies the layer)."""
 
+TAP_INFO = "tap_info"
+"""Collection of every tap's :class:`TapInfo` (static metadata, no arrays), keyed like ``"biases"``."""
+
+TAP_KINDS = ("conv", "dense", "bn", "activation")
+"""What a bias tap can be: a convolution's or Dense layer's bias, BatchNorm's implicit bias, a smooth activation's
+implicit bias (thesis §3.4)."""
+
 Dtype = Any
+PrecisionLike = Union[None, str, lax.Precision]
+
+
+@dataclasses.dataclass(frozen=True)
+class TapInfo:
+    """Static description of one bias tap, declared where the tap is made (:func:`bias_tap`).
+
+    Attributes:
+      kind: one of :data:`TAP_KINDS`.
+      group: ``None`` (the site is its own layer) or the name, relative to the tap module's parent, of the layer
+        the site belongs to; sites under the same parent with the same group are summed by
+        ``merge="conv_bn"`` (:func:`gradjax.fullgrad.full_gradients`). ``""`` names the parent module itself
+        (a VGG ``block0`` whose ``conv`` and ``bn`` are one layer).
+    """
+
+    kind: str
+    group: Optional[str] = None
+
+
+jax.tree_util.register_static(TapInfo)  # a pytree without leaves: survives jit / eval_shape as static metadata
 
 
 def _keep_last(_, new):
     return new
 
 
-def bias_tap(module: nn.Module, z: jax.Array, bias: jax.Array) -> jax.Array:
+def bias_tap(module: nn.Module, z: jax.Array, bias: jax.Array, *, kind: Optional[str] = None,
+             group: Optional[str] = None) -> jax.Array:
     """Expose ``z = (linear part) + bias`` for full-gradients; returns ``z`` (plus a zero perturbation).
 
-    Skipped while the model is initializing, so ``model.init`` returns only ``params`` (and ``batch_stats``).
+    ``kind`` (:data:`TAP_KINDS`) and ``group`` declare the site (:class:`TapInfo`, collection ``"tap_info"``);
+    a tap without them is its own layer under every ``merge`` but ``"block"``. Skipped while the model is
+    initializing, so ``model.init`` returns only ``params`` (and ``batch_stats``).
     """
+    if kind is not None and kind not in TAP_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(TAP_KINDS)}; got {kind!r}.")
+    if group is not None and (not isinstance(group, str) or "/" in group):
+        raise ValueError(f"group must be a module-name string without '/' (or None); got {group!r}.")
     if module.is_initializing():
         return z
     module.sow("biases", TAP, bias, init_fn=lambda: None, reduce_fn=_keep_last)
+    if kind is not None or group is not None:
+        module.sow(TAP_INFO, TAP, TapInfo(kind or "", group), init_fn=lambda: None, reduce_fn=_keep_last)
     return module.perturb(TAP, z)
 
 
+def _compute_dtype(dtype, *arrays):
+    return jnp.dtype(dtype) if dtype is not None else jnp.result_type(*arrays)
+
+
+def _matmul_inputs(precision, emulate, *arrays):
+    """``(precision to pass to lax, arrays rounded as the emulated chip would)``."""
+    return (_precision.lax_precision(precision),
+            _precision.emulate_rounding(*arrays, precision=precision, emulate=emulate))
+
+
 class TappedDense(nn.Module):
-    """``z = x W + b`` with ``b`` exposed as a bias tap. x: [..., d_in] -> [..., features]."""
+    """``z = x W + b`` with ``b`` exposed as a bias tap (kind ``"dense"``). x: [..., d_in] -> [..., features].
+
+    ``precision``: of the product (default ``"highest"``; ``None`` follows ``jax.default_matmul_precision``);
+    ``dtype``: compute dtype (``None``: that of ``x`` and the float32 parameters); ``emulate``: ``"gpu"``/``"tpu"``
+    reduced-precision rounding of the product's inputs (:func:`gradjax.precision.emulate_rounding`);
+    ``tap_group``: the :class:`TapInfo` group."""
 
     features: int
     use_bias: bool = True
     kernel_init: Callable = nn.initializers.lecun_normal()
     bias_init: Callable = nn.initializers.zeros_init()
+    precision: PrecisionLike = "highest"
+    dtype: Optional[Dtype] = None
+    emulate: Optional[str] = None
+    tap_group: Optional[str] = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
-        kernel = kernel.astype(jnp.result_type(x, kernel))
-        z = jnp.dot(x, kernel)
+        dtype = _compute_dtype(self.dtype, x, kernel)
+        prec, (x, kernel) = _matmul_inputs(self.precision, self.emulate, x.astype(dtype), kernel.astype(dtype))
+        z = jnp.dot(x, kernel, precision=prec)
         if not self.use_bias:
             return z
         b = self.param("bias", self.bias_init, (self.features,)).astype(z.dtype)
-        return bias_tap(self, z + b, b)
+        return bias_tap(self, z + b, b, kind="dense", group=self.tap_group)
 
 
 PADDINGS = ("zero", "reflect", "circular")
@@ -88,8 +158,9 @@ def _same_pads(n: int, k: int, s: int) -> tuple[int, int]:
 
 
 class TappedConv(nn.Module):
-    """2-D convolution (NHWC, 'SAME' output size) ``z = W * x + b`` with ``b`` exposed as a bias tap; ``padding``
-    is one of :data:`PADDINGS` (default ``"zero"``)."""
+    """2-D convolution (NHWC, 'SAME' output size) ``z = W * x + b`` with ``b`` exposed as a bias tap (kind
+    ``"conv"``); ``padding`` is one of :data:`PADDINGS` (default ``"zero"``); ``precision``, ``dtype``,
+    ``emulate``, ``tap_group`` as :class:`TappedDense`."""
 
     features: int
     kernel_size: Sequence[int] = (3, 3)
@@ -98,26 +169,32 @@ class TappedConv(nn.Module):
     kernel_init: Callable = nn.initializers.kaiming_normal()
     bias_init: Callable = nn.initializers.zeros_init()
     padding: str = "zero"
+    precision: PrecisionLike = "highest"
+    dtype: Optional[Dtype] = None
+    emulate: Optional[str] = None
+    tap_group: Optional[str] = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.padding not in PADDINGS:
             raise ValueError(f"padding must be one of {', '.join(PADDINGS)}; got {self.padding!r}.")
         kernel = self.param("kernel", self.kernel_init, (*self.kernel_size, x.shape[-1], self.features))
-        dtype = jnp.result_type(x, kernel)  # e.g. float32 images into float64 (x64) parameters: compute in float64
+        # e.g. float32 images into float64 (x64) parameters: compute in float64; or the compute dtype (bfloat16)
+        dtype = _compute_dtype(self.dtype, x, kernel)
         x, kernel = x.astype(dtype), kernel.astype(dtype)
         pad = "SAME"
         if self.padding != "zero":
             pads = [_same_pads(n, k, s) for n, k, s in zip(x.shape[1:3], self.kernel_size, self.strides)]
             x = jnp.pad(x, ((0, 0), *pads, (0, 0)), mode={"reflect": "reflect", "circular": "wrap"}[self.padding])
             pad = "VALID"
+        prec, (x, kernel) = _matmul_inputs(self.precision, self.emulate, x, kernel)
         z = lax.conv_general_dilated(
             x, kernel, window_strides=tuple(self.strides), padding=pad,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=prec)
         if not self.use_bias:
             return z
         b = self.param("bias", self.bias_init, (self.features,)).astype(z.dtype)
-        return bias_tap(self, z + b, b)
+        return bias_tap(self, z + b, b, kind="conv", group=self.tap_group)
 
 
 MOMENTS = "bn_moments"
@@ -144,12 +221,15 @@ class TappedBatchNorm(nn.Module):
       map per example, so ``grad_x`` of a sum over the batch gives exact per-example gradients, and full-gradient
       completeness holds with ``c`` as the bias.
 
-    Parameters and statistics follow ``flax.linen.BatchNorm`` (``scale``, ``bias``; ``mean``, ``var``).
+    Parameters and statistics follow ``flax.linen.BatchNorm`` (``scale``, ``bias``; ``mean``, ``var``). The tap has
+    kind ``"bn"`` and group ``tap_group`` (:class:`TapInfo`). It computes in float32 (or wider) even when its
+    input is bfloat16 (mixed precision).
     """
 
     momentum: float = 0.9
     epsilon: float = 1e-5
     axis_name: Optional[str] = None
+    tap_group: Optional[str] = None
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -182,7 +262,7 @@ class TappedBatchNorm(nn.Module):
             mean, var = ra_mean.value.astype(dtype), ra_var.value.astype(dtype)
         s = gamma.astype(dtype) * lax.rsqrt(var.astype(dtype) + self.epsilon)
         c = beta.astype(dtype) - s * mean.astype(dtype)
-        return bias_tap(self, x * s + c, c)
+        return bias_tap(self, x * s + c, c, kind="bn", group=self.tap_group)
 
 
 def softplus_beta(z: jax.Array, beta: float) -> jax.Array:
@@ -209,7 +289,7 @@ class Activation(nn.Module):
         if self.kind == "softplus":
             a = softplus_beta(z, self.beta)
             slope = jax.nn.sigmoid(self.beta * z)
-            return bias_tap(self, a, a - slope * z)
+            return bias_tap(self, a, a - slope * z, kind="activation")
         raise ValueError(f"unknown activation {self.kind!r}; expected 'relu' or 'softplus'.")
 
 

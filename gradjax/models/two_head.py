@@ -5,17 +5,17 @@ global average pooling, then two Dense heads on the same features: ``head_target
 cross-entropy) and ``head_source`` (the teacher's task, matched to the teacher on target images). The forward
 pass returns the concatenation ``[B, num_target + num_source]`` — target logits first — so that the model fits
 the library's single-output training engine; :func:`split_heads` (or the ``head=`` slices
-:func:`target_slice` / :func:`source_slice` of :mod:`gradjax.losses.combine` terms) takes it apart.
+:func:`target_slice` / :func:`source_slice` of :mod:`gradjax.losses.terms` terms) takes it apart.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gradjax.models.layers import TappedDense, global_average_pool
+from gradjax.models.layers import PrecisionLike, TappedDense, global_average_pool
 from gradjax.models.vgg import VGG_CONFIGS, Layer, vgg_trunk
 
 __all__ = ["TwoHeadVGG", "split_heads", "target_slice", "source_slice"]
@@ -25,7 +25,8 @@ class TwoHeadVGG(nn.Module):
     """``__call__(x [B, H, W, C], train=False) -> [B, num_target + num_source]`` (target logits, then source).
 
     Attributes: ``layers`` (e.g. ``VGG_CONFIGS["vgg9"]``), ``num_target``, ``num_source``, ``width``,
-    ``activation``, ``axis_name``, ``dropout`` — as in :class:`gradjax.models.VGG`.
+    ``activation``, ``axis_name``, ``dropout``, ``precision``, ``dtype``, ``emulate`` — as in
+    :class:`gradjax.models.VGG`.
     """
 
     layers: Sequence[Layer]
@@ -36,6 +37,9 @@ class TwoHeadVGG(nn.Module):
     beta: float = 10.0
     axis_name: Optional[str] = None
     dropout: float = 0.0
+    precision: PrecisionLike = "highest"
+    dtype: Any = None
+    emulate: Optional[str] = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -45,10 +49,13 @@ class TwoHeadVGG(nn.Module):
             raise ValueError(f"both heads need >= 1 class; got num_target={self.num_target}, "
                              f"num_source={self.num_source}.")
         x = vgg_trunk(x, self.layers, train=train, width=self.width, activation=self.activation, beta=self.beta,
-                      axis_name=self.axis_name, dropout=self.dropout)
+                      axis_name=self.axis_name, dropout=self.dropout, precision=self.precision, dtype=self.dtype,
+                      emulate=self.emulate)
         h = global_average_pool(x)
-        return jnp.concatenate([TappedDense(self.num_target, name="head_target")(h),
-                                TappedDense(self.num_source, name="head_source")(h)], axis=-1)
+        kw = dict(precision=self.precision, dtype=self.dtype, emulate=self.emulate)
+        out = jnp.concatenate([TappedDense(self.num_target, name="head_target", **kw)(h),
+                               TappedDense(self.num_source, name="head_source", **kw)(h)], axis=-1)
+        return out if self.dtype is None else out.astype(jnp.float32)
 
 
 def target_slice(num_target: int) -> tuple[int, int]:

@@ -13,12 +13,14 @@ convolutions). The thesis does not list VGG-6/11/13/16 layer by layer; these are
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import jax
+import jax.numpy as jnp
 import flax.linen as nn
 
-from gradjax.models.layers import Activation, TappedBatchNorm, TappedConv, TappedDense, global_average_pool, max_pool
+from gradjax.models.layers import (Activation, PrecisionLike, TappedBatchNorm, TappedConv, TappedDense,
+                                   global_average_pool, max_pool)
 
 Layer = Union[int, str]
 
@@ -33,7 +35,9 @@ VGG_CONFIGS: dict[str, tuple[Layer, ...]] = {
 
 
 class ConvBlock(nn.Module):
-    """``conv3x3 -> BatchNorm -> activation``; submodules ``conv``, ``bn``, ``act`` (taps at each)."""
+    """``conv3x3 -> BatchNorm -> activation``; submodules ``conv``, ``bn``, ``act`` (taps at each). With BatchNorm,
+    the conv and BN taps declare the block itself as their layer (``tap_group=""``: ``merge="conv_bn"`` names it
+    ``block{i}``). ``precision``, ``dtype``, ``emulate``: the convolution's (:class:`TappedConv`)."""
 
     features: int
     activation: str = "relu"
@@ -42,19 +46,26 @@ class ConvBlock(nn.Module):
     conv_bias: bool = True
     axis_name: Optional[str] = None
     padding: str = "zero"
+    precision: PrecisionLike = "highest"
+    dtype: Any = None
+    emulate: Optional[str] = None
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        x = TappedConv(self.features, (3, 3), use_bias=self.conv_bias, padding=self.padding, name="conv")(x)
+        group = "" if self.use_bn else None
+        x = TappedConv(self.features, (3, 3), use_bias=self.conv_bias, padding=self.padding,
+                       precision=self.precision, dtype=self.dtype, emulate=self.emulate, tap_group=group,
+                       name="conv")(x)
         if self.use_bn:
-            x = TappedBatchNorm(axis_name=self.axis_name, name="bn")(x, train=train)
+            x = TappedBatchNorm(axis_name=self.axis_name, tap_group=group, name="bn")(x, train=train)
         return Activation(self.activation, self.beta, name="act")(x)
 
 
 def vgg_trunk(x: jax.Array, layers: Sequence[Layer], *, train: bool, width: float = 1.0, activation: str = "relu",
               beta: float = 10.0, use_bn: bool = True, axis_name: Optional[str] = None,
               dropout: float = 0.0, dropout_block: Optional[int] = None,
-              dropout_block_rate: float = 0.5, padding: str = "zero") -> jax.Array:
+              dropout_block_rate: float = 0.5, padding: str = "zero", precision: PrecisionLike = "highest",
+              dtype: Any = None, emulate: Optional[str] = None) -> jax.Array:
     """The VGG feature stack ``[B, H, W, C] -> [B, h, w, c]``: a :class:`ConvBlock` per channel count (named
     ``block{i}``) and 2x2 max-pooling (then ``Dropout(dropout)`` when ``dropout > 0``) per ``"M"``. Called inside a
     compact ``__call__`` (:class:`VGG`, :class:`gradjax.models.two_head.TwoHeadVGG`), so the blocks are submodules of
@@ -63,7 +74,8 @@ def vgg_trunk(x: jax.Array, layers: Sequence[Layer], *, train: bool, width: floa
     ``dropout_block=i``: ``Dropout(dropout_block_rate)`` on the output of ``block{i}`` only (after its activation)
     — the "dropout on that layer" baseline of thesis Table 4.3 (p = 0.5). Dropout has no parameters, so module
     paths do not change. ``ValueError`` when ``i`` is not a block index. ``padding``: the convolutions' border
-    rule (:data:`gradjax.models.layers.PADDINGS`)."""
+    rule (:data:`gradjax.models.layers.PADDINGS`). ``precision``, ``dtype``, ``emulate``: every convolution's
+    (:class:`gradjax.models.layers.TappedConv`, :mod:`gradjax.precision`)."""
     n_blocks = sum(1 for layer in layers if layer != "M")
     if dropout_block is not None and not 0 <= dropout_block < n_blocks:
         raise ValueError(f"dropout_block must be a block index in [0, {n_blocks}); got {dropout_block}.")
@@ -77,7 +89,8 @@ def vgg_trunk(x: jax.Array, layers: Sequence[Layer], *, train: bool, width: floa
                 x = nn.Dropout(dropout, deterministic=not train)(x)
         else:
             x = ConvBlock(max(1, int(round(layer * width))), activation, beta, use_bn, axis_name=axis_name,
-                          padding=padding, name=f"block{i}")(x, train=train)
+                          padding=padding, precision=precision, dtype=dtype, emulate=emulate,
+                          name=f"block{i}")(x, train=train)
             if i == dropout_block and dropout_block_rate > 0:
                 x = nn.Dropout(dropout_block_rate, deterministic=not train)(x)
             i += 1
@@ -101,6 +114,13 @@ class VGG(nn.Module):
       dropout_block_rate: that dropout's rate (0.5 in Table 4.3).
       padding: the convolutions' border rule, ``"zero"`` (default), ``"reflect"`` or ``"circular"``
         (:data:`gradjax.models.layers.PADDINGS`).
+      precision: of every convolution and the Dense layer (default ``"highest"``: exact float32 on GPU/TPU too;
+        ``"default"`` = TF32 on GPUs / bfloat16 on TPUs; ``None`` follows ``jax.default_matmul_precision``), see
+        :mod:`gradjax.precision`.
+      dtype: compute dtype (``None``: float32; ``jnp.bfloat16`` = mixed precision: bfloat16 products, float32
+        parameters and BatchNorm, float32 logits).
+      emulate: ``"gpu"`` / ``"tpu"``: round the products' inputs as that chip would (CPU tests of reduced precision,
+        :func:`gradjax.precision.emulate_rounding`).
 
     ``__call__(x [B, H, W, C], train=False) -> logits [B, num_classes]``. Blocks are named ``block{i}``, the
     Dense layer ``head``.
@@ -117,6 +137,9 @@ class VGG(nn.Module):
     dropout_block: Optional[int] = None
     dropout_block_rate: float = 0.5
     padding: str = "zero"
+    precision: PrecisionLike = "highest"
+    dtype: Any = None
+    emulate: Optional[str] = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -125,5 +148,7 @@ class VGG(nn.Module):
         x = vgg_trunk(x, self.layers, train=train, width=self.width, activation=self.activation, beta=self.beta,
                       use_bn=self.use_bn, axis_name=self.axis_name, dropout=self.dropout,
                       dropout_block=self.dropout_block, dropout_block_rate=self.dropout_block_rate,
-                      padding=self.padding)
-        return TappedDense(self.num_classes, name="head")(global_average_pool(x))
+                      padding=self.padding, precision=self.precision, dtype=self.dtype, emulate=self.emulate)
+        logits = TappedDense(self.num_classes, precision=self.precision, dtype=self.dtype, emulate=self.emulate,
+                             name="head")(global_average_pool(x))
+        return logits if self.dtype is None else logits.astype(jnp.float32)

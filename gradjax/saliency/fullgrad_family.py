@@ -69,8 +69,10 @@ def _aggregate(input_term: Array, layer_terms: Mapping[str, Array], size, postpr
     return total, input_map, layer_maps
 
 
-DEFAULT_MERGE = "conv_bn"
-"""Default ``merge`` of the FullGrad maps: a convolution and its BatchNorm are one layer (see :func:`fullgrad_maps`)."""
+DEFAULT_MERGE = "none"
+"""Default ``merge`` of the FullGrad maps: every conv / BatchNorm / activation bias site is a layer, the authors'
+decomposition (idiap/fullgrad-saliency's ``getBiases`` lists conv and BN biases separately); ``"conv_bn"`` is the
+documented alternative (see :func:`fullgrad_maps`)."""
 
 
 def _prepare(model, x, method: str):
@@ -111,17 +113,20 @@ def fullgrad_maps(model, x: Array, target: Target = PREDICTED, *, key=None, post
     Args:
       postprocess: ``psi``, see :data:`gradjax.saliency.postprocess.POSTPROCESS` (§3.6 variants).
       rescale: ``"layer"`` (default, the reference code) or ``"channel"`` (every channel rescaled separately).
-      merge: grouping of the bias sites into layers (:func:`gradjax.fullgrad.full_gradients`). ``"conv_bn"``
-        (default) counts a convolution and its BatchNorm as one layer: their maps are summed before ``psi``, which
-        is exactly ``grad_{z_bn} f ⊙ b_fused``, the bias-gradient of the conv+BN folded into one convolution
-        (the inference-time network), so the map does not depend on how a constant is split between a conv bias
-        that BatchNorm makes redundant and BatchNorm's mean and bias (a reparametrization that leaves the function
-        unchanged). ``"none"`` makes every conv / BatchNorm / activation site a layer, as the reference code does
-        for a VGG-BN (``getBiases`` lists conv and BN biases separately); ``"block"`` sums per top-level module.
-        On gradjax's VGG (conv biases initialized at zero, with zero gradient through BatchNorm, so ~0 after
-        training) ``"none"`` adds one near-zero map per conv; with ``eps=1e-6`` each has weight
-        ``~max|f^b_conv| / 1e-6`` (~1e-3 for conv biases ~1e-9), so ``"none"`` and ``"conv_bn"`` nearly agree;
-        with ``eps=0`` (or larger gradients) ``"none"`` stretches those round-off maps to full weight.
+      merge: grouping of the bias sites into layers (:func:`gradjax.fullgrad.full_gradients`). ``"none"``
+        (default, since 2026-12; ``"conv_bn"`` before) makes every conv / BatchNorm / activation site a layer, as
+        the reference code does for a VGG-BN (``getBiases`` lists conv and BN biases separately): the published
+        FullGrad. ``"conv_bn"`` counts a convolution and its BatchNorm as one layer (the groups the model's taps
+        declare, :class:`gradjax.models.layers.TapInfo`): their maps are summed before ``psi``, which is exactly
+        ``grad_{z_bn} f ⊙ b_fused``, the bias-gradient of the conv+BN folded into one convolution (the
+        inference-time network), so the map does not depend on how a constant is split between a conv bias that
+        BatchNorm makes redundant and BatchNorm's mean and bias (a reparametrization that leaves the function
+        unchanged). ``"block"`` sums per top-level module. On a network with non-zero conv biases before
+        BatchNorm (any PyTorch-ported BN network) ``"none"`` and ``"conv_bn"`` differ by up to ~0.5 of the map's
+        maximum; on gradjax's VGG (conv biases initialized at zero, with zero gradient through BatchNorm, so ~0
+        after training) ``"none"`` adds one near-zero map per conv; with ``eps=1e-6`` each has weight
+        ``~max|f^b_conv| / 1e-6`` (~1e-3 for conv biases ~1e-9), so the two nearly agree; with ``eps=0`` (or
+        larger gradients) ``"none"`` stretches those round-off maps to full weight.
       eps: rescaling epsilon (:func:`gradjax.saliency.postprocess.rescale`); ``0`` = exact [0, 1] stretch (gradjax
         before 2026-11-23).
       input_sum: see :data:`INPUT_SUMS`.
