@@ -11,14 +11,14 @@ ones their docstrings cite.
 * **Nudge** (:func:`nudge`). Each iteration ``t`` draws ``S`` fresh i.i.d. samples ``X_s`` from an *unrestricted*
   distribution ``D`` over the input box ``[low, high]`` (``"uniform"`` pixel noise, ``"lowfreq"`` noise — uniform
   values on a coarse grid, bilinearly upsampled — or ``"mixed"``, each sample one or the other with probability
-  1/2) and takes the input-gradient of the cross-entropy towards the concept, class ``c``, at the perturbed samples:
+  1/2) and takes the input-gradient of the cross-entropy towards the concept, class ``c``, at the perturbed samples::
 
       (IA.1)  g_t = 1/S sum_s grad_rho CE(f(clip(X_s + rho_t, low, high)), c)                       [H, W, C]
 
   (``clip``'s gradient is zero where a pixel saturates, so ``g_t`` is the exact gradient of the batch loss).
 * **Integrate and project** (:func:`optimizer`, :func:`project_step`, :func:`integrate`, :func:`project`). The
   gradients are integrated into one perturbation with moment-normalized steps and projected onto the norm ball
-  after every step, ``rho_0 = 0``:
+  after every step, ``rho_0 = 0``::
 
       (IA.2)  m_t = b1 m_{t-1} + (1 - b1) g_t ,  m^_t = m_t / (1 - b1^t)   (first moment, optax.ema)
               "global":      u_t = -lr * m^_t / ||m^_t||_2                    (optax.normalize_by_update_norm)
@@ -29,21 +29,22 @@ ones their docstrings cite.
   normalizes the whole step by one number, so the map keeps the spatial distribution of the gradient's magnitude
   (where the evidence for ``c`` is strongest); per-coordinate Adam (``"coordinate"``, the default for l_inf, where it
   is the sign-like PGD step) moves every pixel at the same rate and spreads the map over the whole image.
-* **Scale** (:func:`scale`, :func:`scale_to_unit`, :func:`heatmap`).
+* **Scale** (:func:`scale`, :func:`scale_to_unit`, :func:`heatmap`)::
 
       (IA.4)  display = (rho - min rho) / (max rho - min rho) ,   heatmap = sum_channels |rho|   [H, W]
 
   one global min-max to ``[0, 1]`` (colour ratios kept).
 * **Refine** (:func:`refine`, :func:`fidelity`, :func:`gaussian_blur`). Up to ``refine_steps`` smoothing steps
-  ``rho <- P_eta(G_sigma * rho)`` (depthwise Gaussian blur), each accepted only if the *fidelity* — the targeted
-  success rate on a fixed set ``X_F`` of ``fidelity_samples`` fresh samples —
+  ``rho <- P_eta(G_sigma * rho)`` (depthwise Gaussian blur), each accepted only if the *fidelity* (the targeted
+  success rate on a fixed set ``X_F`` of ``fidelity_samples`` fresh samples) stays within ``tolerance`` of the
+  unrefined one::
 
       (IA.5)  F(rho) = mean_{x in X_F} [argmax f(clip(x + rho)) = c] ,   accept iff F(cand) >= F(rho_unrefined) - tol
 
-  stays within ``tolerance`` of the unrefined one; refinement stops at the first rejected step. Because the
+  Refinement stops at the first rejected step. Because the
   comparison is on the same ``X_F``, the returned fidelity never drops below the unrefined one by more than
   ``tolerance`` (a guarantee, not an expectation).
-* **Radius-to-success curve** (:func:`radius_curve`). From the unrefined map, a continuation over the shrinking radii
+* **Radius-to-success curve** (:func:`radius_curve`). From the unrefined map, a continuation over the shrinking radii::
 
       (IA.6)  r_j = eta * curve_fractions[j]:  rho <- P_{r_j}(rho), then curve_steps steps of (IA.1-3) at r = r_j
 
@@ -300,7 +301,8 @@ def nudge(model: Model, rho: Array, target_class, *, key: Array,
 
         (loss, g) = 1/S sum_s (CE, grad_rho CE)(f(clip(X_s + rho, low, high)), c)
 
-    ``options.chunk`` samples per model call (:func:`gradjax._chunking.chunked_sum`). Returns ``(loss [], g [H, W, C])``.
+    ``options.chunk`` samples per model call (:func:`gradjax._chunking.chunked_sum`). Returns
+    ``(loss [], g [H, W, C])``.
     Pure; jittable."""
     logits_fn = as_logits_fn(model)
     draw, lo, hi = _sampler(tuple(rho.shape), options)

@@ -62,7 +62,8 @@ def _compiled(single: bool, model=trojaned_logits, **extra):
     if single:
         return jax.jit(lambda k, c, r: ia.input_agnostic(model, SHAPE, c, key=k,
                                                          options=dataclasses.replace(opts, radius=r)))
-    return jax.jit(lambda k, r: ia.input_agnostic(model, SHAPE, "all", key=k, options=dataclasses.replace(opts, radius=r)))
+    return jax.jit(lambda k, r: ia.input_agnostic(model, SHAPE, "all", key=k,
+                                                  options=dataclasses.replace(opts, radius=r)))
 
 
 def _run(target, key=0, radius=2.0, **extra):
@@ -359,7 +360,8 @@ def test_model_handle_eager_equals_jitted_logits_fn():
     (dict(radius=0.0), "radius"), (dict(radius=-1.0), "radius"), (dict(norm="l1"), "norm"),
     (dict(distribution="gauss"), "distribution"), (dict(curve_fractions=(1.5,)), "curve_fractions"),
     (dict(steps=0), "steps"), (dict(samples=2.5), "samples"), (dict(tolerance=-0.1), "tolerance"),
-    (dict(low=1.0, high=0.0), "high must exceed low"), (dict(chunk=0), "chunk"), (dict(memory_budget=0), "memory_budget"),
+    (dict(low=1.0, high=0.0), "high must exceed low"), (dict(chunk=0), "chunk"),
+    (dict(memory_budget=0), "memory_budget"),
     (dict(normalization="adam"), "normalization"), (dict(momentum=1.0), "momentum"),
     (dict(learning_rate=0.0), "learning_rate"), (dict(refine_sigma=0.0), "refine_sigma")])
 def test_bad_options_raise(bad, match):
@@ -370,7 +372,8 @@ def test_bad_options_raise(bad, match):
 
 
 @pytest.mark.parametrize("bad,match", [
-    (dict(target_class=K), r"\[0, 4\)"), (dict(target_class=-1), r"\[0, 4\)"), (dict(input_shape=(8, 8)), "input_shape"),
+    (dict(target_class=K), r"\[0, 4\)"), (dict(target_class=-1), r"\[0, 4\)"),
+    (dict(input_shape=(8, 8)), "input_shape"),
     (dict(target_class="some"), "target_class"), (dict(options=dict(steps=3)), "InputAgnosticOptions")])
 def test_bad_call_raises(bad, match):
     kw = {"input_shape": SHAPE, "target_class": 0, "options": OPTS, **bad}
