@@ -121,7 +121,8 @@ def shard(batch: Mapping[str, Any], mesh: Optional[Mesh] = None, *, axis: str = 
     def put(x):
         if _spans_processes(x):  # already a global array
             return x if x.sharding.is_equivalent_to(sharding, x.ndim) else jax.device_put(x, sharding)
-        shape = tuple(np.shape(x))
+        x = x if isinstance(x, jax.Array) else np.asarray(x)
+        shape = tuple(x.shape)
         if not shape:
             raise ValueError("every batch entry needs a leading batch axis; got a scalar.")
         rows = shape[0]
@@ -130,8 +131,7 @@ def shard(batch: Mapping[str, Any], mesh: Optional[Mesh] = None, *, axis: str = 
             raise ValueError(f"global batch size {total} is not divisible by the {n} devices of the mesh.")
         if not device_axis:
             return jax.make_array_from_process_local_data(sharding, x, (total,) + shape[1:])
-        local = jnp.reshape(x, (n_local, rows // n_local) + shape[1:]) if isinstance(x, jax.Array) else \
-            np.reshape(x, (n_local, rows // n_local) + shape[1:])
+        local = x.reshape((n_local, rows // n_local) + shape[1:])
         return jax.make_array_from_process_local_data(sharding, local, (n, total // n) + shape[1:])
 
     return jax.tree.map(put, dict(batch))
