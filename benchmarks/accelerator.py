@@ -39,7 +39,7 @@ import optax  # noqa: E402
 from benchmarks._common import machine  # noqa: E402
 from gradjax import saliency as S  # noqa: E402
 from gradjax import train as gtrain  # noqa: E402
-from gradjax.losses import combine as C  # noqa: E402
+from gradjax.losses import terms as LT  # noqa: E402
 from gradjax.models import create_model  # noqa: E402
 from gradjax.models.vgg import VGG_CONFIGS  # noqa: E402
 
@@ -131,7 +131,7 @@ def main(argv=None) -> dict:
                    "fraction_of_f32_matmul": fl / t / rate32} for name, (t, fl, _) in f32.items()}
     # one cross-entropy train step of the engine
     batch = {"image": np.asarray(x), "label": np.arange(B, dtype=np.int32) % 10}
-    step = gtrain.jit_train_step(C.make_loss_fn(model.apply, [C.cross_entropy()]), num_classes=10, donate=False)
+    step = gtrain.jit_train_step(LT.make_loss_fn(model.apply, [LT.cross_entropy_term()]), num_classes=10, donate=False)
     state = gtrain.create_train_state(model, optax.sgd(1e-3), batch["image"][:2])
     jax.block_until_ready(step(state, batch, {})[0].params)
     ts = []

@@ -29,7 +29,7 @@ import optax
 
 from benchmarks._common import compiled_cost, load_note
 from gradjax import train as gtrain
-from gradjax.losses import combine as C
+from gradjax.losses import terms as LT
 from gradjax.losses import fullgrad_matching as FM
 from gradjax.model import ModelHandle
 from gradjax.models import create_model
@@ -40,20 +40,20 @@ W = 10.0
 def objectives(pairs, last_layer: str) -> dict:
     """``{name: (terms factory, expected multiple of CE, note)}``."""
     return {
-        "CE": (lambda: [C.cross_entropy(W)], 1.0, "baseline"),
-        "CE + iG": (lambda: [C.cross_entropy(W), C.jacobian_matching(W)], 2.7, "input-gradient matching (Table 4.1 iG)"),
-        "CE + Att": (lambda: [C.cross_entropy(W), C.attention_matching(W, pairs=pairs, p=1.0)], 1.3,
+        "CE": (lambda: [LT.cross_entropy_term(W)], 1.0, "baseline"),
+        "CE + iG": (lambda: [LT.cross_entropy_term(W), LT.jacobian_matching_term(W)], 2.7, "input-gradient matching (Table 4.1 iG)"),
+        "CE + Att": (lambda: [LT.cross_entropy_term(W), LT.attention_matching_term(W, pairs=pairs, p=1.0)], 1.3,
                      "+ teacher forward"),
-        "CE + FG-term": (lambda: [C.cross_entropy(W), FM.full_gradient_matching_term(W, pairs=pairs)], 2.7,
+        "CE + FG-term": (lambda: [LT.cross_entropy_term(W), LT.full_gradient_matching_term(W, pairs=pairs)], 2.7,
                          "bias-gradient matching alone (eq. 4.3)"),
-        "CE + iG + FG-term (Table 4.1 FG)": (lambda: [C.cross_entropy(W), C.jacobian_matching(W),
-                                                      FM.full_gradient_matching_term(W, pairs=pairs)], 4.4,
+        "CE + iG + FG-term (Table 4.1 FG)": (lambda: [LT.cross_entropy_term(W), LT.jacobian_matching_term(W),
+                                                      LT.full_gradient_matching_term(W, pairs=pairs)], 4.4,
                                              "input- and bias-gradients in two term passes"),
-        "CE + iG + FG-term + Att (FG+Att)": (lambda: [C.cross_entropy(W), C.jacobian_matching(W),
-                                                      FM.full_gradient_matching_term(W, pairs=pairs),
-                                                      C.attention_matching(W, pairs=pairs, p=1.0)], 4.4,
+        "CE + iG + FG-term + Att (FG+Att)": (lambda: [LT.cross_entropy_term(W), LT.jacobian_matching_term(W),
+                                                      LT.full_gradient_matching_term(W, pairs=pairs),
+                                                      LT.attention_matching_term(W, pairs=pairs, p=1.0)], 4.4,
                                              "attention reuses the clean pass"),
-        "CE + bias-grad penalty (Table 4.3)": (lambda: [C.cross_entropy(), FM.bias_gradient_penalty_term(
+        "CE + bias-grad penalty (Table 4.3)": (lambda: [LT.cross_entropy_term(), LT.bias_gradient_penalty_term(
             1e2, layers=[last_layer])], 2.3, "student only, double backprop"),
     }
 
@@ -123,7 +123,7 @@ def main(argv=None) -> dict:
     compiled, static = {}, {}
     for name in names:
         terms, _, _ = table_objs[name]
-        step = gtrain.jit_train_step(C.make_loss_fn(student.apply, terms(), teacher_apply_fn=teacher.apply),
+        step = gtrain.jit_train_step(LT.make_loss_fn(student.apply, terms(), teacher_apply_fn=teacher.apply),
                                      num_classes=args.classes, donate=False, validate=False)
         static[name] = compiled_cost(step, state, batch, frozen)  # XLA FLOPs: a static count of the passes
         compiled[name] = static[name].pop("compiled")

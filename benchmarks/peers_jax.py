@@ -282,7 +282,7 @@ def trace_peers(args) -> dict:
     v = smooth.init(jax.random.PRNGKey(6), x[:1], train=False)
     f = lambda z: jax.nn.logsumexp(smooth.apply(v, z, train=False), axis=-1)  # noqa: E731
     D = int(math.prod(x.shape[1:]))
-    exact = np.asarray(jax.jit(lambda z: T.exact_trace(f, z, max_dim=D, chunk_size=256))(x))
+    exact = np.asarray(jax.jit(lambda z: T.exact_trace(f, z, max_dim=D, chunk=256))(x))
 
     def f_one(zflat):  # one example, flattened
         return f(zflat.reshape((1,) + x.shape[1:]))[0]
@@ -298,14 +298,14 @@ def trace_peers(args) -> dict:
 
     sigma = 0.05
     ests = {
-        f"gradjax Hutchinson ({m} HVPs)": lambda z, k: T.hutchinson_trace(f, z, k, num_probes=m, chunk_size=None),
+        f"gradjax Hutchinson ({m} HVPs)": lambda z, k: T.hutchinson_trace(f, z, k, num_probes=m, chunk=m),
         f"traceax Hutchinson ({m} HVPs)": traceax_fn(tx.HutchinsonEstimator(tx.RademacherSampler(jnp.float32))),
-        f"gradjax Hutch++ ({m} HVPs)": lambda z, k: T.hutchpp_trace(f, z, k, num_matvecs=m, chunk_size=None),
+        f"gradjax Hutch++ ({m} HVPs)": lambda z, k: T.hutchpp_trace(f, z, k, num_matvecs=m, chunk=m),
         f"traceax Hutch++ ({m} HVPs)": traceax_fn(tx.HutchPlusPlusEstimator(tx.RademacherSampler(jnp.float32))),
         f"gradjax Taylor one-sided ({m} forwards, σ={sigma})": lambda z, k: T.taylor_trace(
-            f, z, k, sigma=sigma, num_probes=m, chunk_size=None, warn_rtol=None),
+            f, z, k, sigma=sigma, num_probes=m, chunk=m, warn_rtol=None),
         f"gradjax Taylor antithetic ({m} forwards, σ={sigma})": lambda z, k: T.taylor_trace(
-            f, z, k, sigma=sigma, num_probes=m // 2, form="antithetic", chunk_size=None, warn_rtol=None),
+            f, z, k, sigma=sigma, num_probes=m // 2, form="antithetic", chunk=m, warn_rtol=None),
     }
     compiled, temp = {}, {}
     for name, fn in ests.items():

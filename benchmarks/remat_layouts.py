@@ -66,7 +66,7 @@ from benchmarks._common import compiled_cost, interleaved, load_note, machine  #
 from gradjax import saliency  # noqa: E402
 from gradjax._chunking import REMAT_POLICIES, CheckpointedApply  # noqa: E402
 from gradjax import train as gtrain  # noqa: E402
-from gradjax.losses import combine as C  # noqa: E402
+from gradjax.losses import terms as LT  # noqa: E402
 from gradjax.model import ModelHandle  # noqa: E402
 from gradjax.models import create_model  # noqa: E402
 from gradjax.models import resnet as resnet_module  # noqa: E402
@@ -142,8 +142,8 @@ def build(workload: str, apply, variables, x, target, ig_steps: int, state=None,
         c = ig_steps if chunk is None else chunk
         return jax.jit(lambda v, xb: saliency.integrated_gradients(ModelHandle(apply, v), xb, target, steps=ig_steps,
                                                                    chunk=c, reduce=None)), (variables, x)
-    terms = [C.cross_entropy()] + ([C.gradient_norm(0.1)] if workload == "grad-norm step" else [])
-    step = gtrain.jit_train_step(C.make_loss_fn(apply, terms), donate=False, validate=False)
+    terms = [LT.cross_entropy_term()] + ([LT.gradient_norm_term(0.1)] if workload == "grad-norm step" else [])
+    step = gtrain.jit_train_step(LT.make_loss_fn(apply, terms), donate=False, validate=False)
     return step, (state, batch, None)
 
 

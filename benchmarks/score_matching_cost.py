@@ -34,7 +34,7 @@ import optax
 
 from benchmarks._common import compiled_cost, interleaved, load_note, machine
 from gradjax import train as gtrain
-from gradjax.losses import combine
+from gradjax.losses import terms as LT
 from gradjax.losses import score_matching as SM
 from gradjax.models import create_model
 
@@ -51,16 +51,16 @@ VARIANTS = {
 
 
 def _terms(kind):
-    terms = [combine.cross_entropy(1.0)]
+    terms = [LT.cross_entropy_term(1.0)]
     if kind is None:
         return terms
     k, opts = kind
     if k == "gn":
-        terms.append(SM.gradient_norm_term(1e-3))
+        terms.append(LT.gradient_norm_term(1e-3 / 2, form="logit", name="gradient_norm"))  # ½‖∇f_y‖²
     elif k == "sm":
-        terms.append(SM.score_matching_term(1e-3, mu=1e-4, sigma=0.01, **opts))
+        terms.append(LT.score_matching_term(1e-3, mu=1e-4, sigma=0.01, **opts))
     else:
-        terms.append(SM.anti_score_matching_term(1e-4, tau=1000.0, sigma=1e-3, **opts))
+        terms.append(LT.anti_score_matching_term(1e-4, tau=1000.0, sigma=1e-3, **opts))
     return terms
 
 
@@ -86,7 +86,7 @@ def main(argv=None) -> dict:
     fns = {"forward": lambda: fwd_c(state0.variables, batch["image"])}
     rows = {}
     for name in args.variants:
-        loss_fn = combine.make_loss_fn(model.apply, _terms(VARIANTS[name]))
+        loss_fn = LT.make_loss_fn(model.apply, _terms(VARIANTS[name]))
         cost = compiled_cost(jax.jit(gtrain.make_train_step(loss_fn)), state0, batch)
         compiled = cost.pop("compiled")
         fns[name] = lambda compiled=compiled: compiled(state0, batch)[1]

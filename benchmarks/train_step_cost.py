@@ -36,12 +36,12 @@ import optax
 
 from benchmarks._common import compiled_cost, interleaved, load_note, machine
 from gradjax import train as gtrain
-from gradjax.losses import combine as C
+from gradjax.losses import terms as LT
 from gradjax.losses import distillation as D
 from gradjax.models import create_model
 
 
-def noisy_activation_matching_lax_map(sigma: float) -> C.Term:
+def noisy_activation_matching_lax_map(sigma: float) -> LT.Term:
     """The noisy activation-matching term as it was before 2026-12-02: the same one antithetic pair, one noise
     sample per ``lax.map`` iteration (a loop of two), for comparison with the batched loss of the library."""
     def fn(inp):
@@ -52,30 +52,30 @@ def noisy_activation_matching_lax_map(sigma: float) -> C.Term:
             z = inp.x + e
             return D.activation_matching(inp.student(z), jax.lax.stop_gradient(inp.teacher(z)))
         return jnp.mean(jax.lax.map(one, xi), axis=0)
-    return C.term("noisy_act_lax_map", fn)
+    return LT.term("noisy_act_lax_map", fn)
 
 
 OBJECTIVES = {
     # name: (terms, expected multiple of a CE step, note)
-    "CE": (lambda: [C.cross_entropy()], 1.0, "baseline"),
-    "CE + l2": (lambda: [C.cross_entropy(), C.l2()], 1.0, "parameter norm only"),
-    "CE + A": (lambda: [C.cross_entropy(), C.activation_matching()], 1.3, "+ teacher forward"),
-    "CE + J (target)": (lambda: [C.cross_entropy(), C.jacobian_matching()], 2.7, "thesis: ~2x"),
-    "CE + {A+J}": (lambda: [C.cross_entropy(), C.activation_matching(), C.jacobian_matching()], 2.7, "thesis: ~2x"),
-    "CE + J (full, K rows)": (lambda: [C.cross_entropy(), C.jacobian_matching(output="full")], None, "K backward rows"),
-    "CE + J stochastic (1 JVP probe)": (lambda: [C.cross_entropy(), C.stochastic_jacobian_matching()], 2.7,
+    "CE": (lambda: [LT.cross_entropy_term()], 1.0, "baseline"),
+    "CE + l2": (lambda: [LT.cross_entropy_term(), LT.l2_term()], 1.0, "parameter norm only"),
+    "CE + A": (lambda: [LT.cross_entropy_term(), LT.activation_matching_term()], 1.3, "+ teacher forward"),
+    "CE + J (target)": (lambda: [LT.cross_entropy_term(), LT.jacobian_matching_term()], 2.7, "thesis: ~2x"),
+    "CE + {A+J}": (lambda: [LT.cross_entropy_term(), LT.activation_matching_term(), LT.jacobian_matching_term()], 2.7, "thesis: ~2x"),
+    "CE + J (full, K rows)": (lambda: [LT.cross_entropy_term(), LT.jacobian_matching_term(output="full")], None, "K backward rows"),
+    "CE + J stochastic (1 JVP probe)": (lambda: [LT.cross_entropy_term(), LT.stochastic_jacobian_matching_term()], 2.7,
                                         "one JVP per network"),
-    "CE + J stochastic (1 VJP probe)": (lambda: [C.cross_entropy(),
-                                                 C.stochastic_jacobian_matching(probe_space="output")], 2.7,
+    "CE + J stochastic (1 VJP probe)": (lambda: [LT.cross_entropy_term(),
+                                                 LT.stochastic_jacobian_matching_term(probe_space="output")], 2.7,
                                         "one VJP per network"),
-    "CE + noisy A (1 antithetic pair)": (lambda: [C.cross_entropy(), C.noisy_activation_matching(sigma=0.1)], 3.7,
+    "CE + noisy A (1 antithetic pair)": (lambda: [LT.cross_entropy_term(), LT.noisy_activation_matching_term(sigma=0.1)], 3.7,
                                          "2 noisy student passes + backward, 2 teacher forwards, one batched call"),
-    "CE + noisy A (lax.map loop; before the fix)": (lambda: [C.cross_entropy(), noisy_activation_matching_lax_map(0.1)],
+    "CE + noisy A (lax.map loop; before the fix)": (lambda: [LT.cross_entropy_term(), noisy_activation_matching_lax_map(0.1)],
                                                3.7, "the same passes in a lax.map loop of 2"),
-    "CE + grad-norm (eq. 2.3)": (lambda: [C.cross_entropy(), C.gradient_norm(0.1)], 2.3, "double backprop"),
-    "CE + att (eq. 2.8)": (lambda: [C.cross_entropy(), C.attention_matching(pairs=[("block1", "block1")])], 1.3,
+    "CE + grad-norm (eq. 2.3)": (lambda: [LT.cross_entropy_term(), LT.gradient_norm_term(0.1)], 2.3, "double backprop"),
+    "CE + att (eq. 2.8)": (lambda: [LT.cross_entropy_term(), LT.attention_matching_term(pairs=[("block1", "block1")])], 1.3,
                            "+ teacher forward"),
-    "CE + att-Jacobian (§2.5.2)": (lambda: [C.cross_entropy(), C.attention_jacobian_matching(
+    "CE + att-Jacobian (§2.5.2)": (lambda: [LT.cross_entropy_term(), LT.attention_jacobian_matching_term(
         student_layer="block1", teacher_layer="block1")], 2.7, "like J, at a feature map"),
 }
 
@@ -108,7 +108,7 @@ def main(argv=None) -> dict:
     fns, static = {}, {}
     for name in names:
         terms, _, _ = OBJECTIVES[name]
-        step = gtrain.jit_train_step(C.make_loss_fn(model.apply, terms(), teacher_apply_fn=model.apply),
+        step = gtrain.jit_train_step(LT.make_loss_fn(model.apply, terms(), teacher_apply_fn=model.apply),
                                      num_classes=args.classes, donate=False, validate=False)
         static[name] = compiled_cost(step, state, batch, frozen)
         compiled = static[name].pop("compiled")

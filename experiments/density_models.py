@@ -1,6 +1,6 @@
 """Implicit density models I (thesis ch. 5, §5.5): baseline, score-matched, anti-score-matched and gradient-norm
 regularized ResNet-18s (softplus β = 10), trained through the one engine (:mod:`gradjax.train`) with the
-combinator's terms (:mod:`gradjax.losses.score_matching`).
+combinator's terms (:mod:`gradjax.losses.terms`, :mod:`gradjax.losses.score_matching`).
 
     python -m experiments.density_models --scale small --seeds 0 1 2 --out runs/density-small
     python -m experiments.density_models --scale paper --out runs/density-paper          # TFDS CIFAR-100, GPU/TPU
@@ -42,7 +42,7 @@ from experiments.common import environment, markdown_table, write_results
 from gradjax import data as gdata
 from gradjax import model as gm
 from gradjax import train as gtrain
-from gradjax.losses import combine
+from gradjax.losses import terms as LT
 from gradjax.losses import score_matching as SM
 from gradjax.models import create_model
 
@@ -123,16 +123,16 @@ def objective_settings(objective: str, preset: str = "thesis", **overrides) -> d
 
 def make_terms(objective: str, settings: dict) -> list:
     """``[cross_entropy(1), λ · regularizer]`` as combinator terms (weight decay lives in the optimizer)."""
-    terms = [combine.cross_entropy(1.0)]
+    terms = [LT.cross_entropy_term(1.0)]
     s = dict(settings)
     lam = s.pop("lam", 0.0)
     trace = {k: s.pop(k) for k in ("estimator", "form", "num_probes") if k in s}
     if objective == "score_matching":
-        terms.append(SM.score_matching_term(lam, mu=s["mu"], sigma=s["sigma"], **trace))
+        terms.append(LT.score_matching_term(lam, mu=s["mu"], sigma=s["sigma"], **trace))
     elif objective == "anti_score_matching":
-        terms.append(SM.anti_score_matching_term(lam, tau=s["tau"], sigma=s["sigma"], **trace))
+        terms.append(LT.anti_score_matching_term(lam, tau=s["tau"], sigma=s["sigma"], **trace))
     elif objective == "gradient_norm":
-        terms.append(SM.gradient_norm_term(lam))
+        terms.append(LT.gradient_norm_term(lam / 2, form="logit", name="gradient_norm"))  # ½‖∇f_y‖², §5.5
     return terms
 
 
@@ -177,7 +177,7 @@ def _policy_traces(apply_fn, params, model_state, x, y, key, *, num_probes: int,
         fn = gm.extra_pass_fn(apply_fn, params, model_state, moments, policy)
         f = SM.label_logit_fn(lambda z: fn(z)[0], y)
         out[policy] = SM.density_terms(f, x, key, need_grad=False, sigma=sigma, num_probes=num_probes,
-                                       form="antithetic", chunk_size=8).trace
+                                       form="antithetic", chunk=8).trace
     return out
 
 
@@ -271,7 +271,7 @@ class DensityRunner:
     def trainer_for(self, objective: str) -> common.Trainer:
         """The compiled :class:`experiments.common.Trainer` of ``objective`` (built once)."""
         if objective not in self._trainers:
-            loss_fn = combine.make_loss_fn(self.model.apply, make_terms(objective, self.settings(objective)),
+            loss_fn = LT.make_loss_fn(self.model.apply, make_terms(objective, self.settings(objective)),
                                            policy=self.bn_policy)
             self._trainers[objective] = common.Trainer(self.model, loss_fn, self.tx,
                                                        num_classes=self.train_ds.num_classes, batch_size=self.bs,

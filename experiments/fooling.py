@@ -9,7 +9,7 @@ Thesis (CIFAR-100, VGG-11, 15×15 mask on 32×32 = 22 % of the pixels): logit-gr
 48.14 %, loss-gradients at T = 1e3 60.17 % (reference values). The thesis gives neither λ nor the fine-tuning
 schedule; ours (λ = 1e4, Adam 5e-4 for the fine-tuning) are in ``SCALES`` and recorded in ``results.json``. Phase 1 trains the classifier with cross-entropy (the
 "pre-trained VGG"); phase 2 fine-tunes it through the engine with the combinator terms
-``[cross_entropy(1), fooling_term(λ, mask)]`` (the logit-gradient through the frozen-moments extra pass).
+``[cross_entropy_term(1), fooling_loss_term(λ, mask)]`` (the logit-gradient through the frozen-moments extra pass).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from experiments.density_models import DensityScale, load_raw_splits
 from gradjax import data as gdata
 from gradjax import gradients as G
 from gradjax import train as gtrain
-from gradjax.losses import combine
+from gradjax.losses import terms as LT
 from gradjax.losses import fooling as F
 from gradjax.models import create_model
 
@@ -102,7 +102,7 @@ def run(scale: FoolScale, out: str, *, seed: int = 0, lam: Optional[float] = Non
     t0 = time.time()
     # phase 1: the "pre-trained" classifier (cross-entropy, SGD momentum, lr ÷10 at 50/75 %)
     tx = common.sgd_step_decay(sc.lr, scale.pretrain_epochs * spe, (0.5, 0.75), weight_decay=5e-4)
-    ce_loss = combine.make_loss_fn(model.apply, [combine.cross_entropy(1.0)])
+    ce_loss = LT.make_loss_fn(model.apply, [LT.cross_entropy_term(1.0)])
     state, ev0 = _fit(model, ce_loss, tx, None, train_ds, test_ds, bs, scale.pretrain_epochs, out, "pretrained",
                       seed, progress)
     state = common.local_copy(state)
@@ -114,7 +114,7 @@ def run(scale: FoolScale, out: str, *, seed: int = 0, lam: Optional[float] = Non
     tx2 = optax.adam(scale.finetune_lr)
     state2 = gtrain.TrainState.create(apply_fn=model.apply, params=state.params, tx=tx2,
                                       model_state=state.model_state, rng=jax.random.PRNGKey(seed + 1))
-    fool_loss = combine.make_loss_fn(model.apply, [combine.cross_entropy(1.0), F.fooling_term(lam, mask=mask)])
+    fool_loss = LT.make_loss_fn(model.apply, [LT.cross_entropy_term(1.0), LT.fooling_loss_term(lam, mask=mask)])
     state2, ev1 = _fit(model, fool_loss, tx2, state2, train_ds, test_ds, bs, scale.finetune_epochs, out, "fooled",
                        seed, progress)
     state2 = common.local_copy(state2)

@@ -48,6 +48,11 @@ the Jacobian-matching and gradient-norm losses of thesis ch. 2). The caller jits
 Called eagerly (no ``jit``), a function runs operation by operation, each operation compiled once per shape by
 JAX, so a repeated eager call compiles nothing new. Value checks (NaN input, target range) run on concrete
 arguments only.
+
+**Precision.** Every gradient here is traced under :func:`gradjax.precision.policy`: float32-exact products
+(``"highest"``) on GPUs and TPUs too, unless a matmul precision has been set (``with
+jax.default_matmul_precision("tensorfloat32"):`` opts into TF32 / bfloat16 speed). So the double-backprop losses of
+:mod:`gradjax.losses` are exact whatever the model; a model's own forward pass outside gradjax follows JAX's setting.
 """
 from __future__ import annotations
 
@@ -57,6 +62,7 @@ import jax
 import jax.numpy as jnp
 
 from gradjax import _validation as V
+from gradjax import precision as _precision
 
 __all__ = [
     "PREDICTED",
@@ -140,8 +146,11 @@ def per_example_sum(a: jax.Array) -> jax.Array:
     return jnp.sum(a.reshape(a.shape[0], -1), axis=1)
 
 
+@_precision.exact_by_default
 def _vjp(fn: Callable, primal: Any, has_aux: bool):
-    """``(fn(primal), cotangent -> gradient, aux)``: the single ``jax.vjp`` every gradient of gradjax comes from."""
+    """``(fn(primal), cotangent -> gradient, aux)``: the single ``jax.vjp`` every gradient of gradjax comes from.
+    Traced under :func:`gradjax.precision.policy` (float32-exact products unless a matmul precision is set); the
+    pullback's products inherit the forward products' precision."""
     if has_aux:
         out, pullback, aux = jax.vjp(fn, primal, has_aux=True)
     else:
@@ -466,4 +475,5 @@ def jacobian(
     if batch_mode == "sum":
         return logits_and_jacobian(logits_fn, x)[1]
     _num_classes(logits_fn, x, False)
-    return jax.vmap(jax.jacrev(_single(logits_fn)))(x)
+    with _precision.policy():
+        return jax.vmap(jax.jacrev(_single(logits_fn)))(x)

@@ -12,10 +12,12 @@ gradients' completeness delta gets a ~1e-3 floor.
   ``"highest"``: float32 products on every backend) and ``dtype`` (compute dtype; ``jnp.bfloat16`` for mixed
   precision with float32 parameters). ``create_model(..., precision="default")`` (or ``None``: follow JAX's
   ``jax.default_matmul_precision``) trades exactness for TF32/bf16 speed.
-* *Exactness-critical paths trace at "highest" unless you chose otherwise*: :func:`gradjax.fullgrad.full_gradients`
-  and :func:`~gradjax.fullgrad.completeness_residual` (and everything built on
-  :func:`~gradjax.fullgrad.tap_gradients`: FullGrad saliency, full-gradient matching), the trace estimators of
-  :mod:`gradjax.trace` and :func:`gradjax.saliency.integrated_gradients_with_delta` run inside :func:`policy`:
+* *Every gradient gradjax takes, and its exactness-critical paths, trace at "highest" unless you chose
+  otherwise*: the one gradient primitive of :mod:`gradjax.gradients` (so every saliency map and the double-backprop
+  losses of :mod:`gradjax.losses`), :func:`gradjax.fullgrad.full_gradients` and
+  :func:`~gradjax.fullgrad.completeness_residual` (and everything built on :func:`~gradjax.fullgrad.tap_gradients`:
+  FullGrad saliency, full-gradient matching), the trace estimators of :mod:`gradjax.trace` and
+  :func:`gradjax.saliency.integrated_gradients_with_delta` run inside :func:`policy`:
   ``jax.default_matmul_precision("highest")`` *when no matmul precision has been set* — so a plain callable
   (an NNX model, a ``lambda x: model.apply(v, x)`` with Flax's ``precision=None`` layers) is exact too. It is a
   trace-time context: it composes with an outer ``jax.jit`` (the ops traced inside carry the precision, and
@@ -28,8 +30,10 @@ gradients' completeness delta gets a ~1e-3 floor.
   ``reduce_precision`` rounding) and issue a :class:`PrecisionWarning` naming the fix when the products are less
   precise than the computation's dtype; :mod:`gradjax.trace` sizes the Taylor round-off floor from the *effective*
   precision (:func:`effective_eps`).
-* *Losses* (:mod:`gradjax.losses`, double backprop): the built-in models are exact by default; a plain callable
-  inside a loss follows the caller's precision — wrap the step in :func:`exact` for exact matching terms.
+* *Losses* (:mod:`gradjax.losses`, double backprop): their input-gradients come from :mod:`gradjax.gradients`, so
+  they are exact by default; a loss's own forward terms (cross-entropy of a plain callable) follow the caller's
+  precision — wrap the step in :func:`exact` to make everything exact, or build the model with
+  ``precision="highest"`` (the default of gradjax's models).
 
 Nothing here changes a global setting; ``import gradjax`` leaves JAX's configuration alone.
 

@@ -11,12 +11,18 @@ with blocks ``H_b``, so a batched tangent ``v = (v_1..v_B)`` gives ``H v = (H_1 
 pass. ``"vmap"`` maps over examples run as batches of one (for functions that mix examples).
 
 Probes: probe ``i`` is drawn from ``jax.random.fold_in(key, i)`` with shape ``x.shape`` (an independent
-probe per example). With the default threefry keys the draw does not depend on ``chunk_size``, and
-:func:`hutchinson_trace` and :func:`taylor_trace` draw *the same* probes for the same key, distribution and dtype,
-so they can be compared with common random numbers. (Any key type works; keys of the ``"rbg"`` implementations
-may give different draws under ``vmap``, hence for different chunk sizes.) Probes are processed ``chunk_size`` at
-a time with a running sum (:func:`gradjax._chunking.chunked_sum`, the loop every gradjax estimator shares), so
-memory does not grow with ``num_probes``.
+probe per example); :func:`sample_probes` with ``num_probes=N`` returns exactly these ``[N, *x.shape]`` draws.
+With the default threefry keys the draw does not depend on ``chunk``, and :func:`hutchinson_trace` and
+:func:`taylor_trace` draw *the same* probes for the same key, distribution and dtype, so they can be compared with
+common random numbers. (Any key type works; keys of the ``"rbg"`` implementations may give different draws under
+``vmap``, hence for different chunk sizes.) **Explicit probes**: every randomized estimator also takes
+``probes=`` (an array ``[N, *x.shape]`` of unit-scale probes ``ε``, or one probe of ``x``'s shape) instead of a key,
+e.g. another implementation's noise, so estimates can be compared on the same noise; the draws of
+``sample_probes(key, ..., num_probes=N)`` give exactly the key-based result. Probes are processed ``chunk`` at a
+time with a running sum (:func:`gradjax._chunking.chunked_sum`, the loop every gradjax estimator shares), so
+memory does not grow with ``num_probes``; ``chunk=None`` (default) sizes the chunk from ``memory_budget`` bytes
+(:func:`gradjax._chunking.auto_chunk`, default :data:`gradjax._chunking.DEFAULT_MEMORY_BUDGET`), the chunking
+policy of the whole library.
 
 Models: ``f`` is any JAX function — of a Flax Linen model (``lambda x: logsumexp(model.apply(v, x), -1)``, or of a
 :class:`gradjax.model.ModelHandle` ``h``: ``lambda x: logsumexp(h(x), -1)``) or of an NNX model through
@@ -111,22 +117,65 @@ def _linearized_hessian(f: ScalarFn, x: jax.Array, batch_mode: str):
     return fx, g, lambda v: lin(v)[1]
 
 
-def sample_probes(key: jax.Array, shape, dtype, distribution: str) -> jax.Array:
-    """One probe ``ε`` of ``shape`` with ``E[ε] = 0`` and ``E[εεᵀ] = I``: Rademacher (±1) or standard normal."""
+def sample_probes(key: jax.Array, shape, dtype, distribution: str, *, num_probes: int | None = None) -> jax.Array:
+    """One probe ``ε`` of ``shape`` with ``E[ε] = 0`` and ``E[εεᵀ] = I``: Rademacher (±1) or standard normal.
+
+    With ``num_probes=N``: ``[N, *shape]``, probe ``i`` drawn from ``jax.random.fold_in(key, i)`` — exactly the
+    probes the estimators of this module draw for ``key`` (pass them back as ``probes=`` to get the same estimate,
+    or transform them first)."""
     V.check_choice(distribution, _DISTRIBUTIONS, "distribution")
+    if num_probes is not None:
+        n = V.check_count(num_probes, "num_probes")
+        return jax.vmap(lambda i: sample_probes(jax.random.fold_in(key, i), shape, dtype, distribution))(
+            jnp.arange(n))
     if distribution == "rademacher":
         return jax.random.rademacher(key, shape, dtype=dtype)
     return jax.random.normal(key, shape, dtype=dtype)
 
 
-def _probe_mean(estimate: Callable[[jax.Array], jax.Array], key, num_probes: int, chunk_size: int | None,
-                offset: int = 0) -> jax.Array:
-    """``1/N Σ_{i<N} estimate(fold_in(key, offset + i))``, evaluated ``chunk_size`` probes at a time (``vmap``
-    inside a chunk, a running sum across chunks: :func:`gradjax._chunking.chunked_sum`). Padded probes of the last
-    chunk carry weight 0, so the result does not depend on ``chunk_size``."""
-    chunk = num_probes if chunk_size is None else chunk_size
-    probes = lambda idx: jax.vmap(lambda i: estimate(jax.random.fold_in(key, i)))(idx)  # noqa: E731
-    return chunked_sum(probes, np.arange(offset, offset + num_probes), chunk=chunk) / num_probes
+def _check_chunk(chunk) -> None:
+    if chunk is not None:
+        V.check_count(chunk, "chunk")
+
+
+def _resolve_probes(key, probes, num_probes, x: jax.Array, *, count_name: str = "num_probes"):
+    """``(probes [N, *x.shape] or None, N)``: explicit probes (validated, cast to ``x.dtype``) or ``None`` with the
+    number of probes to draw from ``key``. Exactly one of ``key`` and ``probes`` must be given."""
+    if probes is None:
+        if key is None:
+            raise ValueError("this estimator is randomized: pass a jax.random key, or explicit probes=[N, *x.shape].")
+        return None, V.check_count(1 if num_probes is None else num_probes, count_name)
+    if key is not None:
+        raise ValueError("pass either a key or explicit probes=..., not both (the probes replace the key's draws).")
+    probes = jnp.asarray(probes)
+    if jnp.shape(probes) == jnp.shape(x):
+        probes = probes[None]
+    if probes.ndim != x.ndim + 1 or tuple(probes.shape[1:]) != tuple(x.shape):
+        raise ValueError(f"probes must have shape [num_probes, *x.shape] = [N, {', '.join(map(str, x.shape))}] (or "
+                         f"x's shape for one probe); got {tuple(jnp.shape(probes))}.")
+    if probes.shape[0] < 1:
+        raise ValueError("probes must hold at least one probe.")
+    V.check_floating(probes, "probes")
+    if num_probes is not None and V.check_count(num_probes, count_name) != probes.shape[0]:
+        raise ValueError(f"{count_name}={num_probes} but {probes.shape[0]} probes were given; leave {count_name} "
+                         "unset with explicit probes.")
+    return probes.astype(x.dtype), int(probes.shape[0])
+
+
+def _probe_mean(estimate: Callable[[jax.Array], jax.Array], draw: Callable[[jax.Array], jax.Array], key, probes,
+                num_probes: int, chunk: int | None, memory_budget: int | None, offset: int = 0) -> jax.Array:
+    """``1/N Σ_{i<N} estimate(ε_i)`` with ``ε_i = probes[offset + i]`` (explicit probes) or
+    ``draw(fold_in(key, offset + i))``, evaluated ``chunk`` probes at a time (``vmap`` inside a chunk, a running sum
+    across chunks: :func:`gradjax._chunking.chunked_sum`; ``chunk=None``: sized from ``memory_budget``). The result
+    does not depend on ``chunk`` (up to float summation order), and a key's draws passed as ``probes`` give the
+    key's result."""
+    batched = jax.vmap(estimate)
+    if probes is not None:
+        return chunked_sum(batched, probes[offset:offset + num_probes], chunk=chunk,
+                           memory_budget=memory_budget) / num_probes
+    drawn = lambda idx: batched(jax.vmap(lambda i: draw(jax.random.fold_in(key, i)))(idx))  # noqa: E731
+    return chunked_sum(drawn, np.arange(offset, offset + num_probes), chunk=chunk,
+                       memory_budget=memory_budget) / num_probes
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -148,7 +197,7 @@ def hvp(f: ScalarFn, x: jax.Array, v: jax.Array, *, batch_mode: BatchMode = "sum
 
 
 @_precision.exact_by_default  # float32-exact products unless the caller set a matmul precision
-def _exact(f, x, *, max_dim, chunk_size, batch_mode):
+def _exact(f, x, *, max_dim, chunk, memory_budget, batch_mode):
     x = V.check_input(x)
     V.check_choice(batch_mode, _BATCH_MODES, "batch_mode")
     max_dim = V.check_count(max_dim, "max_dim")
@@ -159,7 +208,7 @@ def _exact(f, x, *, max_dim, chunk_size, batch_mode):
             f"exact_trace needs D = prod(x.shape[1:]) = {D} Hessian-vector products per example, more than "
             f"max_dim={max_dim}. Use hutchinson_trace / hutchpp_trace / taylor_trace for large inputs, or raise "
             f"max_dim if you really want the exact value.")
-    chunk = min(V.check_count(chunk_size, "chunk_size"), D)
+    _check_chunk(chunk)
     fx, g, hv = _linearized_hessian(f, x, batch_mode)
 
     def diagonal(idx):  # basis indices [c] -> e_iᵀ H_b e_i, [c, B]
@@ -168,45 +217,46 @@ def _exact(f, x, *, max_dim, chunk_size, batch_mode):
         vs = jnp.broadcast_to(e[:, None, :], (c, B, D)).reshape((c,) + x.shape)
         return jax.vmap(per_example_sum)(vs * jax.vmap(hv)(vs))
 
-    return fx, g, chunked_sum(diagonal, np.arange(D), chunk=chunk)
+    return fx, g, chunked_sum(diagonal, np.arange(D), chunk=chunk, memory_budget=memory_budget)
 
 
-def exact_trace(f: ScalarFn, x: jax.Array, *, max_dim: int = 4096, chunk_size: int = 64,
-                batch_mode: BatchMode = "sum") -> jax.Array:
+def exact_trace(f: ScalarFn, x: jax.Array, *, max_dim: int = 4096, chunk: int | None = None,
+                memory_budget: int | None = None, batch_mode: BatchMode = "sum") -> jax.Array:
     """Exact per-example Hessian trace ``tr H_b = Σ_{i=1}^D e_iᵀ H_b e_i``, shape ``[B]``.
 
     ``D`` Hessian-vector products (``jax.linearize`` of the gradient once, then the linear map on every basis
-    vector), ``chunk_size`` basis vectors at a time (``vmap``) with a running sum (``chunked_sum``), so memory is
-    ``O(chunk_size · B · D)``. Raises ``ValueError`` if ``D > max_dim``. The reference for the estimators below;
-    thesis eq. 5.2 (score-matching) needs this trace.
+    vector), ``chunk`` basis vectors at a time (``vmap``) with a running sum (``chunked_sum``), so memory is
+    ``O(chunk · B · D)``; ``chunk=None`` (default) sizes the chunk from ``memory_budget`` bytes
+    (:func:`gradjax._chunking.auto_chunk`). Raises ``ValueError`` if ``D > max_dim``. The reference for the
+    estimators below; thesis eq. 5.2 (score-matching) needs this trace.
     """
-    return _exact(f, x, max_dim=max_dim, chunk_size=chunk_size, batch_mode=batch_mode)[2]
+    return _exact(f, x, max_dim=max_dim, chunk=chunk, memory_budget=memory_budget, batch_mode=batch_mode)[2]
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Hutchinson
 # ----------------------------------------------------------------------------------------------------------
 @_precision.exact_by_default
-def _hutchinson(f, x, key, *, num_probes, distribution, chunk_size, batch_mode):
+def _hutchinson(f, x, key, *, num_probes, distribution, chunk, memory_budget, batch_mode, probes):
     x = V.check_input(x)
-    num_probes = V.check_count(num_probes, "num_probes")
+    probes, num_probes = _resolve_probes(key, probes, num_probes, x)
     V.check_choice(distribution, _DISTRIBUTIONS, "distribution")
     V.check_choice(batch_mode, _BATCH_MODES, "batch_mode")
-    if chunk_size is not None:
-        V.check_count(chunk_size, "chunk_size")
+    _check_chunk(chunk)
 
     fx, g, hv = _linearized_hessian(f, x, batch_mode)
 
-    def estimate(k):
-        v = sample_probes(k, x.shape, x.dtype, distribution)
+    def estimate(v):
         return per_example_sum(v * hv(v))
 
-    return fx, g, _probe_mean(estimate, key, num_probes, chunk_size)
+    draw = lambda k: sample_probes(k, x.shape, x.dtype, distribution)  # noqa: E731
+    return fx, g, _probe_mean(estimate, draw, key, probes, num_probes, chunk, memory_budget)
 
 
-def hutchinson_trace(f: ScalarFn, x: jax.Array, key: jax.Array, *, num_probes: int = 1,
-                     distribution: Literal["rademacher", "gaussian"] = "rademacher", chunk_size: int | None = 8,
-                     batch_mode: BatchMode = "sum") -> jax.Array:
+def hutchinson_trace(f: ScalarFn, x: jax.Array, key: jax.Array | None = None, *, num_probes: int | None = None,
+                     distribution: Literal["rademacher", "gaussian"] = "rademacher", chunk: int | None = None,
+                     memory_budget: int | None = None, batch_mode: BatchMode = "sum",
+                     probes: jax.Array | None = None) -> jax.Array:
     """Hutchinson's estimator of the per-example Hessian trace, shape ``[B]`` (thesis §5.3.2).
 
     .. math::
@@ -220,12 +270,13 @@ def hutchinson_trace(f: ScalarFn, x: jax.Array, key: jax.Array, *, num_probes: i
     ``2 ‖H‖_F²`` for Gaussian probes (the thesis's §5.8 reference formula, divided by ``N`` for ``N`` probes),
     ``2 Σ_{i≠j} H_ij²`` for Rademacher probes (the default: never larger).
 
-    ``num_probes`` ``N`` (static int ≥ 1) are drawn as ``fold_in(key, n)`` and processed ``chunk_size`` at a
-    time (a running sum, :func:`gradjax._chunking.chunked_sum`: memory ``O(chunk_size · B · D)``, independent of ``N``;
-    ``chunk_size=None`` = all at once). The result does not depend on ``chunk_size``.
+    ``num_probes`` ``N`` (static int ≥ 1, default 1) are drawn as ``fold_in(key, n)`` — or given explicitly as
+    ``probes`` ``[N, *x.shape]`` (then no key; ``distribution`` is not used) — and processed ``chunk`` at a time
+    (a running sum, :func:`gradjax._chunking.chunked_sum`: memory ``O(chunk · B · D)``, independent of ``N``;
+    ``chunk=None`` sizes the chunk from ``memory_budget`` bytes). The result does not depend on ``chunk``.
     """
-    return _hutchinson(f, x, key, num_probes=num_probes, distribution=distribution, chunk_size=chunk_size,
-                       batch_mode=batch_mode)[2]
+    return _hutchinson(f, x, key, num_probes=num_probes, distribution=distribution, chunk=chunk,
+                       memory_budget=memory_budget, batch_mode=batch_mode, probes=probes)[2]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -311,16 +362,15 @@ def _warn_if_roundoff(fx, x, g, sigma, estimate, warn_rtol, f=None):
 
 
 @_precision.exact_by_default
-def _taylor(f, x, key, *, sigma, num_probes, distribution, form, grad_fx, fx, chunk_size, batch_mode,
-            warn_rtol, want_grad=False):
+def _taylor(f, x, key, *, sigma, num_probes, distribution, form, grad_fx, fx, chunk, memory_budget, batch_mode,
+            warn_rtol, probes, want_grad=False):
     x = V.check_input(x)
     _check_sigma(sigma)
-    num_probes = V.check_count(num_probes, "num_probes")
+    probes, num_probes = _resolve_probes(key, probes, num_probes, x)
     V.check_choice(distribution, _DISTRIBUTIONS, "distribution")
     V.check_choice(form, _FORMS, "form")
     V.check_choice(batch_mode, _BATCH_MODES, "batch_mode")
-    if chunk_size is not None:
-        V.check_count(chunk_size, "chunk_size")
+    _check_chunk(chunk)
     B = x.shape[0]
     if fx is not None:
         _check_fx(fx, B, "fx")
@@ -339,8 +389,7 @@ def _taylor(f, x, key, *, sigma, num_probes, distribution, form, grad_fx, fx, ch
         _check_fx(fx, B)
     s = jnp.asarray(sigma, x.dtype)
 
-    def estimate(k):
-        eps = sample_probes(k, x.shape, x.dtype, distribution)
+    def estimate(eps):
         v = s * eps  # v ~ N(0, σ² I): thesis eq. 5.9
         if form == "one_sided":
             return 2.0 / s**2 * (f(x + v) - fx)
@@ -348,16 +397,18 @@ def _taylor(f, x, key, *, sigma, num_probes, distribution, form, grad_fx, fx, ch
             return (f(x + v) + f(x - v) - 2.0 * fx) / s**2
         return 2.0 / s**2 * (f(x + v) - fx - per_example_sum(grad_fx * v))
 
-    tr = _probe_mean(estimate, key, num_probes, chunk_size)
+    draw = lambda k: sample_probes(k, x.shape, x.dtype, distribution)  # noqa: E731
+    tr = _probe_mean(estimate, draw, key, probes, num_probes, chunk, memory_budget)
     _warn_if_roundoff(fx, x, grad_fx, sigma, tr, warn_rtol, f)
     return fx, grad_fx, tr
 
 
-def taylor_trace(f: ScalarFn, x: jax.Array, key: jax.Array, *, sigma: float, num_probes: int = 1,
-                 distribution: Literal["gaussian", "rademacher"] = "gaussian",
+def taylor_trace(f: ScalarFn, x: jax.Array, key: jax.Array | None = None, *, sigma: float,
+                 num_probes: int | None = None, distribution: Literal["gaussian", "rademacher"] = "gaussian",
                  form: Literal["one_sided", "antithetic", "control_variate"] = "one_sided",
-                 grad_fx: jax.Array | None = None, fx: jax.Array | None = None, chunk_size: int | None = 8,
-                 batch_mode: BatchMode = "sum", warn_rtol: float | None = 0.05) -> jax.Array:
+                 grad_fx: jax.Array | None = None, fx: jax.Array | None = None, chunk: int | None = None,
+                 memory_budget: int | None = None, batch_mode: BatchMode = "sum", warn_rtol: float | None = 0.05,
+                 probes: jax.Array | None = None) -> jax.Array:
     """Forward-only Taylor estimator of the per-example Hessian trace, shape ``[B]`` (thesis §5.3.2, §5.8).
 
     .. math::
@@ -390,56 +441,64 @@ def taylor_trace(f: ScalarFn, x: jax.Array, key: jax.Array, *, sigma: float, num
 
     ``fx`` (``[B]``) skips the forward pass at ``x`` when the caller already has it. Probes are the same as
     :func:`hutchinson_trace`'s for the same key, distribution and dtype (common random numbers), chunked the same
-    way (memory independent of ``num_probes``).
+    way (memory independent of ``num_probes``; ``chunk=None`` sized from ``memory_budget``). ``probes``
+    ``[N, *x.shape]``: explicit unit-scale probes ``ε_n`` instead of a key (the step is ``σ ε_n``).
     """
     return _taylor(f, x, key, sigma=sigma, num_probes=num_probes, distribution=distribution, form=form,
-                   grad_fx=grad_fx, fx=fx, chunk_size=chunk_size, batch_mode=batch_mode, warn_rtol=warn_rtol)[2]
+                   grad_fx=grad_fx, fx=fx, chunk=chunk, memory_budget=memory_budget, batch_mode=batch_mode,
+                   warn_rtol=warn_rtol, probes=probes)[2]
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Hutch++
 # ----------------------------------------------------------------------------------------------------------
 @_precision.exact_by_default
-def _hutchpp(f, x, key, *, num_matvecs, distribution, chunk_size, batch_mode):
+def _hutchpp(f, x, key, *, num_matvecs, distribution, chunk, memory_budget, batch_mode, probes):
     x = V.check_input(x)
     m = V.check_count(num_matvecs, "num_matvecs", minimum=3)
     V.check_choice(distribution, _DISTRIBUTIONS, "distribution")
     V.check_choice(batch_mode, _BATCH_MODES, "batch_mode")
-    if chunk_size is not None:
-        V.check_count(chunk_size, "chunk_size")
-    return _hutchpp_core(f, x, key, m, distribution, chunk_size, batch_mode)
+    _check_chunk(chunk)
+    need = m - m // 3  # k sketch probes + r = m - 2k residual probes
+    probes, n = _resolve_probes(key, probes, None, x)
+    if probes is not None and n != need:
+        raise ValueError(f"num_matvecs={m} uses {need} probes (k = {m // 3} for the sketch, {m - 2 * (m // 3)} for "
+                         f"the residual); got {n}.")
+    return _hutchpp_core(f, x, key, m, distribution, chunk, memory_budget, batch_mode, probes)
 
 
-def _hutchpp_core(f, x, key, m, distribution, chunk_size, batch_mode):
+def _hutchpp_core(f, x, key, m, distribution, chunk, memory_budget, batch_mode, probes):
     B = x.shape[0]
     D = int(math.prod(x.shape[1:]))
     k = m // 3
     r = m - 2 * k  # probes for the residual; r >= k
     fx, g, hv = _linearized_hessian(f, x, batch_mode)
+    draw = lambda kk: sample_probes(kk, x.shape, x.dtype, distribution)  # noqa: E731
     as_x = lambda cols: jnp.moveaxis(cols, -1, 0).reshape((cols.shape[-1],) + x.shape)  # [B,D,c] -> [c,B,...]
     as_cols = lambda vs: jnp.moveaxis(vs.reshape(vs.shape[0], B, D), 0, -1)  # [c,B,...] -> [B,D,c]
 
-    # probes n = 0..k-1 (fold_in(key, n)) form the sketch; n = k..k+r-1 the residual Hutchinson probes
-    S = jax.vmap(lambda i: sample_probes(jax.random.fold_in(key, i), x.shape, x.dtype, distribution))(
+    # probes n = 0..k-1 (fold_in(key, n), or probes[:k]) form the sketch; n = k..k+r-1 the residual probes
+    S = probes[:k] if probes is not None else jax.vmap(lambda i: draw(jax.random.fold_in(key, i)))(
         jnp.arange(k))  # [k, B, ...]
     HS = as_cols(jax.vmap(hv)(S))  # [B, D, k]
     Q, _ = jnp.linalg.qr(HS)  # [B, D, min(D, k)], orthonormal columns per example
     HQ = as_cols(jax.vmap(hv)(as_x(Q)))
     t_low = jnp.sum(Q * HQ, axis=(1, 2))  # tr(Qᵀ H Q)
 
-    def estimate(kk):
-        G = sample_probes(kk, x.shape, x.dtype, distribution).reshape(B, D)
+    def estimate(eps):
+        G = eps.reshape(B, D)
         Gp = G - jnp.einsum("bdc,bc->bd", Q, jnp.einsum("bdc,bd->bc", Q, G))  # (I - QQᵀ) g
         HGp = hv(Gp.reshape(x.shape)).reshape(B, D)
         return jnp.sum(Gp * HGp, axis=1)  # gᵀ (I-QQᵀ) H (I-QQᵀ) g
 
-    t_res = _probe_mean(estimate, key, r, chunk_size, offset=k)
+    t_res = _probe_mean(estimate, draw, key, probes, r, chunk, memory_budget, offset=k)
     return fx, g, t_low + t_res
 
 
-def hutchpp_trace(f: ScalarFn, x: jax.Array, key: jax.Array, *, num_matvecs: int,
-                  distribution: Literal["rademacher", "gaussian"] = "rademacher", chunk_size: int | None = 8,
-                  batch_mode: BatchMode = "sum") -> jax.Array:
+def hutchpp_trace(f: ScalarFn, x: jax.Array, key: jax.Array | None = None, *, num_matvecs: int,
+                  distribution: Literal["rademacher", "gaussian"] = "rademacher", chunk: int | None = None,
+                  memory_budget: int | None = None, batch_mode: BatchMode = "sum",
+                  probes: jax.Array | None = None) -> jax.Array:
     """Hutch++ estimate of the per-example Hessian trace, shape ``[B]`` (Meyer, Musco, Musco & Woodruff 2021;
     not in the thesis — a lower-variance drop-in for the Hutchinson estimator of §5.3.2).
 
@@ -449,9 +508,12 @@ def hutchpp_trace(f: ScalarFn, x: jax.Array, key: jax.Array, *, num_matvecs: int
     Unbiased; the top-``k`` eigen-directions are captured exactly, so the variance is that of Hutchinson on the
     deflated Hessian — much smaller when ``H`` has a dominant low-rank part (error ``O(1/m)`` vs ``O(1/√m)``).
     Memory ``O(k · B · D)`` for the sketch; residual probes are chunked like :func:`hutchinson_trace`.
+    Explicit ``probes`` (instead of a key): ``[k + r, *x.shape]``, the first ``k`` the sketch, the rest the
+    residual probes (``sample_probes(key, x.shape, x.dtype, distribution, num_probes=k + r)`` reproduces the
+    key's estimate).
     """
-    return _hutchpp(f, x, key, num_matvecs=num_matvecs, distribution=distribution, chunk_size=chunk_size,
-                    batch_mode=batch_mode)[2]
+    return _hutchpp(f, x, key, num_matvecs=num_matvecs, distribution=distribution, chunk=chunk,
+                    memory_budget=memory_budget, batch_mode=batch_mode, probes=probes)[2]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -467,37 +529,38 @@ def value_grad_and_trace(f: ScalarFn, x: jax.Array, key: jax.Array | None = None
     ``"hutchinson"``, ``"hutchpp"`` (need ``key``) — for these the value and gradient are the primal outputs of
     the linearization the HVPs need anyway, so they are free — or ``"taylor"`` (:func:`taylor_trace`, any
     ``form``): one forward and one backward pass for ``f(x)`` and ``∇f(x)``, which the control-variate form then
-    re-uses, plus forward passes for the probes.
+    re-uses, plus forward passes for the probes. The randomized methods take ``probes=`` instead of ``key``.
     """
     V.check_choice(method, _METHODS, "method")
+    chunking = {"chunk", "memory_budget", "batch_mode"}
     allowed = {
-        "exact": {"max_dim", "chunk_size", "batch_mode"},
-        "hutchinson": {"num_probes", "distribution", "chunk_size", "batch_mode"},
-        "hutchpp": {"num_matvecs", "distribution", "chunk_size", "batch_mode"},
-        "taylor": {"sigma", "num_probes", "distribution", "form", "chunk_size", "batch_mode", "warn_rtol"},
+        "exact": {"max_dim"} | chunking,
+        "hutchinson": {"num_probes", "distribution", "probes"} | chunking,
+        "hutchpp": {"num_matvecs", "distribution", "probes"} | chunking,
+        "taylor": {"sigma", "num_probes", "distribution", "form", "warn_rtol", "probes"} | chunking,
     }[method]
     unknown = set(options) - allowed
     if unknown:
         raise ValueError(f"unknown option(s) {sorted(unknown)} for method={method!r}; allowed: {sorted(allowed)}.")
-    if method != "exact" and key is None:
-        raise ValueError(f"method={method!r} is randomized and needs a jax.random key.")
+    if method != "exact" and key is None and options.get("probes") is None:
+        raise ValueError(f"method={method!r} is randomized and needs a jax.random key (or probes=...).")
+    opts = dict(chunk=None, memory_budget=None, batch_mode="sum")
     if method == "exact":
-        opts = dict(max_dim=4096, chunk_size=64, batch_mode="sum")
+        opts.update(max_dim=4096)
         opts.update(options)
         return _exact(f, x, **opts)
+    opts.update(distribution="gaussian" if method == "taylor" else "rademacher", probes=None)
     if method == "hutchinson":
-        opts = dict(num_probes=1, distribution="rademacher", chunk_size=8, batch_mode="sum")
+        opts.update(num_probes=None)
         opts.update(options)
         return _hutchinson(f, x, key, **opts)
     if method == "hutchpp":
         if "num_matvecs" not in options:
             raise ValueError("method='hutchpp' needs num_matvecs=...")
-        opts = dict(distribution="rademacher", chunk_size=8, batch_mode="sum")
         opts.update(options)
         return _hutchpp(f, x, key, **opts)
     if "sigma" not in options:
         raise ValueError("method='taylor' needs sigma=...")
-    opts = dict(num_probes=1, distribution="gaussian", form="one_sided", chunk_size=8, batch_mode="sum",
-                warn_rtol=0.05)
+    opts.update(num_probes=None, form="one_sided", warn_rtol=0.05)
     opts.update(options)
     return _taylor(f, x, key, grad_fx=None, fx=None, want_grad=True, **opts)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from gradjax import gradients as G
+from gradjax import precision as P
 
 
 def init_mlp(rng, sizes, dtype=jnp.float32):
@@ -37,8 +38,10 @@ def setup(dtype=jnp.float32, shape=(5, 2, 3), K=4, act=jnp.tanh, seed=0):
 
 
 def jac_reference(logits_fn, x):
-    """Per-example full Jacobian by forward mode on single examples: [B, K, ...]."""
-    return jax.vmap(jax.jacfwd(lambda xi: logits_fn(xi[None])[0]))(x)
+    """Per-example full Jacobian by forward mode on single examples: [B, K, ...]; exact products (the reference must
+    not run as TF32 on a GPU)."""
+    with P.exact():
+        return jax.vmap(jax.jacfwd(lambda xi: logits_fn(xi[None])[0]))(x)
 
 
 # --------------------------------------------------------------------------------------------- correctness
@@ -140,7 +143,7 @@ def test_vmap_mode_is_per_example_for_batch_mixing_models():
     _, f, x, labels = setup(jnp.float32, shape=(4, 6))
     mixing = lambda z: f(z - jnp.mean(z, axis=0, keepdims=True) + 0.3 * z)
     run = jax.jit(lambda x, t: (
-        jax.vmap(lambda xi, yi: jax.grad(lambda z: mixing(z[None])[0, yi])(xi))(x, t),
+        P.exact_by_default(jax.vmap(lambda xi, yi: jax.grad(lambda z: mixing(z[None])[0, yi])(xi)))(x, t),
         G.logit_gradient(mixing, x, t, batch_mode="vmap"), G.logit_gradient(mixing, x, t, batch_mode="sum")))
     per_example, vm, sm = run(x, labels)
     np.testing.assert_allclose(vm, per_example, rtol=1e-5, atol=1e-6)
@@ -255,8 +258,9 @@ def test_has_aux_returns_train_mode_batch_stats():
     @jax.jit
     def run(x, y):
         logits, state = train_fn(x)
-        ref = jax.grad(lambda z: jnp.sum(G.select(train_fn(z)[0], y)))(x)
-        ref_loss = jax.grad(lambda z: -jnp.sum(G.select(jax.nn.log_softmax(train_fn(z)[0]), y)))(x)
+        with P.exact():  # references at float32-exact products, as gradjax's
+            ref = jax.grad(lambda z: jnp.sum(G.select(train_fn(z)[0], y)))(x)
+            ref_loss = jax.grad(lambda z: -jnp.sum(G.select(jax.nn.log_softmax(train_fn(z)[0]), y)))(x)
         return (logits, state, ref, ref_loss, G.logits_and_logit_gradient(train_fn, x, y, has_aux=True),
                 G.loss_gradient(train_fn, x, y, has_aux=True), G.logit_gradient(train_fn, x, y, batch_mode="vmap",
                                                                                 has_aux=True))

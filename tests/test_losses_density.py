@@ -1,5 +1,6 @@
 """Ch. 5 losses: score-matching, anti-score-matching, gradient norm (eq. 5.4, §5.5), the hidden gradient-norm term
-of the one-sided Taylor estimator (§5.8), and the fooling objective (eq. 5.7, §5.2/§5.7)."""
+of the one-sided Taylor estimator (§5.8), explicit probe noise, and the fooling objective (eq. 5.7, §5.2/§5.7)."""
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +9,9 @@ import pytest
 from gradjax import gradients as G
 from gradjax import trace as T
 from gradjax.losses import fooling as F
+from gradjax.losses import regularizers as R
 from gradjax.losses import score_matching as SM
+from gradjax.losses import terms as LT
 
 pytestmark = pytest.mark.usefixtures("fast_compilation")
 
@@ -35,9 +38,9 @@ def test_score_matching_exact_equals_formula(x64):
     reg, terms = SM.score_matching(quad(), x, None, mu=0.1, estimator="exact")
     g = grad_q(X)
     want = np.trace(A) + 0.5 * np.sum(g ** 2, 1) + 0.1 * np.trace(A) ** 2
-    np.testing.assert_allclose(reg, want, rtol=1e-12)
-    np.testing.assert_allclose(terms.grad, g, rtol=1e-12)
-    np.testing.assert_allclose(terms.trace, [np.trace(A)] * 2, rtol=1e-12)
+    chex.assert_trees_all_close(reg, want, rtol=1e-12)
+    chex.assert_trees_all_close(terms.grad, g, rtol=1e-12)
+    chex.assert_trees_all_close(terms.trace, np.full(2, np.trace(A)), rtol=1e-12)
 
 
 @pytest.mark.parametrize("form", ["one_sided", "antithetic", "control_variate"])
@@ -49,8 +52,8 @@ def test_score_matching_taylor_equals_formula_on_the_same_probe(x64, form):
     v, g = sigma * eps, grad_q(X)
     quad_term = np.einsum("bi,ij,bj->b", v, A, v) / sigma ** 2
     h = quad_term + (2 / sigma ** 2) * np.sum(g * v, 1) if form == "one_sided" else quad_term
-    np.testing.assert_allclose(terms.trace, h, rtol=1e-8)
-    np.testing.assert_allclose(reg, h + 0.5 * np.sum(g ** 2, 1) + mu * h ** 2, rtol=1e-8)
+    chex.assert_trees_all_close(terms.trace, h, rtol=1e-8)
+    chex.assert_trees_all_close(reg, h + 0.5 * np.sum(g ** 2, 1) + mu * h ** 2, rtol=1e-8)
 
 
 @pytest.mark.parametrize("estimator", ["hutchinson", "hutchpp"])
@@ -58,17 +61,23 @@ def test_score_matching_hvp_estimators_on_quadratic(x64, estimator):
     opts = {"num_matvecs": 9} if estimator == "hutchpp" else {"num_probes": 1}
     reg, terms = SM.score_matching(quad(), jnp.asarray(X), jax.random.PRNGKey(0), mu=0.0, estimator=estimator, **opts)
     if estimator == "hutchpp":  # 3 sketch directions span R^3: exact
-        np.testing.assert_allclose(terms.trace, [np.trace(A)] * 2, rtol=1e-9)
+        chex.assert_trees_all_close(terms.trace, np.full(2, np.trace(A)), rtol=1e-9)
     else:  # Rademacher: εᵀAε = tr A + 2 Σ_{i<j} A_ij ε_i ε_j
         eps = np.asarray(T.sample_probes(jax.random.fold_in(jax.random.PRNGKey(0), 0), X.shape, jnp.float64,
                                          "rademacher"))
-        np.testing.assert_allclose(terms.trace, np.einsum("bi,ij,bj->b", eps, A, eps), rtol=1e-9)
-    np.testing.assert_allclose(reg, terms.trace + 0.5 * np.sum(grad_q(X) ** 2, 1), rtol=1e-9)
+        chex.assert_trees_all_close(terms.trace, np.einsum("bi,ij,bj->b", eps, A, eps), rtol=1e-9)
+    chex.assert_trees_all_close(reg, terms.trace + 0.5 * np.sum(grad_q(X) ** 2, 1), rtol=1e-9)
 
 
 def test_gradient_norm_equals_formula(x64):
-    reg, terms = SM.gradient_norm(quad(), jnp.asarray(X))
-    np.testing.assert_allclose(reg, 0.5 * np.sum(grad_q(X) ** 2, 1), rtol=1e-12)
+    """§5.5's "Gradient-Norm" ½‖∇f_y‖² is half the one gradient-norm penalty (logit form, label row), and the
+    score-matching family's ½‖g‖² is the same squared norm."""
+    logits_fn = lambda z: jnp.stack([quad()(z), jnp.zeros(z.shape[0], z.dtype)], -1)
+    y = jnp.zeros(2, jnp.int32)
+    want = 0.5 * np.sum(grad_q(X) ** 2, 1)
+    chex.assert_trees_all_close(0.5 * R.gradient_norm(logits_fn, jnp.asarray(X), y, form="logit"), want, rtol=1e-12)
+    terms = SM.density_terms(quad(), jnp.asarray(X), need_trace=False)
+    chex.assert_trees_all_close(0.5 * terms.grad_sq_norm, want, rtol=1e-12)
     assert terms.trace is None
 
 
@@ -79,10 +88,10 @@ def test_anti_score_matching_value_and_clamp_stops_gradient(x64):
     def reg(theta):
         return SM.anti_score_matching(quad(theta), x, None, tau=tau, estimator="exact")[0]
 
-    np.testing.assert_allclose(reg(1.0), [-np.trace(A)] * 2)            # tr A = 6 < τ
-    np.testing.assert_allclose(reg(3.0), [-tau] * 2)                    # 18 > τ: clamped
+    chex.assert_trees_all_close(reg(1.0), np.full(2, -np.trace(A)))            # tr A = 6 < τ
+    chex.assert_trees_all_close(reg(3.0), np.full(2, -tau))                    # 18 > τ: clamped
     d = jax.jacfwd(reg)
-    np.testing.assert_allclose(d(1.0), [-np.trace(A)] * 2)
+    chex.assert_trees_all_close(d(1.0), np.full(2, -np.trace(A)))
     np.testing.assert_array_equal(d(3.0), [0.0, 0.0])
     # per example: one example above, one below
     tr = jnp.array([5.0, 50.0])
@@ -168,7 +177,7 @@ def test_corner_mask_and_uniform_energy():
     m = F.corner_mask(32)
     assert m.shape == (32, 32) and m.sum() == 15 * 15
     frac = F.energy_fraction(jnp.ones((2, 32, 32, 3)), m)
-    np.testing.assert_allclose(frac, 225 / 1024, rtol=1e-6)  # the thesis's "22 %"
+    chex.assert_trees_all_close(frac, 225 / 1024, rtol=1e-6)  # the thesis's "22 %"
     with pytest.raises(ValueError, match="side"):
         F.corner_mask(8, side=9)
     with pytest.raises(ValueError, match="mask"):
@@ -180,8 +189,8 @@ def test_fooling_loss_formula():
     g[0, 0, 0, 0], g[0, 1, 1, 0] = 3.0, -1.0                       # s = [[.75, 0], [0, .25]]
     mask = np.array([[1.0, 1.0], [0.0, 0.0]])                      # m = [[.5, .5], [0, 0]]
     want = (0.75 - 0.5) ** 2 + 0.5 ** 2 + 0.0 + 0.25 ** 2
-    np.testing.assert_allclose(F.fooling_loss(jnp.asarray(g), mask), [want], rtol=1e-6)
-    np.testing.assert_allclose(F.fooling_loss(jnp.zeros((1, 2, 2, 1)), mask), [0.5], rtol=1e-6)  # no NaN
+    chex.assert_trees_all_close(F.fooling_loss(jnp.asarray(g), mask), np.array([want]), rtol=1e-6)
+    chex.assert_trees_all_close(F.fooling_loss(jnp.zeros((1, 2, 2, 1)), mask), np.array([0.5]), rtol=1e-6)  # no NaN
 
 
 def test_shift_logits_changes_logit_gradients_not_loss_gradients():
@@ -191,10 +200,10 @@ def test_shift_logits_changes_logit_gradients_not_loss_gradients():
     logits_fn = lambda z: jnp.tanh(z.reshape(z.shape[0], -1)) @ W
     shifted = F.shift_logits(logits_fn, lambda z: 5.0 * jnp.sum(z[:, 0, 0, :] ** 2, -1))
     y = jnp.array([0, 1, 3])
-    np.testing.assert_allclose(G.loss_gradient(shifted, x, y), G.loss_gradient(logits_fn, x, y), atol=1e-5)
+    chex.assert_trees_all_close(G.loss_gradient(shifted, x, y), G.loss_gradient(logits_fn, x, y), atol=1e-5)
     d = G.logit_gradient(shifted, x, y) - G.logit_gradient(logits_fn, x, y)
-    np.testing.assert_allclose(d[:, 0, 0, :], 10.0 * x[:, 0, 0, :], rtol=1e-5)   # ∇g
-    np.testing.assert_allclose(F.energy_fraction(d, np.pad(np.ones((1, 1)), ((0, 1), (0, 1)))), 1.0)
+    chex.assert_trees_all_close(d[:, 0, 0, :], 10.0 * x[:, 0, 0, :], rtol=1e-5)   # ∇g
+    chex.assert_trees_all_close(F.energy_fraction(d, np.pad(np.ones((1, 1)), ((0, 1), (0, 1)))), 1.0)
 
 
 def test_fooling_loss_moves_saliency_energy_into_the_mask():
@@ -225,3 +234,46 @@ def test_fooling_loss_moves_saliency_energy_into_the_mask():
     after = frac(params)
     assert before < 0.3 and after > 0.6, (before, after)
     assert float(jnp.mean(jnp.argmax(logits_of(params)(x), -1) == y)) > 0.7
+
+
+# ------------------------------------------------------------------------------------------ explicit probes
+def test_score_matching_with_explicit_probes(x64):
+    """Explicit probe noise instead of a key: the key's own draws reproduce the key's regularizer, and a hand-made
+    probe set gives the hand-computed one-sided Taylor value (exact on a quadratic): h = εᵀAε + 2 gᵀε/σ."""
+    x, key, sigma, mu = jnp.asarray(X), jax.random.PRNGKey(5), 0.5, 1e-3
+    drawn = T.sample_probes(key, x.shape, x.dtype, "gaussian", num_probes=3)
+    by_key = SM.score_matching(quad(), x, key, mu=mu, sigma=sigma, num_probes=3)[0]
+    chex.assert_trees_all_close(SM.score_matching(quad(), x, probes=drawn, mu=mu, sigma=sigma)[0], by_key,
+                                rtol=1e-12)
+    eps = np.array([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], [[0.0, -1.0, 0.0], [1.0, 0.0, -1.0]]])
+    g = grad_q(X)
+    h = (np.einsum("nbi,ij,nbj->nb", eps, A, eps) + (2 / sigma) * np.einsum("nbi,bi->nb", eps, g)).mean(0)
+    reg, terms = SM.score_matching(quad(), x, probes=jnp.asarray(eps), mu=mu, sigma=sigma)
+    chex.assert_trees_all_close((terms.trace, reg), (h, h + 0.5 * np.sum(g ** 2, 1) + mu * h ** 2), rtol=1e-10)
+    anti, _ = SM.anti_score_matching(quad(), x, probes=jnp.asarray(eps), tau=1.0, sigma=sigma)
+    chex.assert_trees_all_close(anti, -np.minimum(h, 1.0), rtol=1e-10)
+    hut = SM.density_terms(quad(), x, probes=jnp.asarray(eps), estimator="hutchinson").trace
+    chex.assert_trees_all_close(hut, np.einsum("nbi,ij,nbj->nb", eps, A, eps).mean(0), rtol=1e-12)
+    with pytest.raises(ValueError, match="exact"):
+        SM.density_terms(quad(), x, probes=jnp.asarray(eps), estimator="exact")
+    with pytest.raises(ValueError, match="fresh probes"):
+        LT.score_matching_term(1e-3, probes=jnp.asarray(eps))
+
+
+def test_chapter5_gradient_norm_term_is_half_the_logit_penalty():
+    """The §5.5 regularizer through the one term factory: gradient_norm_term(λ/2, form="logit") on a linear model
+    f(x) = W x adds λ · ½‖W_y‖² to the loss (the input-gradient of the label logit is the row W_y)."""
+    W = jnp.asarray(np.arange(12, dtype=np.float32).reshape(4, 3) / 10)
+
+    def apply_fn(v, x, train=False, mutable=None):  # a Linen-style apply of f(x) = W x (no BatchNorm)
+        out = x.reshape(x.shape[0], -1) @ v["params"]["w"]
+        return out if mutable is None else (out, {})
+
+    lam = 0.3
+    loss_fn = LT.make_loss_fn(apply_fn, [LT.gradient_norm_term(lam / 2, form="logit", name="gradient_norm")])
+    batch = {"image": jnp.ones((2, 2, 2, 1)), "label": jnp.array([0, 2])}
+    ctx = type("Ctx", (), {"rng": jax.random.PRNGKey(0), "step": 0, "frozen": None})()
+    loss, aux = loss_fn({"w": W}, {}, batch, ctx)
+    want = lam * 0.5 * np.mean(np.sum(np.asarray(W).T[[0, 2]] ** 2, 1))
+    chex.assert_trees_all_close(loss, want, rtol=1e-6)
+    chex.assert_trees_all_close(aux["metrics"]["term/gradient_norm"], want / (lam / 2), rtol=1e-6)

@@ -3,6 +3,7 @@
 Zero for student = teacher; invariant to a positive rescaling of either model's output; parameter gradients match
 central finite differences (float64); Prop. 10 by Monte Carlo; layer pairing by module path, robust to the order of
 Linen module definitions; one step of a combined objective through ``jit_train_step``."""
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -11,8 +12,8 @@ import optax
 import pytest
 
 from gradjax import train as gtrain
-from gradjax.losses import combine as C
 from gradjax.losses import fullgrad_matching as FM
+from gradjax.losses import terms as LT
 from gradjax.model import ModelHandle
 from gradjax.models import VGG
 from gradjax.models.vgg import ConvBlock
@@ -86,7 +87,7 @@ def test_zero_for_identical_models(nets):
     pairs = FM.default_pairs(th, th, n["x"]) + (("block3", "block3"),)
     loss = _fg(n, th, th, pairs)
     assert loss.shape == (B,)
-    np.testing.assert_allclose(np.asarray(loss), 0.0, atol=1e-10)
+    chex.assert_trees_all_close(np.asarray(loss), 0.0, atol=1e-10)
     # ... and nonzero for different models, each pair in [0, 4]
     other = _fg(n, _h(n["student"], n["vs"]), th, MIXED)
     assert float(jnp.min(other)) > 1e-4 and float(jnp.max(other)) <= 4 * len(MIXED)
@@ -98,7 +99,7 @@ def test_invariant_to_positive_output_rescaling(nets):
     base = _fg(n, sh, th, MIXED)
     for s_scale, t_scale in ((3.7, None), (None, 0.02), (5.0, 11.0)):
         got = _fg(n, _h(n["student"], n["vs"], s_scale), _h(n["teacher"], n["vt"], t_scale), MIXED)
-        np.testing.assert_allclose(np.asarray(got), np.asarray(base), rtol=1e-4, atol=1e-6)
+        chex.assert_trees_all_close(np.asarray(got), np.asarray(base), rtol=1e-4, atol=1e-6)
     # a negative scale flips the signed channel sums: not invariant
     flipped = _fg(n, _h(n["student"], n["vs"], -1.0), th, MIXED)
     assert float(jnp.max(jnp.abs(flipped - base))) > 1e-3
@@ -127,7 +128,7 @@ def test_parameter_gradients_match_finite_differences(nets, x64):
     fd = (loss(plus) - loss(minus)) / (2 * eps)
     an = sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(d)))
     assert abs(float(an)) > 1e-3
-    np.testing.assert_allclose(float(an), float(fd), rtol=1e-5)
+    chex.assert_trees_all_close(float(an), float(fd), rtol=1e-5)
 
 
 class _Smooth(nn.Module):
@@ -195,7 +196,7 @@ def test_prop10_multiplicative_bias_noise(nets, x64):
     penalty, es, d, layers = r["penalty"], r["es"], r["d"], r["layers"]
     mc = jnp.mean(jnp.square(d), axis=0)                                    # E (y - f(b ⊙ xi))^2 at y = f
     lin = sum(es[l] @ r["grad_b"][l].T for l in layers)                     # first-order Taylor, [N, B]
-    np.testing.assert_allclose(np.asarray(mc), np.asarray(sigma ** 2 * penalty), rtol=4 * np.sqrt(2 / N))
+    chex.assert_trees_all_close(np.asarray(mc), np.asarray(sigma ** 2 * penalty), rtol=4 * np.sqrt(2 / N))
     assert float(jnp.max(jnp.abs(jnp.mean(d ** 2 - lin ** 2, 0)) / (sigma ** 2 * penalty))) < 0.1
     # the 'unit' noise variant (independent noise per position) is a different quantity
     unit = FM.bias_gradient_penalty(r["maps"], layers, noise="unit")
@@ -291,12 +292,12 @@ def test_pairing_by_module_path_survives_reordering(nets):
     ha, hb = _h(a, va), _h(b, vb)
     assert FM.default_layers(ha, n["x"]) == FM.default_layers(hb, n["x"]) == ("b0", "b1", "b2")
     pairs = FM.default_pairs(ha, hb, n["x"])
-    np.testing.assert_allclose(np.asarray(_fg(n, ha, hb, pairs)), 0.0, atol=1e-10)
+    chex.assert_trees_all_close(np.asarray(_fg(n, ha, hb, pairs)), 0.0, atol=1e-10)
     crossed = (("b0", "b1"), ("b1", "b2"))
-    np.testing.assert_allclose(np.asarray(_fg(n, ha, hb, crossed)), np.asarray(_fg(n, ha, ha, crossed)),
+    chex.assert_trees_all_close(np.asarray(_fg(n, ha, hb, crossed)), np.asarray(_fg(n, ha, ha, crossed)),
                                rtol=1e-6, atol=1e-7)
     th = _h(n["teacher"], n["vt"])
-    np.testing.assert_allclose(np.asarray(_fg(n, ha, th, (("b1", "block3"),))),
+    chex.assert_trees_all_close(np.asarray(_fg(n, ha, th, (("b1", "block3"),))),
                                np.asarray(_fg(n, hb, _h(n["teacher"], _reverse_keys(n["vt"])), (("b1", "block3"),))),
                                rtol=1e-6, atol=1e-7)
 
@@ -319,9 +320,9 @@ def test_errors(nets):
     with pytest.raises(ValueError, match="unknown model layer"):
         FM.bias_gradient_penalty(s_maps, ["nope"])
     with pytest.raises(ValueError, match="unknown layer"):
-        FM.bias_l2_penalty(n["vs"]["params"], ["nope"])
+        FM.bias_l2(n["vs"]["params"], ["nope"])
     with pytest.raises(ValueError, match="channel_reduce"):
-        FM.full_gradient_matching_term(channel_reduce="max")
+        LT.full_gradient_matching_term(channel_reduce="max")
 
 
 # ---------------------------------------------------------------------------------------- through the step
@@ -329,17 +330,17 @@ def test_terms_through_jit_train_step(nets):
     n = nets
     student, teacher = n["student"], n["teacher"]
     # eval-mode policy, student = teacher: the FG term is exactly zero inside the combinator
-    same = C.make_loss_fn(teacher.apply, [FM.full_gradient_matching_term(10.0)], teacher_apply_fn=teacher.apply,
+    same = LT.make_loss_fn(teacher.apply, [LT.full_gradient_matching_term(10.0)], teacher_apply_fn=teacher.apply,
                           policy="eval")
     ctx = gtrain.StepContext(rng=jax.random.PRNGKey(0), step=jnp.zeros((), jnp.int32), frozen={"teacher": n["vt"]})
     batch = {"image": np.asarray(n["x"]), "label": np.asarray(n["y"], np.int32)}
     l0, _ = same(n["vt"]["params"], {"batch_stats": n["vt"]["batch_stats"]}, batch, ctx)
     assert abs(float(l0)) < 1e-10
 
-    terms = [C.cross_entropy(), FM.full_gradient_matching_term(10.0), FM.bias_gradient_penalty_term(1.0),
-             FM.bias_weight_decay_term(0.1, layers=["block2"]), FM.full_gradient_matching_term(
+    terms = [LT.cross_entropy_term(), LT.full_gradient_matching_term(10.0), LT.bias_gradient_penalty_term(1.0),
+             LT.bias_l2_term(0.1, layers=["block2"]), LT.full_gradient_matching_term(
                  1.0, pairs=[("block1", "block0")], channel_reduce="abs", output="top", name="fg_abs")]
-    loss_fn = C.make_loss_fn(student.apply, terms, teacher_apply_fn=teacher.apply)
+    loss_fn = LT.make_loss_fn(student.apply, terms, teacher_apply_fn=teacher.apply)
     state = gtrain.create_train_state(student, optax.adam(1e-3), n["x"], seed=1)
     step = gtrain.jit_train_step(loss_fn, num_classes=K, donate=False)
     s1, m1 = step(state, batch, {"teacher": n["vt"]})

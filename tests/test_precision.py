@@ -18,6 +18,7 @@ import pytest
 from gradjax import precision as P
 from gradjax import trace
 from gradjax.fullgrad import completeness_residual, full_gradients
+from gradjax.gradients import logit_gradient
 from gradjax.model import ModelHandle as H
 from gradjax.models import MLP, TappedDense, create_model
 from gradjax.saliency import integrated_gradients_with_delta
@@ -169,6 +170,7 @@ def test_policy_composes_with_an_outer_jit_for_plain_callables():
     key = jax.random.PRNGKey(1)
     assert not P.audit(jax.jit(jax.grad(lambda z: lse(z).sum())), x, backend="gpu").exact  # without gradjax
     paths = {
+        "logit_gradient": lambda z: (logit_gradient(f, z) ** 2).sum(-1),  # the one gradient primitive
         "full_gradients": lambda z: full_gradients(H(m.apply, v), z).residual,
         "hutchinson": lambda z: trace.hutchinson_trace(lse, z, key, num_probes=2),
         "hutchpp": lambda z: trace.hutchpp_trace(lse, z, key, num_matvecs=3),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,7 +61,7 @@ def test_exact_trace_and_hvp_match_jax_hessian(x64):
 
     @jax.jit
     def run(x, v):
-        return dict(ref=reference_trace(f, x), default=T.exact_trace(f, x), c3=T.exact_trace(f, x, chunk_size=3),
+        return dict(ref=reference_trace(f, x), default=T.exact_trace(f, x), c3=T.exact_trace(f, x, chunk=3),
                     vm=T.exact_trace(f, x, batch_mode="vmap"), hvp=T.hvp(f, x, v),
                     hvp_vm=T.hvp(f, x, v, batch_mode="vmap"))
 
@@ -68,10 +69,10 @@ def test_exact_trace_and_hvp_match_jax_hessian(x64):
     tr_ref, H = r["ref"]
     assert r["default"].shape == (3,)
     for k in ("default", "c3", "vm"):
-        np.testing.assert_allclose(r[k], tr_ref, rtol=1e-12, atol=1e-12, err_msg=k)
+        chex.assert_trees_all_close(r[k], tr_ref, rtol=1e-12, atol=1e-12)
     Hv = jnp.einsum("bij,bj->bi", H, v.reshape(3, -1)).reshape(x.shape)
-    np.testing.assert_allclose(r["hvp"], Hv, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(r["hvp_vm"], Hv, rtol=1e-12, atol=1e-12)
+    chex.assert_trees_all_close(r["hvp"], Hv, rtol=1e-12, atol=1e-12)
+    chex.assert_trees_all_close(r["hvp_vm"], Hv, rtol=1e-12, atol=1e-12)
     assert float(jnp.min(jnp.abs(tr_ref))) > 1e-2  # a non-trivial Hessian
 
 
@@ -96,7 +97,7 @@ def test_hutchinson_is_unbiased(x64):
 
 
 def test_hutchinson_probe_scheme_and_chunking(x64):
-    """Probe n is fold_in(key, n) whatever the chunk size: a chunked run (with a padded last chunk) equals the
+    """Probe n is fold_in(key, n) whatever the chunk size: a chunked run (with a smaller last chunk) equals the
     hand-written, unchunked average of εᵀHε over those probes."""
     f, x = softplus_net(jnp.float64)
     key = jax.random.PRNGKey(7)
@@ -107,10 +108,10 @@ def test_hutchinson_probe_scheme_and_chunking(x64):
             v = T.sample_probes(jax.random.fold_in(key, i), x.shape, x.dtype, "rademacher")
             return jnp.sum((v * T.hvp(f, x, v)).reshape(x.shape[0], -1), axis=1)
         manual = jnp.mean(jax.vmap(one)(jnp.arange(7)), axis=0)
-        return manual, T.hutchinson_trace(f, x, key, num_probes=7, chunk_size=3)  # 3 chunks, last one padded
+        return manual, T.hutchinson_trace(f, x, key, num_probes=7, chunk=3)  # 2 chunks of 3, then one probe
 
     ref, out = run(x, key)
-    np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-12)
+    chex.assert_trees_all_close(out, ref, rtol=1e-12, atol=1e-12)
 
 
 @jax.jit
@@ -133,12 +134,12 @@ def test_hutchinson_variance_formulas_on_known_quadratic(x64):
     s = _quadratic_hutchinson_samples(jnp.asarray(A), jnp.asarray(rng.normal(size=D)), x, keys1)
     want = dict(rademacher=2 * (np.sum(A**2) - np.sum(np.diag(A) ** 2)), gaussian=2 * np.sum(A**2))
     for dist in ("rademacher", "gaussian"):
-        np.testing.assert_allclose(np.var(s[dist], axis=0, ddof=1), want[dist], rtol=0.1, err_msg=dist)
-        np.testing.assert_allclose(np.mean(s[dist], axis=0), np.trace(A), atol=4 * np.sqrt(want[dist] / 20000))
+        chex.assert_trees_all_close(np.var(s[dist], axis=0, ddof=1), want[dist], rtol=0.1)
+        chex.assert_trees_all_close(np.mean(s[dist], axis=0), np.trace(A), atol=4 * np.sqrt(want[dist] / 20000))
     # a diagonal Hessian has zero Rademacher variance: every probe is exact
     Ad = np.diag(np.arange(1.0, D + 1))
     s = _quadratic_hutchinson_samples(jnp.asarray(Ad), jnp.zeros(D), x, keys1)
-    np.testing.assert_allclose(s["rademacher"], np.full((20000, 2), D * (D + 1) / 2), rtol=1e-13)
+    chex.assert_trees_all_close(s["rademacher"], np.full((20000, 2), D * (D + 1) / 2), rtol=1e-13)
 
 
 # ------------------------------------------------------------------------------------ Taylor estimator
@@ -153,17 +154,17 @@ def test_taylor_bias_is_order_sigma_squared(x64):
 
     @jax.jit
     def run(x, key, sigma):
-        kw = dict(sigma=sigma, num_probes=N, chunk_size=500)
+        kw = dict(sigma=sigma, num_probes=N, chunk=500)
         one = T.taylor_trace(f, x, key, **kw)
         one_r = T.taylor_trace(lambda y: f(2 * x - y), x, key, **kw)
         anti = T.taylor_trace(f, x, key, form="antithetic", **kw)
-        hutch = T.hutchinson_trace(f, x, key, num_probes=N, distribution="gaussian", chunk_size=500)
+        hutch = T.hutchinson_trace(f, x, key, num_probes=N, distribution="gaussian", chunk=500)
         return one, one_r, anti, hutch
 
     bias = []
     for sigma in (0.2, 0.1, 0.05):
         one, one_r, anti, hutch = run(x, key, jnp.float64(sigma))
-        np.testing.assert_allclose(0.5 * (one + one_r), anti, rtol=1e-7)
+        chex.assert_trees_all_close(0.5 * (one + one_r), anti, rtol=1e-7)
         bias.append(np.asarray(anti - hutch))
     bias = np.array(bias)  # [3 sigmas, B]
     ratios = bias[:-1] / bias[1:]
@@ -202,12 +203,12 @@ def test_taylor_observation_5_8_on_quadratic(x64):
     tte, hut, eps = run(jax.random.split(jax.random.PRNGKey(0), 20000))
     tte4, hut4 = run4(rbg_keys(1, 8000))
     # per-sample identity with common random numbers
-    np.testing.assert_allclose(tte - hut, 2 * np.sum(eps * g, axis=-1) / sigma, rtol=1e-9, atol=1e-9)
+    chex.assert_trees_all_close(tte - hut, 2 * np.sum(eps * g, axis=-1) / sigma, rtol=1e-9, atol=1e-9)
     for N, t, h in ((1, tte, hut), (4, tte4, hut4)):
         extra = np.var(t, axis=0, ddof=1) - np.var(h, axis=0, ddof=1)
         print(f"\nN={N}: extra variance of one-sided TTE over Hutchinson {extra}; "
               f"thesis bound 4|g|^2/sigma^2 = {bound}")
-        np.testing.assert_allclose(extra, bound / N, rtol=0.1)
+        chex.assert_trees_all_close(extra, bound / N, rtol=0.1)
         assert np.all(extra <= 1.1 * bound)
         atol = 4 * np.sqrt((bound + 2 * np.sum(A**2)) / N / t.shape[0])
         np.testing.assert_array_less(np.abs(np.mean(t, axis=0) - np.trace(A)), atol)
@@ -270,8 +271,8 @@ def test_taylor_roundoff_warning_and_noise_floor(x64):
     fx, g = jax.jit(lambda x: (f64(x), jax.grad(lambda z: jnp.sum(f64(z)))(x)))(x64_)
     n1 = T.taylor_noise_floor(f64, x64_, sigma=0.1)  # computes f(x) and ∇f(x) itself
     n2 = T.taylor_noise_floor(f64, x64_, sigma=0.01, fx=fx, grad_fx=g)
-    np.testing.assert_allclose(n2.roundoff / n1.roundoff, 100.0, rtol=1e-9)
-    np.testing.assert_allclose(n1.gradient_spread, 2 * np.sqrt(np.sum(np.asarray(g).reshape(3, -1) ** 2, 1)) / 0.1,
+    chex.assert_trees_all_close(n2.roundoff / n1.roundoff, 100.0, rtol=1e-9)
+    chex.assert_trees_all_close(n1.gradient_spread, 2 * np.sqrt(np.sum(np.asarray(g).reshape(3, -1) ** 2, 1)) / 0.1,
                                rtol=1e-9)
     assert np.all(T.taylor_noise_floor(f64, x64_, sigma=0.1, form="antithetic", fx=fx, grad_fx=g).gradient_spread == 0)
     # in float64 the same tiny sigma is harmless: the floor is 2^29 times lower than in float32
@@ -289,7 +290,7 @@ def low_rank_plus_identity(D=40, rank=3, big=(100.0, 60.0, 30.0), small=0.5, see
 @jax.jit
 def _quadratic_hutchpp_vs_hutchinson(A, x, keys):
     f = lambda z: 0.5 * jnp.einsum("bi,ij,bj->b", z, A, z) + jnp.sum(z, axis=1)
-    return (jax.vmap(lambda k: T.hutchpp_trace(f, x, k, num_matvecs=12, chunk_size=2))(keys),
+    return (jax.vmap(lambda k: T.hutchpp_trace(f, x, k, num_matvecs=12, chunk=2))(keys),
             jax.vmap(lambda k: T.hutchinson_trace(f, x, k, num_probes=12))(keys))
 
 
@@ -299,7 +300,7 @@ def test_hutchpp_beats_hutchinson_at_equal_matvecs(x64):
     # rank 3 <= k = 12 // 3: the sketch captures the whole Hessian, Hutch++ is exact
     A0 = low_rank_plus_identity(small=0.0)
     hpp, _ = _quadratic_hutchpp_vs_hutchinson(jnp.asarray(A0), x, keys)  # same shapes: no recompilation
-    np.testing.assert_allclose(hpp, np.trace(A0), rtol=1e-10)
+    chex.assert_trees_all_close(hpp, np.trace(A0), rtol=1e-10)
     # dominant low-rank part + small identity: much lower variance than Hutchinson with the same 12 HVPs
     A = low_rank_plus_identity()
     hpp, hut = _quadratic_hutchpp_vs_hutchinson(jnp.asarray(A), x, keys)
@@ -317,14 +318,14 @@ def test_jit_equals_eager_and_value_grad_and_trace():
     grad_fx to the control-variate form). rbg keys: cheaper to compile, and same chunking on both sides."""
     f, x = softplus_net(jnp.float32)
     key = rbg_keys(9)
-    eager = {"exact": T.exact_trace(f, x), "hutchinson": T.hutchinson_trace(f, x, key, chunk_size=None),
-             "hutchpp": T.hutchpp_trace(f, x, key, num_matvecs=3, chunk_size=None),
-             "taylor": T.taylor_trace(f, x, key, sigma=0.1, num_probes=5, form="control_variate", chunk_size=None)}
+    eager = {"exact": T.exact_trace(f, x), "hutchinson": T.hutchinson_trace(f, x, key, chunk=5),
+             "hutchpp": T.hutchpp_trace(f, x, key, num_matvecs=3, chunk=5),
+             "taylor": T.taylor_trace(f, x, key, sigma=0.1, num_probes=5, form="control_variate", chunk=5)}
 
     @jax.jit
     def run(x, key, sigma):
         opts = {"exact": {}, "hutchinson": {}, "hutchpp": dict(num_matvecs=3),
-                "taylor": dict(sigma=sigma, num_probes=5, form="control_variate", chunk_size=None)}
+                "taylor": dict(sigma=sigma, num_probes=5, form="control_variate", chunk=5)}
         out = {m: T.value_grad_and_trace(f, x, key, method=m, **o) for m, o in opts.items()}
         out["reference"] = (f(x), jax.grad(lambda z: jnp.sum(f(z)))(x))
         return out
@@ -333,9 +334,9 @@ def test_jit_equals_eager_and_value_grad_and_trace():
     fx, g = out["reference"]
     for method in eager:
         v, gr, tr = out[method]
-        np.testing.assert_allclose(tr, eager[method], rtol=1e-4, atol=1e-4, err_msg=method)  # jit == eager
-        np.testing.assert_allclose(v, fx, rtol=1e-5, err_msg=method)
-        np.testing.assert_allclose(gr, g, rtol=1e-5, atol=1e-6, err_msg=method)
+        chex.assert_trees_all_close(tr, eager[method], rtol=1e-4, atol=1e-4)  # jit == eager
+        chex.assert_trees_all_close(v, fx, rtol=1e-5)
+        chex.assert_trees_all_close(gr, g, rtol=1e-5, atol=1e-6)
 
 
 def test_estimators_are_differentiable_wrt_parameters(x64):
@@ -353,7 +354,7 @@ def test_estimators_are_differentiable_wrt_parameters(x64):
                           T.taylor_trace(f, x, key, sigma=0.1, num_probes=3).sum()])
 
     jac, plus, minus = jax.jit(lambda W: (jax.jacrev(traces)(W), traces(W + h * d), traces(W - h * d)))(W)
-    np.testing.assert_allclose(jnp.tensordot(jac, d, axes=2), (plus - minus) / (2 * h), rtol=1e-7)
+    chex.assert_trees_all_close(jnp.tensordot(jac, d, axes=2), (plus - minus) / (2 * h), rtol=1e-7)
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -379,8 +380,8 @@ def test_bad_inputs_raise_clear_errors():
         T.hutchinson_trace(lambda z: z.reshape(z.shape[0], -1), x, key)
     with pytest.raises(ValueError, match="num_matvecs must be >= 3"):
         T.hutchpp_trace(f, x, key, num_matvecs=2)
-    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
-        T.hutchinson_trace(f, x, key, num_probes=4, chunk_size=0)
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        T.hutchinson_trace(f, x, key, num_probes=4, chunk=0)
     with pytest.raises(ValueError, match="v must have the shape of x"):
         T.hvp(f, x, x[:1])
     with pytest.raises(ValueError, match="grad_fx must have the shape of x"):
@@ -391,6 +392,19 @@ def test_bad_inputs_raise_clear_errors():
         T.value_grad_and_trace(f, x, key, method="hutchinson", sigma=0.1)
     with pytest.raises(ValueError, match="batch_mode"):
         T.exact_trace(f, x, batch_mode="loop")
+    probes = T.sample_probes(key, x.shape, x.dtype, "rademacher", num_probes=3)
+    with pytest.raises(ValueError, match="either a key or explicit probes"):
+        T.hutchinson_trace(f, x, key, probes=probes)
+    with pytest.raises(ValueError, match="pass a jax.random key, or explicit probes"):
+        T.taylor_trace(f, x, sigma=0.1)
+    with pytest.raises(ValueError, match=r"probes must have shape \[num_probes, \*x.shape\]"):
+        T.hutchinson_trace(f, x, probes=probes[:, :1])
+    with pytest.raises(ValueError, match="num_probes=2 but 3 probes"):
+        T.taylor_trace(f, x, sigma=0.1, num_probes=2, probes=probes)
+    with pytest.raises(ValueError, match="num_matvecs=6 uses 4 probes"):
+        T.hutchpp_trace(f, x, num_matvecs=6, probes=probes)
+    with pytest.raises(ValueError, match="floating-point"):
+        T.hutchinson_trace(f, x, probes=probes.astype(jnp.int32))
 
 
 @pytest.mark.usefixtures("fast_compilation")
@@ -407,9 +421,9 @@ def test_a_repeated_eager_call_compiles_nothing():
     f, x = softplus_net()
     key = jax.random.PRNGKey(3)
     calls = {
-        "hutchinson": lambda: T.hutchinson_trace(f, x, key, num_probes=5, chunk_size=2),
-        "taylor": lambda: T.taylor_trace(f, x, key, sigma=0.1, num_probes=3, chunk_size=2, warn_rtol=None),
-        "exact": lambda: T.exact_trace(f, x, chunk_size=3),
+        "hutchinson": lambda: T.hutchinson_trace(f, x, key, num_probes=5, chunk=2),
+        "taylor": lambda: T.taylor_trace(f, x, key, sigma=0.1, num_probes=3, chunk=2, warn_rtol=None),
+        "exact": lambda: T.exact_trace(f, x, chunk=3),
     }
     for name, call in calls.items():
         first = call()
@@ -421,3 +435,71 @@ def test_a_repeated_eager_call_compiles_nothing():
             jax.monitoring.unregister_event_duration_listener(listener)
         assert n[0] == 0, (name, n[0])
         np.testing.assert_array_equal(np.asarray(first), np.asarray(second))
+
+
+# ------------------------------------------------------------------------------------------ explicit probes
+# A quadratic f(x)_b = ½ x_bᵀ A x_b + bᵀ x_b (Hessian A, gradient A x + b) and a hand-made probe set [N=2, B=2, 3].
+A_P = np.array([[2.0, 0.5, 0.0], [0.5, 1.0, -0.3], [0.0, -0.3, 3.0]], np.float32)
+B_P = np.array([0.1, -0.2, 0.3], np.float32)
+X_P = np.array([[1.0, 0.0, -1.0], [0.5, 2.0, 0.0]], np.float32)
+E_P = np.array([[[1.0, -1.0, 1.0], [1.0, 1.0, -1.0]], [[-1.0, -1.0, 1.0], [0.5, -2.0, 0.0]]], np.float32)
+# Hutch++ with 9 matvecs uses k = 3 sketch probes (they span R^3 for both examples: exact) + 3 residual probes
+E_PP = np.concatenate([np.broadcast_to(np.array([[1.0, 1.0, 1.0], [1.0, -1.0, 1.0], [1.0, 1.0, -1.0]],
+                                                np.float32)[:, None], (3, 2, 3)), E_P, E_P[:1]])
+
+
+def _hand_estimates(sigma):
+    """εᵀAε averaged over E_P (Hutchinson; antithetic and control-variate Taylor are exact on a quadratic), plus
+    the one-sided Taylor sample's first-order term 2 gᵀε / σ."""
+    quad = np.einsum("nbi,ij,nbj->nb", E_P, A_P, E_P).mean(0)
+    g = X_P @ A_P + B_P
+    return {"hutchinson": quad, "antithetic": quad, "control_variate": quad,
+            "one_sided": quad + (2.0 / sigma) * np.einsum("nbi,bi->nb", E_P, g).mean(0), "hutchpp": np.trace(A_P)}
+
+
+def _estimators(f, sigma):
+    """{name: (probes or key, x) -> trace}: every randomized estimator, keyword ``probes`` or ``key``."""
+    out = {"hutchinson": lambda x, **k: T.hutchinson_trace(f, x, **k),
+           "hutchpp": lambda x, **k: T.hutchpp_trace(f, x, num_matvecs=9, **k)}
+    for form in ("one_sided", "antithetic", "control_variate"):
+        out[form] = (lambda fm: lambda x, **k: T.taylor_trace(f, x, sigma=sigma, form=fm, warn_rtol=None, **k))(form)
+    return out
+
+
+@pytest.mark.usefixtures("fast_compilation")
+class TestExplicitProbes(chex.TestCase):
+    """Every estimator takes explicit probe noise instead of a key (issue 22 item 7): the draws of
+    ``sample_probes(key, ..., num_probes=N)`` reproduce the key's estimate, and a hand-made probe set gives the
+    hand-computed estimate on a quadratic — with and without jit."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_key_draws_passed_as_probes_give_the_key_estimate(self):
+        f, x = quadratic(jnp.float32, A_P, B_P), jnp.asarray(X_P)
+        key = jax.random.PRNGKey(11)
+        n = {"hutchinson": 5, "hutchpp": 9 - 3, "one_sided": 3, "antithetic": 3, "control_variate": 3}
+        for name, est in _estimators(f, 0.1).items():
+            num = {} if name == "hutchpp" else {"num_probes": n[name]}
+            dist = "rademacher" if name.startswith("hutch") else "gaussian"
+            probes = T.sample_probes(key, x.shape, x.dtype, dist, num_probes=n[name])
+            by_key = self.variant(lambda x, key: est(x, key=key, chunk=2, **num))(x, key)
+            by_probes = self.variant(lambda x, p: est(x, probes=p, chunk=2))(x, probes)
+            # the same numbers up to float32 round-off (two separately compiled programs under jit; the one-sided
+            # Taylor form amplifies the round-off of f by 2/sigma^2)
+            chex.assert_trees_all_close(by_probes, by_key, rtol=1e-5, atol=1e-5)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_hand_made_probes_give_the_hand_computed_estimate(self):
+        sigma = 1.0  # exact on a quadratic for any sigma; 1.0 keeps the float32 round-off small
+        f = quadratic(jnp.float32, A_P, B_P)
+        want = _hand_estimates(sigma)
+        for name, est in _estimators(f, sigma).items():
+            probes = E_PP if name == "hutchpp" else E_P
+            got = self.variant(lambda x, p: est(x, probes=p))(jnp.asarray(X_P), jnp.asarray(probes))
+            chex.assert_trees_all_close(got, np.broadcast_to(want[name], (2,)), rtol=1e-5, atol=1e-5)
+        # one probe of x's shape is a probe set of one; value_grad_and_trace forwards probes too
+        one = self.variant(lambda x, p: T.hutchinson_trace(f, x, probes=p))(jnp.asarray(X_P), jnp.asarray(E_P[0]))
+        chex.assert_trees_all_close(one, np.einsum("bi,ij,bj->b", E_P[0], A_P, E_P[0]), rtol=1e-6)
+        v, g, tr = self.variant(lambda x, p: T.value_grad_and_trace(f, x, method="taylor", sigma=sigma,
+                                                                    form="antithetic", probes=p))(
+            jnp.asarray(X_P), jnp.asarray(E_P))
+        chex.assert_trees_all_close((g, tr), (X_P @ A_P + B_P, want["antithetic"]), rtol=1e-5, atol=1e-5)

@@ -3,7 +3,7 @@
 ``cross_entropy`` is the per-example loss (optax style, ``[B]``, no hidden batch reduction);
 ``classification_loss`` wraps it into a training ``loss_fn(params, model_state, batch, ctx) -> (loss, aux)`` for
 :mod:`gradjax.train` (the plain cross-entropy baseline). The Term factory
-:func:`gradjax.losses.combine.cross_entropy` calls :func:`cross_entropy` too.
+:func:`gradjax.losses.terms.cross_entropy_term` calls :func:`cross_entropy` too.
 
 This module imports neither :mod:`gradjax.train` nor the rest of :mod:`gradjax.losses`, so both can import it.
 """

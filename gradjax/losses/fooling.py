@@ -5,8 +5,8 @@
   logit-gradient by ``∇g``.
 * :func:`fooling_loss` — eq. 5.7 (Heo et al. 2019): ``L_fool = ‖s - m‖²`` per example with the normalized
   unsigned saliency ``s = |∇_x f_i| / (1ᵀ|∇_x f_i|)`` and a normalized binary mask ``m``; fine-tuning with
-  ``CE + λ L_fool`` pushes the logit-gradients into the mask (§5.7.2: 83.85 % of the energy in a 15×15 top-left
-  square, which holds 22 % of a 32×32 image).
+  ``CE + λ L_fool`` (the term :func:`gradjax.losses.terms.fooling_loss_term`) pushes the logit-gradients into
+  the mask (§5.7.2: 83.85 % of the energy in a 15×15 top-left square, which holds 22 % of a 32×32 image).
 * :func:`energy_fraction` — the §5.7.2 measurement: the share of ``Σ_c |g|`` inside the mask, for logit-,
   loss- and high-temperature (T = 1e3) loss-gradients (:func:`gradjax.gradients.loss_gradient` with
   ``temperature``).
@@ -27,7 +27,7 @@ from gradjax import _validation as V
 from gradjax import gradients as G
 
 __all__ = ["corner_mask", "saliency_distribution", "normalized_mask", "fooling_loss", "fooling_loss_of_model",
-           "energy_fraction", "shift_logits", "fooling_term"]
+           "energy_fraction", "shift_logits"]
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 
@@ -129,20 +129,3 @@ def shift_logits(logits_fn: LogitsFn, g: Callable[[jax.Array], jax.Array]) -> Lo
         return logits + gx[:, None].astype(logits.dtype)
 
     return shifted
-
-
-def fooling_term(weight: float, *, mask, name: str = "fool"):
-    """:class:`gradjax.losses.combine.Term` of eq. 5.7 on the label's logit-gradient, through ``inputs.student``
-    (the extra-pass BatchNorm policy; frozen moments by default). Fine-tune with ``[cross_entropy(1), fooling_term(λ,
-    mask=corner_mask(H))]`` (the thesis does not give λ)."""
-    from gradjax.losses.combine import Term
-
-    mask = np.asarray(mask, np.float32)
-    _check_mask(mask, mask.shape)
-
-    def fn(inp):
-        if inp.labels is None:
-            raise ValueError("fooling_term needs batch['label'].")
-        return fooling_loss_of_model(inp.student, inp.x, inp.labels, mask)[0]
-
-    return Term(name, fn, float(weight))

@@ -21,10 +21,12 @@ L1488, L1376).
 **Bias-gradient regularization** (§4.3, Proposition 10, L1342). Multiplicative noise ``xi ~ N(1, sigma^2 I)`` on
 the biases of a model gives ``E (y - f(x; w, b ⊙ xi))^2 ≈ (y - f)^2 + sigma^2 ||b ⊙ grad_b f||^2``:
 :func:`bias_gradient_penalty` is that second term for chosen layers. Its baselines (Table 4.3): weight decay on the
-chosen layer's bias parameters (:func:`bias_l2_penalty`, :func:`bias_weight_decay_term`) and dropout on that layer
+chosen layer's bias parameters (:func:`bias_l2`) and dropout on that layer
 (``gradjax.models.VGG(dropout_block=i, dropout_block_rate=p)``; ``experiments/bias_regularization.py``).
 
-**Inside a training loss** (:mod:`gradjax.losses.combine`): the student's maps come from a frozen-moments pass
+**Inside a training loss** (the terms :func:`~gradjax.losses.terms.full_gradient_matching_term`,
+:func:`~gradjax.losses.terms.bias_gradient_penalty_term` and :func:`~gradjax.losses.terms.bias_l2_term` of
+:mod:`gradjax.losses.terms`): the student's maps come from a frozen-moments pass
 (BatchNorm normalizes with the clean train-mode pass's batch moments under ``stop_gradient``: examples independent,
 completeness exact), differentiable w.r.t. the student's parameters (double backprop); the teacher runs in eval mode
 with its variables from ``ctx.frozen["teacher"]``, and its maps are constants.
@@ -40,10 +42,9 @@ import jax.numpy as jnp
 from gradjax import fullgrad as F
 from gradjax import model as gm
 from gradjax.gradients import PREDICTED
-from gradjax.losses.combine import Term, TermInputs
+from gradjax.imaging import bilinear_upsample
 from gradjax.losses.distillation import normalized_gradient_matching
 from gradjax.model import ModelHandle
-from gradjax.saliency.postprocess import bilinear_upsample
 
 Array = jax.Array
 PyTree = Any
@@ -52,8 +53,7 @@ ChannelReduce = Literal["sum", "abs"]
 Noise = Literal["parameter", "unit"]
 
 __all__ = ["bias_gradient_maps", "bias_map_shapes", "conv_layers", "default_layers", "default_pairs",
-           "channel_map", "full_gradient_matching", "bias_gradient_penalty", "bias_l2_penalty", "student_handle",
-           "teacher_handle", "full_gradient_matching_term", "bias_gradient_penalty_term", "bias_weight_decay_term"]
+           "channel_map", "full_gradient_matching", "bias_gradient_penalty", "bias_l2"]
 
 
 # ------------------------------------------------------------------------------------------------ extraction
@@ -65,7 +65,7 @@ def bias_gradient_maps(model: ModelHandle, x: Array, target=PREDICTED, *,
 
     Args:
       model: :class:`~gradjax.model.ModelHandle`; its ``apply_kwargs`` select the mode (eval by default; a
-        train-mode student uses :func:`student_handle`, a frozen-moments pass).
+        train-mode student uses :meth:`gradjax.losses.terms.TermInputs.student_handle`, a frozen-moments pass).
       x: ``[B, H, W, C]`` input.
       target: ``[B]`` int classes (the correct class, L1358), a scalar, or :data:`~gradjax.gradients.PREDICTED`.
       merge: grouping of bias sites into layers (:data:`gradjax.fullgrad.MERGE_MODES`); ``"conv_bn"`` (default)
@@ -277,7 +277,7 @@ def bias_gradient_penalty(maps: Mapping[str, Array], layers: Sequence[str], *, n
     return total
 
 
-def bias_l2_penalty(params: PyTree, layers: Sequence[str]) -> Array:
+def bias_l2(params: PyTree, layers: Sequence[str]) -> Array:
     """``0.5 sum_{l in layers} ||bias params of l||^2`` — the bias weight-decay baseline of thesis Table 4.3
     (§4.7.2, weight 1e-1). Leaves named ``bias`` in the module subtree of each layer (for a merged name such as
     ``"block7"`` the conv bias and BatchNorm's ``beta``). A scalar."""
@@ -298,96 +298,3 @@ def bias_l2_penalty(params: PyTree, layers: Sequence[str]) -> Array:
         if not found:
             raise ValueError(f"layer {l!r} has no bias parameters.")
     return 0.5 * total
-
-
-# -------------------------------------------------------------------------------------------- combinator terms
-def student_handle(inputs: TermInputs) -> ModelHandle:
-    """The student of a training loss as a :class:`ModelHandle` for one extra pass with examples independent:
-    frozen moments (policy ``"frozen"``: ``train=True`` with the clean pass's batch moments, same dropout mask) or
-    eval mode (policy ``"eval"``). Differentiable w.r.t. ``inputs.params``."""
-    if inputs.policy == "train":
-        raise ValueError("bias-gradient terms need examples to be independent: use the 'frozen' (default) or 'eval' "
-                         "BatchNorm policy in make_loss_fn.")
-    variables = {"params": inputs.params, **inputs.model_state}
-    frozen = inputs.policy == "frozen"
-    if frozen and inputs.moments:
-        variables[gm.MOMENTS] = inputs.moments
-    return ModelHandle(inputs.apply_fn, variables, (("train", frozen),))
-
-
-def teacher_handle(inputs: TermInputs) -> ModelHandle:
-    """The teacher (eval mode, variables from ``ctx.frozen["teacher"]`` under ``stop_gradient``) as a handle;
-    ``ValueError`` when the loss has no teacher."""
-    variables = inputs._teacher_variables()  # raises the combinator's error when the teacher is missing
-    return ModelHandle(inputs.teacher_apply_fn, variables, (("train", False),))
-
-
-def _target(inputs: TermInputs, output: str, what: str):
-    if output == "target":
-        if inputs.labels is None:
-            raise ValueError(f"{what}(output='target') needs batch['label'] (the correct class, thesis L1358).")
-        return inputs.labels
-    if output == "top":
-        return PREDICTED
-    raise ValueError(f"output must be 'target' (correct class) or 'top' (arg-max); got {output!r}.")
-
-
-def full_gradient_matching_term(weight: float = 1.0, *, pairs: Optional[Sequence[Pair]] = None,
-                                output: str = "target", merge: str = "conv_bn",
-                                channel_reduce: ChannelReduce = "sum", align_corners: bool = False,
-                                num_resolutions: int = 3, name: str = "fg") -> Term:
-    """Term ``delta * mean_b sum_l ||psi(f^b_l) - psi(g^b_l)||^2`` (thesis §4.2, eq. 4.3; "Match bias-gradients"
-    of §4.4.1 with ``delta = 10`` in the thesis) for :func:`gradjax.losses.make_loss_fn` (needs
-    ``teacher_apply_fn``).
-
-    One forward+backward pass per model per step: the teacher (eval mode; its maps are constants) and the student
-    (frozen-moments pass, :func:`student_handle`; differentiated w.r.t. its parameters by double backprop).
-    ``pairs=None``: :func:`default_pairs` (earliest conv of each of ``num_resolutions`` resolutions), resolved at
-    trace time from shapes. ``output``: ``"target"`` (correct class, L1358) or ``"top"`` (the teacher's
-    arg-max, used for both models). Other arguments: :func:`full_gradient_matching`, :func:`bias_gradient_maps`.
-    """
-    _check_reduce(channel_reduce)
-    if output not in ("target", "top"):
-        raise ValueError(f"output must be 'target' or 'top'; got {output!r}.")
-    fixed = None if pairs is None else _check_pairs(pairs)
-
-    def fn(inp: TermInputs) -> Array:
-        sh, th = student_handle(inp), teacher_handle(inp)
-        use = fixed if fixed is not None else default_pairs(sh, th, inp.x, merge=merge,
-                                                            num_resolutions=num_resolutions)
-        t_maps, t = bias_gradient_maps(th, inp.x, _target(inp, output, "full_gradient_matching_term"), merge=merge)
-        t_maps = jax.lax.stop_gradient(t_maps)
-        s_maps, _ = bias_gradient_maps(sh, inp.x, jax.lax.stop_gradient(t), merge=merge)
-        return full_gradient_matching(s_maps, t_maps, use, channel_reduce=channel_reduce, align_corners=align_corners)
-
-    return Term(name, fn, float(weight))
-
-
-def bias_gradient_penalty_term(weight: float = 1e2, *, layers: Optional[Sequence[str]] = None,
-                               output: str = "target", merge: str = "conv_bn", noise: Noise = "parameter",
-                               name: str = "bias_grad") -> Term:
-    """Term ``lambda * mean_b sum_l ||b_l ⊙ grad_{b_l} f(x_b)||^2`` (thesis §4.3, Proposition 10; Table 4.3 uses
-    ``lambda = 1e2`` on one final conv layer). ``layers=None``: the last convolutional layer in call order
-    (:func:`conv_layers`). The student's maps come from one frozen-moments pass (:func:`student_handle`)."""
-    if output not in ("target", "top"):
-        raise ValueError(f"output must be 'target' or 'top'; got {output!r}.")
-    if noise not in ("parameter", "unit"):
-        raise ValueError(f"noise must be 'parameter' (Prop. 10) or 'unit'; got {noise!r}.")
-    fixed = None if layers is None else tuple(str(l) for l in ([layers] if isinstance(layers, str) else layers))
-
-    def fn(inp: TermInputs) -> Array:
-        sh = student_handle(inp)
-        use = fixed if fixed is not None else (conv_layers(sh, inp.x, merge=merge)[-1][0],)
-        maps, _ = bias_gradient_maps(sh, inp.x, _target(inp, output, "bias_gradient_penalty_term"), merge=merge)
-        return bias_gradient_penalty(maps, use, noise=noise)
-
-    return Term(name, fn, float(weight))
-
-
-def bias_weight_decay_term(weight: float = 1e-1, *, layers: Sequence[str], name: str = "bias_wd") -> Term:
-    """Term ``gamma * 0.5 ||bias params of layers||^2`` — the bias weight-decay baseline of thesis Table 4.3
-    (``gamma = 1e-1``; :func:`bias_l2_penalty`). A scalar (parameter-level) term."""
-    use = tuple(str(l) for l in ([layers] if isinstance(layers, str) else layers))
-    if not use:
-        raise ValueError("bias_weight_decay_term needs at least one layer.")
-    return Term(name, lambda inp: bias_l2_penalty(inp.params, use), float(weight))

@@ -1,8 +1,11 @@
 """Noise-robustness regularizers of thesis ch. 2: the input-gradient-norm penalty (Prop. 2 logit form, eq. 2.3
-cross-entropy form) and the l2 weight-decay baseline of Table 2.2. (The dropout baseline is a model option:
-``gradjax.models.create_model(..., dropout=0.25)``.)
+cross-entropy form; also the chapter-5 "Gradient-Norm" regularizer, §5.5) and the l2 weight-decay baseline of
+Table 2.2. (The dropout baseline is a model option: ``gradjax.models.create_model(..., dropout=0.25)``.)
 
-Per-example functions return ``[B]``; :func:`l2_penalty` is a parameter-level scalar.
+The squared input-gradient norm is written once, :func:`gradient_sq_norm`: :func:`gradient_norm` and the
+score-matching family (:mod:`gradjax.losses.score_matching`, eq. 5.4's ``½‖∇f‖²``) use it. Per-example functions
+return ``[B]``; :func:`l2` is a parameter-level scalar. Their training terms:
+:func:`gradjax.losses.terms.gradient_norm_term`, :func:`gradjax.losses.terms.l2_term`.
 """
 from __future__ import annotations
 
@@ -17,10 +20,18 @@ from gradjax.losses.distillation import _check_x, _sum_per_example, jacobian_row
 Array = jax.Array
 LogitsFn = Callable[[Array], Array]
 
-__all__ = ["gradient_norm_penalty", "l2_penalty", "noisy_cross_entropy"]
+__all__ = ["gradient_sq_norm", "gradient_norm", "l2", "noisy_cross_entropy"]
 
 
-def gradient_norm_penalty(logits_fn: LogitsFn, x: Array, labels: Optional[Array] = None, *,
+def gradient_sq_norm(grad: Array) -> Array:
+    """``‖g_b‖²`` per example, ``[B]``, of per-example input-gradients ``grad`` ``[B, ...]`` — the one squared
+    gradient norm of :mod:`gradjax.losses` (:func:`gradient_norm`, score-matching's ``½‖∇f‖²``, eq. 5.4)."""
+    if jnp.ndim(grad) < 2:
+        raise ValueError(f"grad must be per-example input-gradients [B, ...]; got shape {tuple(jnp.shape(grad))}.")
+    return _sum_per_example(jnp.square(grad))
+
+
+def gradient_norm(logits_fn: LogitsFn, x: Array, labels: Optional[Array] = None, *,
                           form: Literal["cross_entropy", "logit"] = "cross_entropy",
                           output: Literal["target", "top", "full"] = "target", temperature: float = 1.0) -> Array:
     """Input-gradient-norm penalty, the regularizer that input noise ``xi ~ N(0, sigma^2 I)`` induces.
@@ -34,7 +45,8 @@ def gradient_norm_penalty(logits_fn: LogitsFn, x: Array, labels: Optional[Array]
       class; ``labels`` required) or ``"top"`` (the arg-max class, no labels).
     * ``form="logit"`` — Prop. 2 with squared error on the logits: ``l_b = sum_{i in I_b} ||grad_x S^i(x_b)||^2``
       with ``I_b`` the label (``"target"``), arg-max (``"top"``) or all classes (``"full"``, Prop. 2 exactly:
-      ``E sum_i (y^i - S^i(x+xi))^2 = sum_i (y^i - S^i)^2 + sigma^2 l_b + O(sigma^4)``).
+      ``E sum_i (y^i - S^i(x+xi))^2 = sum_i (y^i - S^i)^2 + sigma^2 l_b + O(sigma^4)``). Half of it with
+      ``output="target"`` is the chapter-5 "Gradient-Norm" regularizer ``½ ||grad_x f_{y_b}(x_b)||^2`` (§5.5).
 
     ``logits_fn`` must treat examples independently (eval mode or frozen BatchNorm moments). Returns ``[B]``.
     """
@@ -57,12 +69,12 @@ def gradient_norm_penalty(logits_fn: LogitsFn, x: Array, labels: Optional[Array]
 
     if form == "logit":
         _, g = jacobian_rows(logits_fn, x, None if output == "full" else rows)
-        return _sum_per_example(jnp.square(g))
+        return gradient_sq_norm(g)
     if output == "full":
         raise ValueError("form='cross_entropy' (eq. 2.3) sums over the label class only; use output='target' or 'top'.")
     log_probs = lambda z: jax.nn.log_softmax(logits_fn(z) / temperature, axis=-1)
     _, g = jacobian_rows(log_probs, x, lambda lp: rows(lp))
-    return _sum_per_example(jnp.square(g))
+    return gradient_sq_norm(g)
 
 
 def noisy_cross_entropy(logits_fn: LogitsFn, x: Array, targets: Array, key: Array, *, sigma: float,
@@ -77,12 +89,12 @@ def noisy_cross_entropy(logits_fn: LogitsFn, x: Array, targets: Array, key: Arra
     return jnp.mean(jax.lax.map(one, xi), axis=0)
 
 
-def l2_penalty(params: Any, *, include_bias: bool = True) -> Array:
+def l2(params: Any, *, include_bias: bool = True) -> Array:
     """``0.5 * sum_w ||w||^2`` over the parameter pytree (the l2 baseline of Table 2.2, gamma = 1e-3; a scalar,
     not per-example). ``include_bias=False`` skips leaves named ``bias`` and BatchNorm ``scale``."""
     leaves = jax.tree_util.tree_leaves_with_path(params)
     if not leaves:
-        raise ValueError("l2_penalty: params has no array leaves.")
+        raise ValueError("l2: params has no array leaves.")
     total = jnp.zeros((), jnp.float32)
     for path, leaf in leaves:
         name = str(getattr(path[-1], "key", path[-1]))

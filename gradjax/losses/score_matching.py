@@ -1,4 +1,4 @@
-"""Score-matching, anti-score-matching and gradient-norm regularizers of thesis ch. 5 (§5.3, §5.5, §5.8).
+"""Score-matching and anti-score-matching regularizers of thesis ch. 5 (§5.3, §5.5, §5.8).
 
 The implicit density model (§5.3): ``log p_θ(x | y=i) = f_i(x) - log Z_i``, so the label logit ``f_y`` is an
 unnormalized log-density and its input-gradient the score. Every function here is a *per-example* objective
@@ -12,11 +12,16 @@ function                  per-example value                                     
 ========================  =====================================================  ===========================
 score_matching            ``h + ½ ‖g‖² + μ h²``                                   eq. 5.4 (μ h² = §5.3.3)
 anti_score_matching       ``-min(h, τ)`` (no gradient once ``h > τ``)            §5.5 "Anti-score-matching"
-gradient_norm             ``½ ‖g‖²``                                              §5.5 "Gradient-Norm"
 ========================  =====================================================  ===========================
 
+The third regularizer of §5.5, "Gradient-Norm" ``½ ‖g‖²``, is the one gradient-norm penalty of gradjax:
+``½ ·`` :func:`gradjax.losses.regularizers.gradient_norm` with ``form="logit"`` (its term:
+``gradjax.losses.terms.gradient_norm_term(λ / 2, form="logit")``). The squared norm ``‖g‖²`` here is
+:func:`gradjax.losses.regularizers.gradient_sq_norm` too. The training terms of this module are
+:func:`gradjax.losses.terms.score_matching_term` and :func:`gradjax.losses.terms.anti_score_matching_term`.
+
 The authors' code reduces them as ``0.5 Σ‖g‖²/B + mean(tr) + μ mean(tr²)`` (score-matching),
-``-mean(min(tr, τ))`` (anti) and ``0.5 Σ‖g‖²/B`` (gradient norm) — the batch mean of the values above.
+``-mean(min(tr, τ))`` (anti) and ``0.5 Σ‖g‖²/B`` (gradient norm) — the batch mean of the per-example values.
 
 **Names.** The thesis writes μ for the stability weight and τ for the anti-score-matching clamp; the authors'
 code calls the stability weight ``tau`` and the clamp ``thresh``. Here: ``mu`` and ``tau`` as in the thesis.
@@ -53,6 +58,7 @@ import numpy as np
 from gradjax import _validation as V
 from gradjax import gradients as G
 from gradjax import trace as T
+from gradjax.losses.regularizers import gradient_sq_norm
 
 __all__ = [
     "ESTIMATORS",
@@ -61,14 +67,9 @@ __all__ = [
     "label_logit_fn",
     "score_matching_from_terms",
     "anti_score_matching_from_terms",
-    "gradient_norm_from_terms",
     "score_matching",
     "anti_score_matching",
-    "gradient_norm",
     "implied_regularizer",
-    "score_matching_term",
-    "anti_score_matching_term",
-    "gradient_norm_term",
 ]
 
 ScalarFn = Callable[[jax.Array], jax.Array]
@@ -92,7 +93,7 @@ class DensityTerms(NamedTuple):
         """``‖∇_{x_b} f‖²`` per example, ``[B]``."""
         if self.grad is None:
             raise ValueError("these DensityTerms were computed without the gradient (need_grad=False).")
-        return jnp.sum(jnp.square(self.grad).reshape(self.grad.shape[0], -1), axis=1)
+        return gradient_sq_norm(self.grad)
 
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -122,10 +123,6 @@ def _check_grad(grad, batch: Optional[int] = None) -> None:
     V.check_floating(grad, "grad")
 
 
-def _sq_norm(g: jax.Array) -> jax.Array:
-    return jnp.sum(jnp.square(g).reshape(g.shape[0], -1), axis=1)
-
-
 # ----------------------------------------------------------------------------------- regularizers from terms
 def score_matching_from_terms(trace: jax.Array, grad: jax.Array, *, mu: float) -> jax.Array:
     """Stabilized score-matching per example, thesis eq. 5.4 (bracketed term) with §5.3.3's stability term:
@@ -138,7 +135,7 @@ def score_matching_from_terms(trace: jax.Array, grad: jax.Array, *, mu: float) -
     _check_per_example(trace, "trace")
     _check_grad(grad, jnp.shape(trace)[0])
     _check_positive(mu, "mu", allow_zero=True)
-    return trace + 0.5 * _sq_norm(grad) + mu * jnp.square(trace)
+    return trace + 0.5 * gradient_sq_norm(grad) + mu * jnp.square(trace)
 
 
 def anti_score_matching_from_terms(trace: jax.Array, *, tau: float) -> jax.Array:
@@ -152,12 +149,6 @@ def anti_score_matching_from_terms(trace: jax.Array, *, tau: float) -> jax.Array
     if V.is_concrete(tau) and not np.isfinite(np.asarray(tau)):
         raise ValueError(f"tau must be finite; got {tau}.")
     return -jnp.minimum(trace, jnp.asarray(tau, trace.dtype))
-
-
-def gradient_norm_from_terms(grad: jax.Array) -> jax.Array:
-    """Gradient-norm regularizer per example (thesis §5.5): ``reg_b = ½ ‖∇_x f_{y_b}(x_b)‖²``, ``[B]``."""
-    _check_grad(grad)
-    return 0.5 * _sq_norm(grad)
 
 
 # ------------------------------------------------------------------------------------------ model-level terms
@@ -174,8 +165,9 @@ def density_terms(f: ScalarFn, x: jax.Array, key: Optional[jax.Array] = None, *,
                   need_trace: bool = True, estimator: Estimator = "taylor", sigma: float = 0.01,
                   num_probes: int = 1, form: Literal["one_sided", "antithetic", "control_variate"] = "one_sided",
                   distribution: Optional[str] = None, noisy_f: Optional[ScalarFn] = None,
-                  value_and_grad: Optional[tuple[jax.Array, jax.Array]] = None,
-                  chunk_size: Optional[int] = 8, num_matvecs: Optional[int] = None) -> DensityTerms:
+                  value_and_grad: Optional[tuple[jax.Array, jax.Array]] = None, num_matvecs: Optional[int] = None,
+                  probes: Optional[jax.Array] = None, chunk: Optional[int] = None,
+                  memory_budget: Optional[int] = None) -> DensityTerms:
     """``f(x)``, ``∇_{x_b} f(x)_b`` and a Hessian-trace estimate ``h_b`` — what the ch. 5 regularizers need.
 
     ``f``: batched scalar function ``x [B, ...] -> [B]`` (e.g. :func:`label_logit_fn`), differentiable w.r.t.
@@ -195,7 +187,10 @@ def density_terms(f: ScalarFn, x: jax.Array, key: Optional[jax.Array] = None, *,
 
     ``distribution``: probe law (default Gaussian for Taylor as in the thesis, Rademacher for Hutchinson).
     ``value_and_grad``: ``(f(x), ∇f(x))`` if the caller already has them (skips one forward+backward).
-    ``key`` is required for the randomized estimators.
+    The randomized estimators need ``key`` — or explicit probe noise ``probes`` ``[num_probes, *x.shape]``
+    (unit scale; Hutch++: ``[num_matvecs - num_matvecs // 3, *x.shape]``), e.g. another implementation's, in
+    which case ``key`` is ``None`` and ``num_probes`` is taken from ``probes``. ``chunk``/``memory_budget``: probes
+    per evaluation (``None``: sized from the budget; see :mod:`gradjax.trace`).
     """
     V.check_floating(x, "x")
     if jnp.ndim(x) < 2:
@@ -208,8 +203,10 @@ def density_terms(f: ScalarFn, x: jax.Array, key: Optional[jax.Array] = None, *,
     if need_trace:
         if estimator == "taylor":
             _check_positive(sigma, "sigma")
-        if estimator != "exact" and key is None:
-            raise ValueError(f"estimator={estimator!r} is randomized and needs a jax.random key.")
+        if estimator != "exact" and key is None and probes is None:
+            raise ValueError(f"estimator={estimator!r} is randomized and needs a jax.random key (or probes=...).")
+        if estimator == "exact" and probes is not None:
+            raise ValueError("estimator='exact' uses no probes; drop probes=.")
         if estimator == "hutchpp" and num_matvecs is None:
             raise ValueError("estimator='hutchpp' needs num_matvecs=... (>= 3).")
         if noisy_f is not None and estimator != "taylor":
@@ -228,28 +225,30 @@ def density_terms(f: ScalarFn, x: jax.Array, key: Optional[jax.Array] = None, *,
     if not need_trace:
         return DensityTerms(fx, g if need_grad else None, None)
 
+    chunking = dict(chunk=chunk, memory_budget=memory_budget)
+    n = None if probes is not None else num_probes
     if estimator == "taylor":
-        tr = T.taylor_trace(noisy_f or f, x, key, sigma=sigma, num_probes=num_probes,
-                            distribution=distribution or "gaussian", form=form, fx=fx,
-                            grad_fx=g if form == "control_variate" else None, chunk_size=chunk_size,
-                            warn_rtol=None)
+        tr = T.taylor_trace(noisy_f or f, x, key, sigma=sigma, num_probes=n, distribution=distribution or "gaussian",
+                            form=form, fx=fx, grad_fx=g if form == "control_variate" else None, warn_rtol=None,
+                            probes=probes, **chunking)
     elif estimator == "hutchinson":
-        tr = T.hutchinson_trace(f, x, key, num_probes=num_probes, distribution=distribution or "rademacher",
-                                chunk_size=chunk_size)
+        tr = T.hutchinson_trace(f, x, key, num_probes=n, distribution=distribution or "rademacher", probes=probes,
+                                **chunking)
     elif estimator == "hutchpp":
         tr = T.hutchpp_trace(f, x, key, num_matvecs=num_matvecs, distribution=distribution or "rademacher",
-                             chunk_size=chunk_size)
+                             probes=probes, **chunking)
     else:
         tr = T.exact_trace(f, x)
     return DensityTerms(fx, g if need_grad else None, tr)
 
 
-def score_matching(f: ScalarFn, x: jax.Array, key: Optional[jax.Array], *, mu: float = 1e-4,
+def score_matching(f: ScalarFn, x: jax.Array, key: Optional[jax.Array] = None, *, mu: float = 1e-4,
                    **trace_options) -> tuple[jax.Array, DensityTerms]:
     """Stabilized score-matching regularizer per example (thesis eq. 5.4, §5.3.3): ``h + ½‖∇f‖² + μ h²``.
 
     ``f``: ``x -> [B]`` label logit; ``trace_options``: see :func:`density_terms` (default: one-sided Taylor,
-    σ = 0.01, one probe — the authors' code). Returns ``(reg [B], terms)``. The training loss is
+    σ = 0.01, one probe — the authors' code; ``probes=`` instead of ``key`` for explicit probe noise). Returns
+    ``(reg [B], terms)``. The training loss is
     ``CE + λ · mean(reg)`` (thesis λ = 1e-3, μ = 1e-4; the authors' code λ = 1e-5, μ = 1e-3). Note
     :func:`implied_regularizer`: with the one-sided estimator ``μ h²`` hides a ``4μ/(Nσ²) ‖∇f‖²`` term.
     """
@@ -258,7 +257,7 @@ def score_matching(f: ScalarFn, x: jax.Array, key: Optional[jax.Array], *, mu: f
     return score_matching_from_terms(terms.trace, terms.grad, mu=mu), terms
 
 
-def anti_score_matching(f: ScalarFn, x: jax.Array, key: Optional[jax.Array], *, tau: float = 1000.0,
+def anti_score_matching(f: ScalarFn, x: jax.Array, key: Optional[jax.Array] = None, *, tau: float = 1000.0,
                         sigma: float = 1e-3, **trace_options) -> tuple[jax.Array, DensityTerms]:
     """Anti-score-matching regularizer per example (thesis §5.5): ``-min(h, τ)``, ``(reg [B], terms)``.
 
@@ -269,14 +268,6 @@ def anti_score_matching(f: ScalarFn, x: jax.Array, key: Optional[jax.Array], *, 
     """
     terms = density_terms(f, x, key, need_grad=False, need_trace=True, sigma=sigma, **trace_options)
     return anti_score_matching_from_terms(terms.trace, tau=tau), terms
-
-
-def gradient_norm(f: ScalarFn, x: jax.Array) -> tuple[jax.Array, DensityTerms]:
-    """Gradient-norm regularizer per example (thesis §5.5): ``½ ‖∇_{x_b} f(x)_b‖²``, ``(reg [B], terms)``.
-
-    One forward and one backward pass (double backprop when trained). Thesis λ = 1e-3."""
-    terms = density_terms(f, x, None, need_grad=True, need_trace=False)
-    return gradient_norm_from_terms(terms.grad), terms
 
 
 # ------------------------------------------------------------------------------------- what is really applied
@@ -322,50 +313,3 @@ def implied_regularizer(*, mu: float, sigma: Optional[float] = None, num_probes:
             "hessian_fro_sq": c_var if dist == "gaussian" else 0.0,
             "hessian_offdiag_sq": c_var if dist == "rademacher" else 0.0,
             "hidden_grad_sq_norm": hidden, "hidden_to_explicit": hidden / 0.5}
-
-
-# --------------------------------------------------------------------------- terms for gradjax.losses.combine
-def _labels_of(inp, what: str) -> jax.Array:
-    if inp.labels is None:
-        raise ValueError(f"{what} needs batch['label'] (the implicit density is the label's logit).")
-    return inp.labels
-
-
-def score_matching_term(weight: float = 1e-3, *, mu: float = 1e-4, name: str = "score_matching", **trace_options):
-    """:class:`gradjax.losses.combine.Term` of :func:`score_matching` on the label logit, weight ``λ``
-    (thesis λ = 1e-3, μ = 1e-4; authors' code λ = 1e-5, μ = 1e-3). The passes go through ``inputs.student``, i.e.
-    the BatchNorm policy of :func:`gradjax.losses.combine.make_loss_fn`: ``"frozen"`` (per-example traces) or
-    ``"train"`` (the authors': every noisy batch normalized with its own moments; the running statistics are
-    updated by the clean pass only)."""
-    from gradjax.losses.combine import Term
-
-    _check_positive(mu, "mu", allow_zero=True)
-
-    def fn(inp):
-        f = label_logit_fn(inp.student, _labels_of(inp, "score_matching_term"))
-        return score_matching(f, inp.x, inp.rng, mu=mu, **trace_options)[0]
-
-    return Term(name, fn, float(weight))
-
-
-def anti_score_matching_term(weight: float = 1e-4, *, tau: float = 1000.0, sigma: float = 1e-3,
-                             name: str = "anti_score_matching", **trace_options):
-    """:class:`~gradjax.losses.combine.Term` of :func:`anti_score_matching` (thesis λ = 1e-4, τ = 1000)."""
-    from gradjax.losses.combine import Term
-
-    def fn(inp):
-        f = label_logit_fn(inp.student, _labels_of(inp, "anti_score_matching_term"))
-        return anti_score_matching(f, inp.x, inp.rng, tau=tau, sigma=sigma, **trace_options)[0]
-
-    return Term(name, fn, float(weight))
-
-
-def gradient_norm_term(weight: float = 1e-3, *, name: str = "gradient_norm"):
-    """:class:`~gradjax.losses.combine.Term` of the ch. 5 :func:`gradient_norm` ``½‖∇_x f_y‖²`` (thesis
-    λ = 1e-3). (The ch. 2 :func:`gradjax.losses.combine.gradient_norm` penalizes the cross-entropy's gradient.)"""
-    from gradjax.losses.combine import Term
-
-    def fn(inp):
-        return gradient_norm(label_logit_fn(inp.student, _labels_of(inp, "gradient_norm_term")), inp.x)[0]
-
-    return Term(name, fn, float(weight))
