@@ -341,6 +341,12 @@ def test_sample_distributions():
 def test_gaussian_blur_preserves_mass_and_does_not_grow_norm():
     x = jnp.zeros((9, 9, 2)).at[4, 4, :].set(1.0)
     y = ia.gaussian_blur(x, 1.0)
+    # by hand: a delta blurs into the outer product of the 1-D kernel exp(-t^2 / 2 sigma^2), |t| <= ceil(2 sigma)
+    k = np.exp(-0.5 * np.arange(-2.0, 3.0) ** 2)
+    k /= k.sum()
+    want = np.zeros((9, 9, 2), np.float32)
+    want[2:7, 2:7, :] = np.outer(k, k)[..., None]
+    chex.assert_trees_all_close(y, want, rtol=1e-5, atol=1e-7)
     chex.assert_trees_all_close(y.sum((0, 1)), jnp.array([1.0, 1.0]), rtol=1e-5)
     assert float(jnp.linalg.norm(y)) <= float(jnp.linalg.norm(x))
 
