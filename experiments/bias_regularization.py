@@ -6,9 +6,9 @@ benefits arise when applying these regularizers to final convolutional layers"),
 * ``none``: CE only;
 * ``dropout``: ``Dropout(p = 0.5)`` on that layer's output (``VGG(dropout_block=i)``), active in training;
 * ``bias wd``: CE + ``1e-1 * 0.5 ||b||^2`` on that layer's bias parameters (conv bias and BatchNorm beta;
-  :func:`gradjax.losses.fullgrad_matching.bias_weight_decay_term`);
+  :func:`gradjax.losses.terms.bias_l2_term`);
 * ``bias-grad``: CE + ``1e2 * ||b ⊙ grad_b f_y(x)||^2`` (Proposition 10's penalty, correct-class logit, b the
-  folded conv+BN bias; :func:`gradjax.losses.fullgrad_matching.bias_gradient_penalty_term`).
+  folded conv+BN bias; :func:`gradjax.losses.terms.bias_gradient_penalty_term`).
 
 The constants are the thesis's grid-search choices (L1438). Every run goes through the one training engine
 (:func:`gradjax.losses.make_loss_fn` -> :func:`gradjax.train.jit_train_step` -> :func:`gradjax.train.fit`).
@@ -25,13 +25,12 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
 from experiments import common
 from gradjax import data as gdata
-from gradjax.losses import combine as C
+from gradjax.losses import terms as LT
 from gradjax.losses import fullgrad_matching as FM
 from gradjax.models import VGG, VGG_CONFIGS
 
@@ -45,25 +44,13 @@ THESIS = {"n": [50, 100, 500], "rows": {  # Table 4.3, CIFAR-100, VGG-11, mean o
     "bias-grad": [36.02, 48.76, 71.49]}}
 
 
-@dataclass
-class Preset:
-    dataset: str
-    arch: str
-    width: float
-    n_per_class: tuple
-    seeds: int
-    steps: int
-    batch_size: int
-    lr: float = 1e-3
-    epochs: int = 0
-    drop_at: float = 0.8
-    max_test: int = 0
-
-
-PRESETS = {
-    "smoke": Preset("", "vgg4", 1 / 16, (2,), 1, 2, 8, max_test=64),
-    "small": Preset("", "vgg11", 1 / 16, (10, 50, 100), 2, 300, 32),
-    "paper": Preset("cifar100", "vgg11", 1.0, (50, 100, 500), 2, 0, 128, epochs=100),
+PRESETS = {  # extra: n per class, lr drop point
+    "smoke": common.Scale(model="vgg4", width=1 / 16, seeds=1, steps=2, batch_size=8, lr=1e-3, max_test=64,
+                          extra=dict(n_per_class=(2,), drop_at=0.8)),
+    "small": common.Scale(model="vgg11", width=1 / 16, seeds=2, steps=300, batch_size=32, lr=1e-3,
+                          extra=dict(n_per_class=(10, 50, 100), drop_at=0.8)),
+    "paper": common.Scale(model="vgg11", width=1.0, seeds=2, batch_size=128, lr=1e-3, epochs=100, dataset="cifar100",
+                          extra=dict(n_per_class=(50, 100, 500), drop_at=0.8)),
 }
 
 
@@ -82,12 +69,12 @@ def build(method: str, arch: str, num_classes: int, width: float):
     idx, layer = final_conv_block(arch)
     model = VGG(VGG_CONFIGS[arch], num_classes, width=width,
                 dropout_block=idx if method == "dropout" else None, dropout_block_rate=DROPOUT_P)
-    terms = [C.cross_entropy()]
+    terms = [LT.cross_entropy_term()]
     if method == "bias wd":
-        terms.append(FM.bias_weight_decay_term(BIAS_WD, layers=[layer]))
+        terms.append(LT.bias_l2_term(BIAS_WD, layers=[layer]))
     elif method == "bias-grad":
-        terms.append(FM.bias_gradient_penalty_term(BIAS_GRAD, layers=[layer]))
-    return model, C.make_loss_fn(model.apply, terms, dropout=method == "dropout")
+        terms.append(LT.bias_gradient_penalty_term(BIAS_GRAD, layers=[layer]))
+    return model, LT.make_loss_fn(model.apply, terms, dropout=method == "dropout")
 
 
 def main(argv=None) -> dict:
@@ -95,30 +82,19 @@ def main(argv=None) -> dict:
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
     p.add_argument("--n-per-class", default=None, help="comma-separated subset sizes (default: the scale's)")
     args = p.parse_args(argv)
-    pre = PRESETS[args.scale]
-    dataset = args.dataset or pre.dataset or common.default_dataset()
-    seeds = args.seeds or pre.seeds
+    pre, dataset, seeds, out = common.setup(args, PRESETS, "bias_regularization")
     methods = common.parse_methods(args.methods, METHODS)
-    out = args.out or os.path.join("runs", f"bias_regularization-{dataset}-{args.scale}")
-    os.makedirs(out, exist_ok=True)
     t0 = time.time()
 
-    train, test = common.load(dataset, data_dir=args.data_dir)
-    if pre.max_test:
-        test = test.subset(np.arange(min(len(test), pre.max_test)))
+    train, test = common.load(dataset, data_dir=args.data_dir, max_test=pre.max_test)
     K = train.num_classes
     ns, per_class_max = common.per_class_sizes(train, args.n_per_class, pre.n_per_class)
     if not ns:
         raise ValueError(f"no n per class in {args.n_per_class or list(pre.n_per_class)} fits the training split "
                          f"(at most {per_class_max} per class).")
-    _, layer = final_conv_block(pre.arch)
+    _, layer = final_conv_block(pre.model)
 
-    def steps_for(n_examples: int) -> int:
-        if args.steps:
-            return args.steps
-        if pre.epochs:
-            return pre.epochs * max(1, n_examples // pre.batch_size)
-        return pre.steps
+    steps_for = lambda n_examples: common.step_budget(pre, n_examples, pre.steps, args.steps)  # noqa: E731
 
     trainers, results, last_terms = {}, {m: {} for m in methods}, {m: {} for m in methods}
     for n in ns:
@@ -129,7 +105,7 @@ def main(argv=None) -> dict:
                 steps = steps_for(len(sub))
                 key = (m, steps)
                 if key not in trainers:
-                    model, loss = build(m, pre.arch, K, pre.width)
+                    model, loss = build(m, pre.model, K, pre.width)
                     trainers[key] = common.Trainer(model, loss, common.adam_step_decay(pre.lr, steps, pre.drop_at),
                                                  steps=steps, batch_size=pre.batch_size, num_classes=K)
                 tr = trainers[key]
@@ -147,14 +123,14 @@ def main(argv=None) -> dict:
     rows = [[m] + [common.fmt(results[m][n]) for n in ns] for m in methods]
     thesis_rows = [[f"{m} (thesis, CIFAR-100)"] + [f"{THESIS['rows'][m][THESIS['n'].index(n)]:.2f}"
                                                    if n in THESIS["n"] else "—" for n in ns] for m in methods]
-    table = (f"Table 4.3 — {dataset}, {pre.arch} width {pre.width:g}, regularized layer {layer} (final conv), "
+    table = (f"Table 4.3 — {dataset}, {pre.model} width {pre.width:g}, regularized layer {layer} (final conv), "
              f"dropout p={DROPOUT_P:g}, bias wd {BIAS_WD:g}, bias-grad lambda {BIAS_GRAD:g}, {seeds} seed(s), "
              f"test accuracy % (mean ± std)\n\n" + common.markdown_table(header, rows)
              + "\n\nThesis (CIFAR-100, VGG-11, 2 runs):\n\n" + common.markdown_table(header, thesis_rows))
     common.plot_lines(os.path.join(out, "table4_3.png"), ns, {m: [results[m][n] for n in ns] for m in methods},
                     xlabel="examples per class", ylabel="test accuracy (%)", logx=True,
-                    title=f"Bias-gradient regularization ({dataset}, {pre.arch}, layer {layer})")
-    res = {"table": "4.3", "scale": args.scale, "dataset": dataset, "arch": pre.arch, "width": pre.width,
+                    title=f"Bias-gradient regularization ({dataset}, {pre.model}, layer {layer})")
+    res = {"table": "4.3", "scale": args.scale, "dataset": dataset, "arch": pre.model, "width": pre.width,
            "layer": layer, "seeds": seeds, "n_per_class": ns, "steps": sorted({k[1] for k in trainers}),
            "batch_size": pre.batch_size, "dropout_p": DROPOUT_P, "bias_wd": BIAS_WD, "bias_grad": BIAS_GRAD,
            "optimizer": f"adam {pre.lr} -> {pre.lr / 10} at {pre.drop_at:.0%} of steps", "results": results,

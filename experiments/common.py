@@ -198,6 +198,24 @@ def out_dir(args, script: str, dataset: Optional[str] = None) -> str:
     return d
 
 
+def setup(args, presets: dict, script: str) -> tuple[Scale, str, int, str]:
+    """``(preset, dataset, seeds, out)`` of a run: the preset of ``args.scale``, ``--dataset`` else the preset's
+    else :func:`default_dataset`, ``--seeds`` else the preset's, and :func:`out_dir`."""
+    pre = presets[args.scale]
+    dataset = args.dataset or pre.dataset or default_dataset()
+    return pre, dataset, getattr(args, "seeds", None) or pre.seeds, out_dir(args, script, dataset)
+
+
+def step_budget(pre: Scale, n_examples: int, fixed: int, override: Optional[int] = None) -> int:
+    """The steps of one run: ``override`` (``--steps``), else ``pre.epochs`` epochs of ``n_examples`` at
+    ``pre.batch_size`` (paper scale), else the fixed budget ``fixed``."""
+    if override:
+        return override
+    if pre.epochs:
+        return pre.epochs * max(1, n_examples // pre.batch_size)
+    return fixed
+
+
 def command(script: str, argv=None) -> str:
     """The command line that ran ``script`` (for ``results.json``)."""
     return f"python -m experiments.{script} " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -324,7 +342,7 @@ class Trainer:
     or ``epochs`` (passes over the data in :func:`gradjax.data.batches` order); ``batch_size`` is the global batch.
 
     Placement: single-process runs use :func:`gradjax.train.jit_train_step`; whenever more than one process is
-    running (``mesh`` defaults to :func:`gradjax.distributed.global_mesh` then; pass a mesh to shard a
+    running (``mesh`` defaults to :func:`gradjax.train.data_mesh` then; pass a mesh to shard a
     single-process run) the step is :func:`gradjax.train.sharded_train_step` on the mesh, the initial state and
     ``frozen`` (teachers' variables) are replicated on every device, each process reads only its rows of every
     global batch (same global order as one process), and :meth:`evaluate` is the distributed evaluation. Results
@@ -337,7 +355,7 @@ class Trainer:
             raise ValueError("give exactly one of steps (a fixed budget) or epochs.")
         self.model, self.tx, self.num_classes = model, tx, num_classes
         self.batch_size, self.steps, self.epochs = batch_size, steps, epochs
-        self.mesh = (gdist.global_mesh() if jax.process_count() > 1 else None) if mesh == "auto" else mesh
+        self.mesh = (gtrain.data_mesh() if jax.process_count() > 1 else None) if mesh == "auto" else mesh
         if self.mesh is not None:
             n = self.mesh.devices.size
             if batch_size % n:
@@ -358,7 +376,7 @@ class Trainer:
         if init_params is not None:  # copies: the compiled step donates (deletes) its input state's buffers
             params, model_state = jax.tree.map(lambda a: jnp.array(a, copy=True), local_copy(init_params))
             state = state.replace(params=params, model_state=model_state, opt_state=self.tx.init(params))
-        return gdist.replicate(state, self.mesh) if self.mesh is not None else state
+        return gtrain.replicate(state, self.mesh) if self.mesh is not None else state
 
     def batches(self, ds: gdata.ArrayDataset, *, seed: int) -> tuple[Callable, int, int]:
         """``(epoch_batches, num_epochs, steps_per_epoch)`` of ``ds`` for :func:`gradjax.train.fit` (this
@@ -382,20 +400,22 @@ class Trainer:
 
         def global_sampled(epoch: int, start: int):
             for b in sample(epoch, start):
-                yield gdist.to_global({k: v[rows] for k, v in b.items()}, mesh, global_batch_size=bs)
+                yield gtrain.shard({k: v[rows] for k, v in b.items()}, mesh, global_batch_size=bs)
 
         return global_sampled, num_epochs, per_epoch
 
     def evaluate(self, state: gtrain.TrainState, ds: gdata.ArrayDataset, *, batch_size: int = 256) -> dict:
         """Accuracy and mean cross-entropy of ``state`` on all of ``ds`` (split over every device of every process
         in a multi-process run)."""
-        if self.mesh is not None:
-            n = self.mesh.devices.size
-            return gdist.evaluate(state, ds, max(n, batch_size // n * n), self.mesh)
         if self._eval_step is None:
             self._eval_step = gtrain.make_eval_step(self.model.apply)
-        return gtrain.evaluate(state, gdata.batches(ds, batch_size, shuffle=False, drop_remainder=False),
-                               self._eval_step)
+        if self.mesh is not None:
+            n = self.mesh.devices.size
+            batches = gdist.global_batches(ds, max(n, batch_size // n * n), self.mesh, shuffle=False,
+                                           drop_remainder=False)
+        else:
+            batches = gdata.batches(ds, batch_size, shuffle=False, drop_remainder=False)
+        return gtrain.evaluate(state, batches, self._eval_step)
 
     # -- the loop
     def run(self, train_ds: gdata.ArrayDataset, *, seed: int, frozen: Any = None, init_params: Any = None,
@@ -407,9 +427,9 @@ class Trainer:
         if state is None:
             state = self.init_state(train_ds.images, seed=seed, init_params=init_params)
         elif self.mesh is not None:
-            state = gdist.replicate(state, self.mesh)
+            state = gtrain.replicate(state, self.mesh)
         if frozen is not None and self.mesh is not None:
-            frozen = gdist.replicate(frozen, self.mesh)
+            frozen = gtrain.replicate(frozen, self.mesh)
         epoch_batches, num_epochs, per_epoch = self.batches(train_ds, seed=seed)
         eval_fn = None if eval_ds is None else (lambda s: self.evaluate(s, eval_ds))
         if log_every is None:

@@ -19,13 +19,12 @@ from __future__ import annotations
 import sys
 import os
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
 from experiments import common
 from gradjax import data as gdata
-from gradjax.losses import combine as C
+from gradjax.losses import terms as LT
 from gradjax.models import create_model
 
 METHODS = {
@@ -48,31 +47,20 @@ THESIS = {  # Table 2.1, CIFAR-100, per class 1 / 5 / 10 / 50 / 100 / 500 (refer
 THESIS_N = [1, 5, 10, 50, 100, 500]
 
 
-@dataclass
-class Preset:
-    dataset: str
-    teacher: str
-    student: str
-    width: float
-    n_per_class: tuple
-    seeds: int
-    teacher_steps: int
-    student_steps: int  # fixed budget (small/smoke); at paper scale: epochs x batches per epoch
-    batch_size: int
-    lr: float = 1e-3
-    epochs: int = 0  # paper: 500
-    max_test: int = 0
-
-
-PRESETS = {
-    "smoke": Preset("", "vgg4", "vgg4", 1 / 16, (1, 2), 2, 3, 2, 8, max_test=64),
-    "small": Preset("", "vgg9", "vgg4", 1 / 16, (1, 5, 10, 50, 100), 3, 800, 150, 32),
-    "paper": Preset("cifar100", "vgg9", "vgg4", 1.0, (1, 5, 10, 50, 100, 500), 1, 0, 0, 128, epochs=500),
+PRESETS = {  # model: the student; extra: teacher, n per class, teacher / student step budgets (paper: epochs)
+    "smoke": common.Scale(model="vgg4", width=1 / 16, seeds=2, batch_size=8, lr=1e-3, max_test=64,
+                          extra=dict(teacher="vgg4", n_per_class=(1, 2), teacher_steps=3, student_steps=2)),
+    "small": common.Scale(model="vgg4", width=1 / 16, seeds=3, batch_size=32, lr=1e-3,
+                          extra=dict(teacher="vgg9", n_per_class=(1, 5, 10, 50, 100), teacher_steps=800,
+                                     student_steps=150)),
+    "paper": common.Scale(model="vgg4", width=1.0, seeds=1, batch_size=128, lr=1e-3, epochs=500, dataset="cifar100",
+                          extra=dict(teacher="vgg9", n_per_class=(1, 5, 10, 50, 100, 500), teacher_steps=0,
+                                     student_steps=0)),
 }
 
 
 def _terms(keys):
-    make = {"ce": C.cross_entropy, "act": C.activation_matching, "jac": C.jacobian_matching}
+    make = {"ce": LT.cross_entropy_term, "act": LT.activation_matching_term, "jac": LT.jacobian_matching_term}
     return [make[k](1.0) for k in keys]
 
 
@@ -81,31 +69,19 @@ def main(argv=None) -> dict:
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
     p.add_argument("--n-per-class", default=None, help="comma-separated subset sizes (default: the scale's)")
     args = p.parse_args(argv)
-    pre = PRESETS[args.scale]
-    dataset = args.dataset or pre.dataset or common.default_dataset()
-    seeds = args.seeds or pre.seeds
+    pre, dataset, seeds, out = common.setup(args, PRESETS, "distill_fewshot")
     methods = common.parse_methods(args.methods, METHODS)
-    out = args.out or os.path.join("runs", f"distill_fewshot-{dataset}-{args.scale}")
-    os.makedirs(out, exist_ok=True)
     t0 = time.time()
 
-    train, test = common.load(dataset, data_dir=args.data_dir)
-    if pre.max_test:
-        test = test.subset(np.arange(min(len(test), pre.max_test)))
+    train, test = common.load(dataset, data_dir=args.data_dir, max_test=pre.max_test)
     K = train.num_classes
     ns, _ = common.per_class_sizes(train, args.n_per_class, pre.n_per_class)
-
-    def steps_for(n_examples: int, fixed: int) -> int:
-        if args.steps:
-            return args.steps
-        if pre.epochs:
-            return pre.epochs * max(1, n_examples // pre.batch_size)
-        return fixed
+    steps_for = lambda n_examples, fixed: common.step_budget(pre, n_examples, fixed, args.steps)  # noqa: E731
 
     # ---- teacher: VGG-9 with CE on the whole training split (same engine)
     teacher_model = create_model(pre.teacher, K, width=pre.width)
     t_steps = steps_for(len(train), pre.teacher_steps)
-    teacher_trainer = common.Trainer(teacher_model, C.make_loss_fn(teacher_model.apply, [C.cross_entropy()]),
+    teacher_trainer = common.Trainer(teacher_model, LT.make_loss_fn(teacher_model.apply, [LT.cross_entropy_term()]),
                                    common.adam_step_decay(pre.lr, t_steps), steps=t_steps,
                                    batch_size=pre.batch_size, num_classes=K)
     tstate = teacher_trainer.run(train, seed=1000)
@@ -113,7 +89,7 @@ def main(argv=None) -> dict:
     teacher_acc = common.accuracy(teacher_model.apply, teacher_vars, test)[0]
     print(f"teacher {pre.teacher} test accuracy {100 * teacher_acc:.2f} % ({time.time() - t0:.0f} s)", flush=True)
 
-    student_model = create_model(pre.student, K, width=pre.width)
+    student_model = create_model(pre.model, K, width=pre.width)
     student_init = common.compiled_init(student_model)  # one compiled init for every student trainer
     frozen = {"teacher": teacher_vars}
     trainers = {}
@@ -126,7 +102,7 @@ def main(argv=None) -> dict:
                 steps = steps_for(len(sub), pre.student_steps)
                 key = (m, steps)
                 if key not in trainers:
-                    loss = C.make_loss_fn(student_model.apply, _terms(METHODS[m]), teacher_apply_fn=teacher_model.apply)
+                    loss = LT.make_loss_fn(student_model.apply, _terms(METHODS[m]), teacher_apply_fn=teacher_model.apply)
                     trainers[key] = common.Trainer(student_model, loss, common.adam_step_decay(pre.lr, steps), steps=steps,
                                                    batch_size=pre.batch_size, num_classes=K, init_fn=student_init)
                 st = trainers[key].run(sub, seed=s, frozen=frozen)
@@ -138,13 +114,13 @@ def main(argv=None) -> dict:
     rows = [[m] + [common.fmt(results[m][n]) for n in ns] for m in methods]
     thesis_rows = [[f"{m} (thesis, CIFAR-100)"] + [f"{THESIS[m][THESIS_N.index(n)]:.2f}" if n in THESIS_N else "—"
                                                    for n in ns] for m in methods]
-    table = (f"Table 2.1 — {dataset}, teacher {pre.teacher} ({100 * teacher_acc:.2f} %), student {pre.student}, "
+    table = (f"Table 2.1 — {dataset}, teacher {pre.teacher} ({100 * teacher_acc:.2f} %), student {pre.model}, "
              f"width {pre.width:g}, {seeds} seed(s), test accuracy % (mean ± std)\n\n"
              + common.markdown_table(header, rows) + "\n\nThesis (CIFAR-100, one run):\n\n" + common.markdown_table(header, thesis_rows))
     common.plot_lines(os.path.join(out, "table2_1.png"), ns, {m: [results[m][n] for n in ns] for m in methods},
                     xlabel="examples per class", ylabel="student test accuracy (%)", logx=True,
-                    title=f"Few-shot distillation ({dataset}, {pre.teacher}->{pre.student})")
-    res = {"table": "2.1", "scale": args.scale, "dataset": dataset, "teacher": pre.teacher, "student": pre.student,
+                    title=f"Few-shot distillation ({dataset}, {pre.teacher}->{pre.model})")
+    res = {"table": "2.1", "scale": args.scale, "dataset": dataset, "teacher": pre.teacher, "student": pre.model,
            "width": pre.width, "seeds": seeds, "n_per_class": ns, "teacher_accuracy": teacher_acc,
            "teacher_steps": t_steps, "student_steps": sorted({k[1] for k in trainers}), "batch_size": pre.batch_size,
            "optimizer": f"adam {pre.lr} -> {pre.lr / 10} at 80% of steps", "results": results, "thesis": THESIS,

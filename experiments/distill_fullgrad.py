@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +32,7 @@ from experiments import common
 from gradjax import data as gdata
 from gradjax import distributed as gdist
 from gradjax import gradients as G
-from gradjax.losses import combine as C
+from gradjax.losses import terms as LT
 from gradjax.losses import fullgrad_matching as FM
 from gradjax.model import ModelHandle
 from gradjax.models import create_model
@@ -64,38 +63,25 @@ THESIS = {  # reference values (CIFAR-100 Table 4.1: n = 5/10/50/100/500; CIFAR-
 }
 
 
-@dataclass
-class Preset:
-    dataset: str
-    teacher: str
-    student: str
-    width: float
-    n_per_class: tuple
-    seeds: int
-    teacher_steps: int
-    student_steps: int
-    batch_size: int
-    lr: float = 1e-3
-    epochs: int = 0
-    drop_at: float = 0.8
-    max_test: int = 0
-
-
-PRESETS = {
-    "smoke": Preset("", "vgg4", "vgg4", 1 / 16, (2,), 1, 3, 2, 8, max_test=64),
-    "small": Preset("", "vgg9", "vgg11", 1 / 16, (5, 10, 50, 100), 2, 800, 200, 32),
-    "paper": Preset("cifar100", "vgg9", "vgg11", 1.0, (5, 10, 50, 100, 500), 2, 0, 0, 128, epochs=300,
-                    drop_at=250 / 300),
+PRESETS = {  # model: the student; extra: teacher, n per class, step budgets (paper: epochs), lr drop point
+    "smoke": common.Scale(model="vgg4", width=1 / 16, seeds=1, batch_size=8, lr=1e-3, max_test=64,
+                          extra=dict(teacher="vgg4", n_per_class=(2,), teacher_steps=3, student_steps=2, drop_at=0.8)),
+    "small": common.Scale(model="vgg11", width=1 / 16, seeds=2, batch_size=32, lr=1e-3,
+                          extra=dict(teacher="vgg9", n_per_class=(5, 10, 50, 100), teacher_steps=800,
+                                     student_steps=200, drop_at=0.8)),
+    "paper": common.Scale(model="vgg11", width=1.0, seeds=2, batch_size=128, lr=1e-3, epochs=300, dataset="cifar100",
+                          extra=dict(teacher="vgg9", n_per_class=(5, 10, 50, 100, 500), teacher_steps=0,
+                                     student_steps=0, drop_at=250 / 300)),
 }
 
 
 def _terms(keys, pairs, weight: float = WEIGHT):
     make = {
-        "ce": lambda: C.cross_entropy(WEIGHT),
-        "act": lambda: C.activation_matching(weight),
-        "jac": lambda: C.jacobian_matching(weight),
-        "att": lambda: C.attention_matching(weight, pairs=pairs, p=1.0),
-        "fg": lambda: FM.full_gradient_matching_term(weight, pairs=pairs),
+        "ce": lambda: LT.cross_entropy_term(WEIGHT),
+        "act": lambda: LT.activation_matching_term(weight),
+        "jac": lambda: LT.jacobian_matching_term(weight),
+        "att": lambda: LT.attention_matching_term(weight, pairs=pairs, p=1.0),
+        "fg": lambda: LT.full_gradient_matching_term(weight, pairs=pairs),
     }
     return [make[k]() for k in keys]
 
@@ -110,17 +96,17 @@ def input_gradient_angle(student_grad: jax.Array, teacher_grad: jax.Array) -> ja
     return jnp.degrees(jnp.arccos(jnp.clip(cos, -1.0, 1.0)))
 
 
-def gradient_angle_term(name: str = "angle") -> C.Term:
+def gradient_angle_term(name: str = "angle") -> LT.Term:
     """A metric-only term (weight 0, no gradient): the angle between the student's (frozen-moments pass) and the
     teacher's correct-class input-gradients on the training batch, logged as ``term/angle`` (thesis Fig. 4.1a)."""
     def fn(inp):
         gs = G.logit_gradient(inp.student, inp.x, inp.labels)
         gt = G.logit_gradient(inp.teacher, inp.x, inp.labels)
         return jax.lax.stop_gradient(input_gradient_angle(gs, gt))
-    return C.term(name, fn, 0.0)
+    return LT.term(name, fn, 0.0)
 
 
-def train_teacher(pre: Preset, dataset: str, train, test, *, steps: int, cache_dir=None):
+def train_teacher(pre: common.Scale, dataset: str, train, test, *, steps: int, cache_dir=None):
     """``(teacher model, variables, test accuracy)``: ``pre.teacher`` trained with CE on the whole training split
     through the one engine; with ``cache_dir`` the variables are stored there (msgpack) and reused by later runs of
     the chapter-4 scripts with the same dataset, architecture, width and step budget."""
@@ -135,7 +121,7 @@ def train_teacher(pre: Preset, dataset: str, train, test, *, steps: int, cache_d
             variables = serialization.from_bytes(template, f.read())
         print(f"teacher loaded from {path}", flush=True)
     else:
-        trainer = common.Trainer(model, C.make_loss_fn(model.apply, [C.cross_entropy()]),
+        trainer = common.Trainer(model, LT.make_loss_fn(model.apply, [LT.cross_entropy_term()]),
                                common.adam_step_decay(pre.lr, steps, pre.drop_at), steps=steps,
                                batch_size=pre.batch_size, num_classes=K)
         variables = trainer.run(train, seed=1000).variables
@@ -153,32 +139,18 @@ def layer_pairs(student_model, teacher_model, teacher_vars, x0) -> tuple:
                             ModelHandle(teacher_model.apply, common.local_copy(teacher_vars)), x0)
 
 
-def student_trainer(student_model, teacher_model, method: str, pairs, *, pre: Preset, steps: int, num_classes: int,
+def student_trainer(student_model, teacher_model, method: str, pairs, *, pre: common.Scale, steps: int, num_classes: int,
                     angle: bool = False, weight: float = WEIGHT, init_fn=None) -> common.Trainer:
     """One compiled trainer for ``method`` (:data:`METHODS`); ``angle=True`` adds :func:`gradient_angle_term`;
     ``weight``: of every matching term (CE keeps :data:`WEIGHT`); ``init_fn``: a shared
     :func:`experiments.common.compiled_init` of ``student_model``."""
     terms = _terms(METHODS[method], pairs, weight) + ([gradient_angle_term()] if angle else [])
-    loss = C.make_loss_fn(student_model.apply, terms, teacher_apply_fn=teacher_model.apply)
+    loss = LT.make_loss_fn(student_model.apply, terms, teacher_apply_fn=teacher_model.apply)
     return common.Trainer(student_model, loss, common.adam_step_decay(pre.lr, steps, pre.drop_at), steps=steps,
                           batch_size=pre.batch_size, num_classes=num_classes, init_fn=init_fn)
 
 
-def steps_for(pre: Preset, n_examples: int, fixed: int, override=None) -> int:
-    """The step budget: ``override``, else ``pre.epochs`` epochs of ``n_examples`` (paper), else ``fixed``."""
-    if override:
-        return override
-    if pre.epochs:
-        return pre.epochs * max(1, n_examples // pre.batch_size)
-    return fixed
-
-
-def load_data(pre: Preset, dataset: str, data_dir=None):
-    """``(train, test)`` of ``dataset``, the test split cut to ``pre.max_test`` examples when set (smoke)."""
-    train, test = common.load(dataset, data_dir=data_dir)
-    if pre.max_test:
-        test = test.subset(np.arange(min(len(test), pre.max_test)))
-    return train, test
+steps_for = common.step_budget  # the step budget: --steps, else the preset's epochs (paper), else a fixed budget
 
 
 def main(argv=None) -> dict:
@@ -190,15 +162,11 @@ def main(argv=None) -> dict:
     p.add_argument("--weight", type=float, default=WEIGHT, help="weight of every matching term (thesis: 10; CE "
                    "keeps 10) — for sensitivity diagnostics, reported beside the thesis setting")
     args = p.parse_args(argv)
-    pre = PRESETS[args.scale]
-    dataset = args.dataset or pre.dataset or common.default_dataset()
-    seeds = args.seeds or pre.seeds
+    pre, dataset, seeds, out = common.setup(args, PRESETS, "distill_fullgrad")
     methods = common.parse_methods(args.methods, METHODS)
-    out = args.out or os.path.join("runs", f"distill_fullgrad-{dataset}-{args.scale}")
-    os.makedirs(out, exist_ok=True)
     t0 = time.time()
 
-    train, test = load_data(pre, dataset, args.data_dir)
+    train, test = common.load(dataset, data_dir=args.data_dir, max_test=pre.max_test)
     K = train.num_classes
     ns, _ = common.per_class_sizes(train, args.n_per_class, pre.n_per_class)
 
@@ -208,7 +176,7 @@ def main(argv=None) -> dict:
                                                              cache_dir=cache)
     print(f"teacher {pre.teacher} test accuracy {100 * teacher_acc:.2f} % ({time.time() - t0:.0f} s)", flush=True)
 
-    student_model = create_model(pre.student, K, width=pre.width)
+    student_model = create_model(pre.model, K, width=pre.width)
     pairs = layer_pairs(student_model, teacher_model, teacher_vars, train.images[:2])
     print(f"layer pairs (student, teacher): {pairs}", flush=True)
     student_init = common.compiled_init(student_model)
@@ -239,15 +207,15 @@ def main(argv=None) -> dict:
     ref_name = dataset if dataset in THESIS else "cifar100"
     thesis_rows = [[f"{m} (thesis, {ref_name})"] + [f"{ref['rows'][m][ref['n'].index(n)]:.2f}" if n in ref["n"]
                                                       else "—" for n in ns] for m in methods]
-    table = (f"Tables 4.1/4.2 — {dataset}, teacher {pre.teacher} ({100 * teacher_acc:.2f} %), student {pre.student}, "
+    table = (f"Tables 4.1/4.2 — {dataset}, teacher {pre.teacher} ({100 * teacher_acc:.2f} %), student {pre.model}, "
              f"width {pre.width:g}, {seeds} seed(s), CE weight {WEIGHT:g}, matching weights {args.weight:g}, pairs {list(pairs)}, test accuracy % "
              f"(mean ± std)\n\n" + common.markdown_table(header, rows)
              + f"\n\nThesis ({ref_name}, teacher {ref['teacher']} %):\n\n" + common.markdown_table(header, thesis_rows))
     common.plot_lines(os.path.join(out, "table4_1.png"), ns, {m: [results[m][n] for n in ns] for m in methods},
                     xlabel="examples per class", ylabel="student test accuracy (%)", logx=True,
-                    title=f"Full-gradient distillation ({dataset}, {pre.teacher}->{pre.student})")
+                    title=f"Full-gradient distillation ({dataset}, {pre.teacher}->{pre.model})")
     res = {"table": "4.1/4.2", "scale": args.scale, "dataset": dataset, "teacher": pre.teacher,
-           "student": pre.student, "width": pre.width, "seeds": seeds, "n_per_class": ns,
+           "student": pre.model, "width": pre.width, "seeds": seeds, "n_per_class": ns,
            "teacher_accuracy": teacher_acc, "teacher_steps": t_steps, "pairs": [list(p_) for p_ in pairs],
            "student_steps": sorted({k[1] for k in trainers}), "batch_size": pre.batch_size, "weight": args.weight, "ce_weight": WEIGHT,
            "optimizer": f"adam {pre.lr} -> {pre.lr / 10} at {pre.drop_at:.0%} of steps", "results": results,

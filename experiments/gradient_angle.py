@@ -76,14 +76,10 @@ def main(argv=None) -> dict:
         raise ValueError(f"--parts must list 'a' and/or 'b'; got {args.parts!r}.")
     methods = common.parse_methods(args.methods, DF.METHODS)
     students = [m.strip().lower() for m in args.students.split(",")]
-    pre = DF.PRESETS[args.scale]
-    dataset = args.dataset or pre.dataset or common.default_dataset()
-    seeds = args.seeds or pre.seeds
-    out = args.out or os.path.join("runs", f"gradient_angle-{dataset}-{args.scale}")
-    os.makedirs(out, exist_ok=True)
+    pre, dataset, seeds, out = common.setup(args, DF.PRESETS, "gradient_angle")
     t0 = time.time()
 
-    train, test = DF.load_data(pre, dataset, args.data_dir)
+    train, test = common.load(dataset, data_dir=args.data_dir, max_test=pre.max_test)
     K = train.num_classes
     t_steps = DF.steps_for(pre, len(train), pre.teacher_steps, args.steps)
     cache = args.teacher_cache or (None if args.scale == "smoke" else os.path.join("runs", "ch4_teachers"))
@@ -129,20 +125,20 @@ def main(argv=None) -> dict:
     lines = []
     if "a" in parts:
         for m in methods:
-            res["a"][m] = run(pre.student, m, n_a)
+            res["a"][m] = run(pre.model, m, n_a)
             common.write_results(out, {**res, "partial": True}, "partial\n")
         plot_curves(os.path.join(out, "fig4_1a.png"), res["a"],
-                    title=f"(a) {pre.student} student, {n_a}/class, {dataset}")
+                    title=f"(a) {pre.model} student, {n_a}/class, {dataset}")
         rows = [[m, f"{r['final_angle']['mean']:.1f} ± {r['final_angle']['std']:.1f}",
                  f"{min(np.mean(r['runs'], 0)):.1f}", common.fmt(r["test_accuracy"])] for m, r in res["a"].items()]
         lines.append(f"Fig. 4.1a — {dataset}, teacher {pre.teacher} ({100 * teacher_acc:.2f} %), student "
-                     f"{pre.student}, {n_a} per class, {seeds} seed(s)\n\n"
+                     f"{pre.model}, {n_a} per class, {seeds} seed(s)\n\n"
                      + common.markdown_table(["objective", "final angle (deg)", "min of mean curve (deg)", "test acc %"],
                                      rows) + "\n\nThesis: iG alone stays above 85 deg; iG+FG and iG+Att go lower.")
     if "b" in parts:
         for stu in students:
             prev = res["a"].get("FG")
-            if prev is not None and stu == pre.student and n_b == n_a:
+            if prev is not None and stu == pre.model and n_b == n_a:
                 res["b"][stu] = prev
             else:
                 res["b"][stu] = run(stu, "FG", n_b)

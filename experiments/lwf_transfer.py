@@ -34,13 +34,12 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from experiments import common
 from gradjax import data as gdata
-from gradjax.losses import combine as C
+from gradjax.losses import terms as LT
 from gradjax.models import create_model
 from gradjax.models.two_head import TwoHeadVGG, source_slice, target_slice
 from gradjax.models.vgg import VGG_CONFIGS
@@ -62,49 +61,34 @@ THESIS_24 = {"(7,2)": (22.39, 25.88), "(15,4)": (21.98, 15.59), "(27,6)": (20.45
 THESIS_25 = {"Full": 20.00, "s/3": 21.20, "s/5": 21.87, "s/7": 21.09, "None": 19.74}
 
 
-@dataclass
-class Preset:
-    source: str
-    target: str
-    source_classes: tuple
-    target_classes: tuple
-    teacher: str
-    student: str
-    width: float
-    n_per_class: tuple
-    seeds: int
-    teacher_steps: int
-    student_steps: int
-    batch_size: int
-    ablation_n: int
-    lr: float = 1e-3
-    weight: float = 10.0
-    max_test: int = 0
-    optimizer: str = "adam"
-
-
-PRESETS = {
-    "smoke": Preset("mnist_digits", "digits", (0, 1, 2, 3, 4), (5, 6, 7, 8, 9), "resnet18", "vgg9", 1 / 16, (5,),
-                    1, 2, 2, 8, 5, max_test=64),
-    "small": Preset("mnist_digits", "digits", (0, 1, 2, 3, 4), (5, 6, 7, 8, 9), "resnet18", "vgg9", 1 / 16,
-                    (5, 10, 50), 2, 300, 120, 32, 10),
-    "paper": Preset("cifar100", "cifar10", tuple(range(100)), tuple(range(10)), "resnet18", "vgg9", 1.0,
-                    (5, 10, 25, 50, 0), 2, 0, 0, 8, 10, lr=1e-3, optimizer="sgd"),
+_DIGITS = dict(source="mnist_digits", target="digits", source_classes=(0, 1, 2, 3, 4),
+               target_classes=(5, 6, 7, 8, 9), teacher="resnet18", weight=10.0, optimizer="adam")
+PRESETS = {  # model: the two-head student's VGG; extra: the source / target tasks, teacher, budgets, ablation n
+    "smoke": common.Scale(model="vgg9", width=1 / 16, seeds=1, batch_size=8, lr=1e-3, max_test=64,
+                          extra=dict(_DIGITS, n_per_class=(5,), teacher_steps=2, student_steps=2, ablation_n=5)),
+    "small": common.Scale(model="vgg9", width=1 / 16, seeds=2, batch_size=32, lr=1e-3,
+                          extra=dict(_DIGITS, n_per_class=(5, 10, 50), teacher_steps=300, student_steps=120,
+                                     ablation_n=10)),
+    "paper": common.Scale(model="vgg9", width=1.0, seeds=2, batch_size=8, lr=1e-3,
+                          extra=dict(source="cifar100", target="cifar10", source_classes=tuple(range(100)),
+                                     target_classes=tuple(range(10)), teacher="resnet18", weight=10.0,
+                                     optimizer="sgd", n_per_class=(5, 10, 25, 50, 0), teacher_steps=0,
+                                     student_steps=0, ablation_n=10)),
 }
 
 
 def method_terms(method: str, nt: int, ns: int, *, level: int = 1, window=None, divisor: int = 5,
                  w: float = 10.0) -> list:
     tgt, src = target_slice(nt), source_slice(nt, ns)
-    terms = [C.cross_entropy(w, head=tgt)]
+    terms = [LT.cross_entropy_term(w, head=tgt)]
     if method in ("CE", "CE pretrained (oracle)"):
         return terms
-    terms.append(C.activation_matching(w, head=src))
+    terms.append(LT.activation_matching_term(w, head=src))
     if "att" in method:
-        terms.append(C.attention_matching(w, pairs=list(LEVELS.values())))
+        terms.append(LT.attention_matching_term(w, pairs=list(LEVELS.values())))
     if "J" in method:
         s_layer, t_layer = LEVELS[level]
-        terms.append(C.attention_jacobian_matching(w, student_layer=s_layer, teacher_layer=t_layer, window=window,
+        terms.append(LT.attention_jacobian_matching_term(w, student_layer=s_layer, teacher_layer=t_layer, window=window,
                                                    divisor=divisor))
     return terms
 
@@ -158,7 +142,7 @@ def main(argv=None) -> dict:
     # ---- teacher on the source task
     teacher = create_model(pre.teacher, ns_, width=pre.width)
     ts = steps_for(len(s_train), pre.teacher_steps)
-    tstate = common.Trainer(teacher, C.make_loss_fn(teacher.apply, [C.cross_entropy()]), tx(ts), steps=ts,
+    tstate = common.Trainer(teacher, LT.make_loss_fn(teacher.apply, [LT.cross_entropy_term()]), tx(ts), steps=ts,
                           batch_size=min(pre.batch_size * 2, 128),
                           num_classes=ns_).run(s_train, seed=1000)
     teacher_vars = tstate.variables
@@ -167,13 +151,13 @@ def main(argv=None) -> dict:
           f"({time.time() - t0:.0f} s)", flush=True)
     frozen = {"teacher": teacher_vars}
 
-    student = TwoHeadVGG(VGG_CONFIGS[pre.student], nt_, ns_, width=pre.width)
+    student = TwoHeadVGG(VGG_CONFIGS[pre.model], nt_, ns_, width=pre.width)
     student_init = common.compiled_init(student)  # shared by every student trainer
     # ---- the oracle's pretraining: the student's source head on the source task itself
     src_head = source_slice(nt_, ns_)
     pretrained = None
     if "2.3" in tables and "CE pretrained (oracle)" in methods:
-        pstate = common.Trainer(student, C.make_loss_fn(student.apply, [C.cross_entropy(head=src_head)],
+        pstate = common.Trainer(student, LT.make_loss_fn(student.apply, [LT.cross_entropy_term(head=src_head)],
                                                       metrics_head=src_head),
                               tx(ts), steps=ts, batch_size=min(pre.batch_size * 2, 128),
                               num_classes=ns_, init_fn=student_init).run(s_train, seed=2000)
@@ -186,7 +170,7 @@ def main(argv=None) -> dict:
         steps = steps_for(len(sub), pre.student_steps)
         key = (method, steps, tuple(sorted(kw.items())))
         if key not in trainers:
-            loss = C.make_loss_fn(student.apply, method_terms(method, nt_, ns_, w=pre.weight, **kw),
+            loss = LT.make_loss_fn(student.apply, method_terms(method, nt_, ns_, w=pre.weight, **kw),
                                   teacher_apply_fn=teacher.apply, metrics_head=tgt)
             trainers[key] = common.Trainer(student, loss, tx(steps), steps=steps, batch_size=pre.batch_size,
                                            num_classes=nt_, init_fn=student_init)
@@ -196,7 +180,7 @@ def main(argv=None) -> dict:
 
     results = {"teacher_accuracy": teacher_acc}
     md = [f"LwF transfer — teacher {pre.teacher} on {source} classes {list(pre.source_classes)} "
-          f"({100 * teacher_acc:.2f} %), student two-head {pre.student} on {target} classes "
+          f"({100 * teacher_acc:.2f} %), student two-head {pre.model} on {target} classes "
           f"{list(pre.target_classes)}, width {pre.width:g}, {seeds} seed(s); target test accuracy % (mean ± std)"]
     wanted = [int(v) for v in args.n_per_class.split(",")] if args.n_per_class else list(pre.n_per_class)
     ns = [n for n in wanted if n <= per_class_max]
@@ -245,7 +229,7 @@ def main(argv=None) -> dict:
     table = "\n".join(md)
     res = {"tables": tables, "scale": args.scale, "source": source, "target": target,
            "source_classes": pre.source_classes, "target_classes": pre.target_classes, "teacher": pre.teacher,
-           "student": pre.student, "width": pre.width, "seeds": seeds, "weights": pre.weight,
+           "student": pre.model, "width": pre.width, "seeds": seeds, "weights": pre.weight,
            "levels": LEVELS, "student_steps": sorted({k[1] for k in trainers}), "teacher_steps": ts,
            "optimizer": pre.optimizer, "results": results,
            "thesis": {"2.3": THESIS_23, "2.4": THESIS_24, "2.5": THESIS_25}, "wall_s": time.time() - t0,

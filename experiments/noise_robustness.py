@@ -1,7 +1,7 @@
 """Thesis Table 2.2: robustness to Gaussian input noise of VGG-9 trained with the input-gradient-norm penalty.
 
 Objectives: ``CE + lambda * ||grad_x CE||^2`` (eq. 2.3's form with the label class — PROTOCOLS "Decisions"; the
-per-example double-backprop penalty of :func:`gradjax.losses.gradient_norm_penalty`) for
+per-example double-backprop penalty of :func:`gradjax.losses.gradient_norm`) for
 ``lambda in {0, 0.01, 0.1, 1, 10}``, against an l2 baseline (``CE + gamma/2 ||w||^2``, gamma = 1e-3) and a dropout
 baseline (rate 0.25; ``dropout``: on the last conv block's output, i.e. just before the classifier's pooling and
 Dense layer — the default since the first small run; ``dropout-pools``: after every max-pool, the earlier choice,
@@ -16,12 +16,11 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
 from experiments import common
-from gradjax.losses import combine as C
+from gradjax.losses import terms as LT
 from gradjax.models import create_model
 
 SIGMAS = (0.0, 0.1, 0.2, 0.3, 0.4)
@@ -38,25 +37,12 @@ THESIS = {  # Table 2.2, VGG-9 on CIFAR-100, sigma 0 / 0.1 / 0.2 / 0.3 / 0.4 (re
 }
 
 
-@dataclass
-class Preset:
-    dataset: str
-    model: str
-    width: float
-    seeds: int
-    steps: int
-    batch_size: int
-    draws: int
-    lr: float = 1e-3
-    epochs: int = 0
-    max_train: int = 0
-    max_test: int = 0
-
-
-PRESETS = {
-    "smoke": Preset("", "vgg4", 1 / 16, 1, 2, 8, 1, max_train=64, max_test=64),
-    "small": Preset("", "vgg9", 1 / 16, 2, 300, 32, 3),
-    "paper": Preset("cifar100", "vgg9", 1.0, 1, 0, 128, 5, epochs=500),
+PRESETS = {  # extra: noise draws per evaluation
+    "smoke": common.Scale(model="vgg4", width=1 / 16, seeds=1, steps=2, batch_size=8, lr=1e-3, max_train=64,
+                          max_test=64, extra=dict(draws=1)),
+    "small": common.Scale(model="vgg9", width=1 / 16, seeds=2, steps=300, batch_size=32, lr=1e-3, extra=dict(draws=3)),
+    "paper": common.Scale(model="vgg9", width=1.0, seeds=1, batch_size=128, lr=1e-3, epochs=500, dataset="cifar100",
+                          extra=dict(draws=5)),
 }
 
 
@@ -65,11 +51,11 @@ def configs(lambdas=LAMBDAS, l2_gamma: float = 1e-3, dropout: float = 0.25) -> d
     conv block's output, before the classifier) or ``"pools"`` (after every max-pool)."""
     out = {}
     for lam in lambdas:
-        terms = [C.cross_entropy()] + ([C.gradient_norm(lam)] if lam else [])
+        terms = [LT.cross_entropy_term()] + ([LT.gradient_norm_term(lam)] if lam else [])
         out[f"lambda={lam:g}"] = (terms, None, 0.0)
-    out["l2"] = ([C.cross_entropy(), C.l2(l2_gamma)], None, 0.0)
-    out["dropout"] = ([C.cross_entropy()], "last", dropout)
-    out["dropout-pools"] = ([C.cross_entropy()], "pools", dropout)
+    out["l2"] = ([LT.cross_entropy_term(), LT.l2_term(l2_gamma)], None, 0.0)
+    out["dropout"] = ([LT.cross_entropy_term()], "last", dropout)
+    out["dropout-pools"] = ([LT.cross_entropy_term()], "pools", dropout)
     return out
 
 
@@ -88,19 +74,11 @@ def main(argv=None) -> dict:
     p = common.base_parser(__doc__.splitlines()[0], default_dataset=None, seeds="count", overrides=("steps",))
     p.add_argument("--configs", default=None, help="comma-separated subset, e.g. 'lambda=0,lambda=1,l2'")
     args = p.parse_args(argv)
-    pre = PRESETS[args.scale]
-    dataset = args.dataset or pre.dataset or common.default_dataset()
-    seeds = args.seeds or pre.seeds
-    out = args.out or os.path.join("runs", f"noise_robustness-{dataset}-{args.scale}")
-    os.makedirs(out, exist_ok=True)
+    pre, dataset, seeds, out = common.setup(args, PRESETS, "noise_robustness")
     t0 = time.time()
-    train, test = common.load(dataset, data_dir=args.data_dir)
-    if pre.max_train:
-        train = train.subset(np.arange(min(len(train), pre.max_train)))
-    if pre.max_test:
-        test = test.subset(np.arange(min(len(test), pre.max_test)))
+    train, test = common.load(dataset, data_dir=args.data_dir, max_train=pre.max_train, max_test=pre.max_test)
     K = train.num_classes
-    steps = args.steps or (pre.epochs * max(1, len(train) // pre.batch_size) if pre.epochs else pre.steps)
+    steps = common.step_budget(pre, len(train), pre.steps, args.steps)
     cfgs = configs()
     if not args.configs:  # the superseded placement runs only when asked for
         cfgs.pop("dropout-pools")
@@ -135,7 +113,7 @@ def main(argv=None) -> dict:
     results = {}
     for name, (terms, placement, drop) in cfgs.items():
         model = build_model(pre.model, K, pre.width, placement, drop)
-        loss = C.make_loss_fn(model.apply, terms, dropout=placement is not None)
+        loss = LT.make_loss_fn(model.apply, terms, dropout=placement is not None)
         trainer = common.Trainer(model, loss, common.adam_step_decay(pre.lr, steps), steps=steps,
                                batch_size=pre.batch_size, num_classes=K)
         per_sigma = {s: [] for s in SIGMAS}
