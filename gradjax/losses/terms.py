@@ -259,20 +259,6 @@ def _labels(inp: TermInputs, what: str) -> Array:
     return inp.labels
 
 
-def _slice(logits: Array, head: Head) -> Array:
-    return logits if head is None else logits[:, head[0]:head[1]]
-
-
-def _head_fn(fn: Callable[[Array], Array], head: Head) -> Callable[[Array], Array]:
-    return fn if head is None else (lambda x: _slice(fn(x), head))
-
-
-def _labels(inp: TermInputs, what: str) -> Array:
-    if inp.labels is None:
-        raise ValueError(f"{what} needs batch['label'].")
-    return inp.labels
-
-
 # ------------------------------------------------------------------------------------------- chapter 2 terms
 def cross_entropy_term(weight: float = 1.0, *, head: Head = None, label_smoothing: float = 0.0,
                        name: str = "ce") -> Term:
@@ -473,12 +459,6 @@ def bias_l2_term(weight: float = 1e-1, *, layers: Sequence[str], name: str = "bi
 
 
 # ------------------------------------------------------------------------------------------- chapter 5 terms
-def _density_labels(inp: TermInputs, what: str) -> Array:
-    if inp.labels is None:
-        raise ValueError(f"{what} needs batch['label'] (the implicit density is the label's logit).")
-    return inp.labels
-
-
 def score_matching_term(weight: float = 1e-3, *, mu: float = 1e-4, name: str = "score_matching",
                         **trace_options) -> Term:
     """Term of :func:`gradjax.losses.score_matching.score_matching` (eq. 5.4 with §5.3.3's stability term) on the
@@ -492,7 +472,7 @@ def score_matching_term(weight: float = 1e-3, *, mu: float = 1e-4, name: str = "
         raise ValueError("score_matching_term draws fresh probes every step from its key; it takes no probes=.")
 
     def fn(inp):
-        f = SM.label_logit_fn(inp.student, _density_labels(inp, "score_matching_term"))
+        f = SM.label_logit_fn(inp.student, _labels(inp, "score_matching_term (the density is the label's logit)"))
         return SM.score_matching(f, inp.x, inp.rng, mu=mu, **trace_options)[0]
 
     return Term(name, fn, float(weight))
@@ -506,7 +486,7 @@ def anti_score_matching_term(weight: float = 1e-4, *, tau: float = 1000.0, sigma
         raise ValueError("anti_score_matching_term draws fresh probes every step from its key; it takes no probes=.")
 
     def fn(inp):
-        f = SM.label_logit_fn(inp.student, _density_labels(inp, "anti_score_matching_term"))
+        f = SM.label_logit_fn(inp.student, _labels(inp, "anti_score_matching_term (the density is the label's logit)"))
         return SM.anti_score_matching(f, inp.x, inp.rng, tau=tau, sigma=sigma, **trace_options)[0]
 
     return Term(name, fn, float(weight))
