@@ -39,15 +39,13 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gradjax.train.placement import shard
-
-PyTree = Any
 
 ENV_COORDINATOR = "GRADJAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "GRADJAX_NUM_PROCESSES"
@@ -239,7 +237,8 @@ def add_arguments(parser) -> None:
     g.add_argument("--coordinator-address", default=None,
                    help=f"host:port of process 0's coordinator, or 'auto' (TPU pod / SLURM detection); env "
                         f"{ENV_COORDINATOR}. Unset: one process")
-    g.add_argument("--num-processes", type=int, default=None, help=f"number of processes (hosts); env {ENV_NUM_PROCESSES}")
+    g.add_argument("--num-processes", type=int, default=None,
+                   help=f"number of processes (hosts); env {ENV_NUM_PROCESSES}")
     g.add_argument("--process-id", type=int, default=None, help=f"this process's index in [0, n); env {ENV_PROCESS_ID}")
     g.add_argument("--distributed-timeout", type=float, default=None,
                    help=f"seconds to wait for the coordinator and all processes; env {ENV_TIMEOUT} (default 300)")
