@@ -312,31 +312,31 @@ def test_hutchpp_beats_hutchinson_at_equal_matvecs(x64):
 
 
 # ------------------------------------------------------------------------------------- jit / API / errors
-def test_jit_equals_eager_and_value_grad_and_trace():
-    """Eager == jit for every estimator; value_grad_and_trace returns f(x), ∇f(x) and the same trace. The Taylor
-    case also covers a traced sigma and the given-gradient path (value_grad_and_trace passes its own ∇f(x) as
-    grad_fx to the control-variate form). rbg keys: cheaper to compile, and same chunking on both sides."""
-    f, x = softplus_net(jnp.float32)
-    key = rbg_keys(9)
-    eager = {"exact": T.exact_trace(f, x), "hutchinson": T.hutchinson_trace(f, x, key, chunk=5),
-             "hutchpp": T.hutchpp_trace(f, x, key, num_matvecs=3, chunk=5),
-             "taylor": T.taylor_trace(f, x, key, sigma=0.1, num_probes=5, form="control_variate", chunk=5)}
+class TestJitEqualsEager(chex.TestCase):
+    """Each estimator called eagerly is the reference; value_grad_and_trace, with and without jit, returns the same
+    trace, f(x) and ∇f(x). The Taylor case also covers a traced sigma (under jit) and the given-gradient path
+    (value_grad_and_trace passes its own ∇f(x) as grad_fx to the control-variate form). rbg keys: cheaper to
+    compile, and the same chunks on both sides."""
 
-    @jax.jit
-    def run(x, key, sigma):
-        opts = {"exact": {}, "hutchinson": {}, "hutchpp": dict(num_matvecs=3),
-                "taylor": dict(sigma=sigma, num_probes=5, form="control_variate", chunk=5)}
-        out = {m: T.value_grad_and_trace(f, x, key, method=m, **o) for m, o in opts.items()}
-        out["reference"] = (f(x), jax.grad(lambda z: jnp.sum(f(z)))(x))
-        return out
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_value_grad_and_trace_equals_the_eager_estimators(self):
+        f, x = softplus_net(jnp.float32)
+        key = rbg_keys(9)
+        eager = {"exact": T.exact_trace(f, x), "hutchinson": T.hutchinson_trace(f, x, key, chunk=5),
+                 "hutchpp": T.hutchpp_trace(f, x, key, num_matvecs=3, chunk=5),
+                 "taylor": T.taylor_trace(f, x, key, sigma=0.1, num_probes=5, form="control_variate", chunk=5)}
+        fx, g = f(x), jax.grad(lambda z: jnp.sum(f(z)))(x)
 
-    out = run(x, key, jnp.float32(0.1))
-    fx, g = out["reference"]
-    for method in eager:
-        v, gr, tr = out[method]
-        chex.assert_trees_all_close(tr, eager[method], rtol=1e-4, atol=1e-4)  # jit == eager
-        chex.assert_trees_all_close(v, fx, rtol=1e-5)
-        chex.assert_trees_all_close(gr, g, rtol=1e-5, atol=1e-6)
+        def run(x, key, sigma):
+            opts = {"exact": {}, "hutchinson": dict(chunk=5), "hutchpp": dict(num_matvecs=3, chunk=5),
+                    "taylor": dict(sigma=sigma, num_probes=5, form="control_variate", chunk=5)}
+            return {m: T.value_grad_and_trace(f, x, key, method=m, **o) for m, o in opts.items()}
+
+        out = self.variant(run)(x, key, jnp.float32(0.1))
+        for method in eager:
+            v, gr, tr = out[method]
+            chex.assert_trees_all_close(tr, eager[method], rtol=1e-4, atol=1e-4)
+            chex.assert_trees_all_close((v, gr), (fx, g), rtol=1e-5, atol=1e-6)
 
 
 def test_estimators_are_differentiable_wrt_parameters(x64):
