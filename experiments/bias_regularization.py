@@ -23,15 +23,12 @@ digits at 32x32, width 1/16, a fixed step budget (same compiled step for every n
 from __future__ import annotations
 
 import os
-import sys
 import time
 
-import numpy as np
 
 from experiments import common
 from gradjax import data as gdata
 from gradjax.losses import terms as LT
-from gradjax.losses import fullgrad_matching as FM
 from gradjax.models import VGG, VGG_CONFIGS
 
 METHODS = ("none", "dropout", "bias wd", "bias-grad")
@@ -78,9 +75,8 @@ def build(method: str, arch: str, num_classes: int, width: float):
 
 
 def main(argv=None) -> dict:
-    p = common.base_parser(__doc__.splitlines()[0], default_dataset=None, seeds="count", overrides=("steps",))
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
-    p.add_argument("--n-per-class", default=None, help="comma-separated subset sizes (default: the scale's)")
+    p = common.base_parser(__doc__.splitlines()[0], default_dataset=None, seeds="count", overrides=("steps",),
+                           methods=METHODS, per_class=True)
     args = p.parse_args(argv)
     pre, dataset, seeds, out = common.setup(args, PRESETS, "bias_regularization")
     methods = common.parse_methods(args.methods, METHODS)
@@ -134,13 +130,8 @@ def main(argv=None) -> dict:
            "layer": layer, "seeds": seeds, "n_per_class": ns, "steps": sorted({k[1] for k in trainers}),
            "batch_size": pre.batch_size, "dropout_p": DROPOUT_P, "bias_wd": BIAS_WD, "bias_grad": BIAS_GRAD,
            "optimizer": f"adam {pre.lr} -> {pre.lr / 10} at {pre.drop_at:.0%} of steps", "results": results,
-           "final_train_terms": last_terms, "thesis": THESIS, "wall_s": time.time() - t0,
-           "environment": common.environment(),
-           "command": "python -m experiments.bias_regularization " + " ".join(argv if argv is not None
-                                                                             else sys.argv[1:])}
-    common.write_results(out, res, table)
-    print(table)
-    return res
+           "final_train_terms": last_terms, "thesis": THESIS, "wall_s": time.time() - t0}
+    return common.finish(out, res, table, script="bias_regularization", argv=argv)
 
 
 if __name__ == "__main__":

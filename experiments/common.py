@@ -55,7 +55,7 @@ class Scale:
     The fields every script shares are typed here; what only one script needs (a teacher architecture, the
     n-per-class grid, the sampler settings, ...) lives in ``extra`` and is read with :meth:`get`.
     ``steps``: a fixed step budget (batches drawn by :func:`sampled_batches`); ``epochs``: passes over the data
-    (``0`` = use ``steps``)."""
+    (``0`` = use ``steps``); ``image_size``: resize the images to this side (``None``: the dataset's)."""
 
     model: str = "vgg4"
     width: float = 1.0
@@ -67,6 +67,7 @@ class Scale:
     max_test: Optional[int] = None
     dataset: str = ""
     seeds: int = 1
+    image_size: Optional[int] = None
     extra: dict = field(default_factory=dict)
 
     def get(self, name: str, default: Any = None) -> Any:
@@ -82,6 +83,11 @@ class Scale:
     def with_extra(self, **values) -> "Scale":
         """A copy with ``extra`` updated."""
         return replace(self, extra={**self.extra, **values})
+
+    def updated(self, **values) -> "Scale":
+        """A copy with ``values`` applied: field names to the fields, other names to ``extra``."""
+        fields = {k: v for k, v in values.items() if k in self.__dataclass_fields__ and k != "extra"}
+        return replace(self, **fields, extra={**self.extra, **{k: v for k, v in values.items() if k not in fields}})
 
     def asdict(self) -> dict:
         """The fields and ``extra`` values as one flat JSON-ready dict."""
@@ -139,16 +145,18 @@ CLASSIFIER_OVERRIDES = ("model", "width", "epochs", "batch_size", "lr", "activat
 
 
 def base_parser(description: str, *, default_dataset: Optional[str] = "digits", seeds: str = "one",
-                overrides: Sequence[str] = CLASSIFIER_OVERRIDES,
-                single_process: Optional[str] = None) -> argparse.ArgumentParser:
+                overrides: Sequence[str] = CLASSIFIER_OVERRIDES, methods: Optional[Sequence[str]] = None,
+                per_class: bool = False, single_process: Optional[str] = None) -> argparse.ArgumentParser:
     """The one experiment command line.
 
     Always: ``--scale``, ``--dataset``, ``--data-dir``, ``--out``, ``--seed``, ``--no-progress`` and the
     multi-process flags. ``seeds``: ``"one"`` (``--seed K`` only), ``"count"`` (``--seeds N``: seeds ``0..N-1``)
     or ``"list"`` (``--seeds K [K ...]``). ``overrides``: which of the scale's values the script lets the command
     line override, among ``model``, ``width``, ``epochs``, ``steps``, ``batch_size``, ``lr``, ``activation``
-    (:func:`resolve_scale` applies them). ``single_process``: why the script cannot run multi-process; then the
-    multi-process flags (more than one process) are refused at start-up."""
+    (:func:`resolve_scale` applies them). ``methods``: the script's objectives, selectable by ``--methods a,b``
+    (all by default; read them with :func:`parse_methods`); ``per_class``: ``--n-per-class`` (comma-separated
+    subset sizes, see :func:`per_class_sizes`). ``single_process``: why the script cannot run multi-process; then
+    the multi-process flags (more than one process) are refused at start-up."""
     p = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.single_process = single_process
     p.add_argument("--scale", choices=SCALE_NAMES, default="small")
@@ -177,6 +185,10 @@ def base_parser(description: str, *, default_dataset: Optional[str] = "digits", 
         if name not in flags:
             raise ValueError(f"unknown override {name!r}; choose from {list(flags)}.")
         p.add_argument("--" + name.replace("_", "-"), **flags[name])
+    if methods is not None:
+        p.add_argument("--methods", default=",".join(methods), help="comma-separated subset of " + ", ".join(methods))
+    if per_class:
+        p.add_argument("--n-per-class", default=None, help="comma-separated subset sizes (default: the scale's)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     gdist.add_arguments(p)
     return p
@@ -219,6 +231,16 @@ def step_budget(pre: Scale, n_examples: int, fixed: int, override: Optional[int]
 def command(script: str, argv=None) -> str:
     """The command line that ran ``script`` (for ``results.json``)."""
     return f"python -m experiments.{script} " + " ".join(argv if argv is not None else sys.argv[1:])
+
+
+def finish(out: str, results: dict, table_md: str, *, script: str, argv=None) -> dict:
+    """Add ``command`` and ``environment`` to ``results``, :func:`write_results` them with ``table_md``, print the
+    table (process 0) and return ``results``: the last lines of every script's ``main``."""
+    results = {**results, "environment": environment(), "command": command(script, argv)}
+    write_results(out, results, table_md)
+    if gdist.is_main_process():
+        print(table_md)
+    return results
 
 
 def parse_methods(text: str, methods: Sequence[str]) -> list[str]:

@@ -112,32 +112,27 @@ SAMPLERS = {
 """Named GAN-test sampler settings (``--samplers``); only ``authors`` is the thesis/authors' setting."""
 
 
-@dataclasses.dataclass(frozen=True)
-class EvalScale:
-    n_eval: int              # test examples for ratios, pixel perturbation, denoising
-    num_draws: int           # noise draws per example and noise level (density ratios)
-    per_class: int           # GAN-test samples per class
-    sample_steps: int
-    sample_lr: float
-    sample_wd: float
-    langevin_step: float
-    vis_steps: int
-    denoise_steps: int
-    judge_model: str
-    judge_width: float
-    judge_epochs: int
-    n_denoise: int
-    sweep_epochs: int
-    sweep_max_train: Optional[int]
-    noise_stds: tuple = D.THESIS_NOISE_STDS
+def _eval_scale(judge_model: str, judge_width: float, judge_epochs: int, **extra) -> "common.Scale":
+    """An evaluation preset: the judge's architecture, width and epochs in the fields; in ``extra``: ``n_eval`` (test
+    examples for ratios, pixel perturbation, denoising), ``num_draws`` (noise draws per example and level),
+    ``per_class`` (GAN-test samples per class), ``sample_steps`` / ``sample_lr`` / ``sample_wd``,
+    ``langevin_step``, ``vis_steps``, ``denoise_steps``, ``n_denoise``, ``sweep_epochs``, ``sweep_max_train``,
+    ``noise_stds``."""
+    return common.Scale(model=judge_model, width=judge_width, epochs=judge_epochs,
+                        extra={"noise_stds": D.THESIS_NOISE_STDS, **extra})
 
 
+EvalScale = common.Scale  # the harness's one preset type
+_SAMPLING = dict(sample_lr=0.1, sample_wd=1e-2, langevin_step=1e-3)
 EVAL_SCALES = {
     # smoke: per_class = 1 and vis_steps = sample_steps, so the GAN-test and the gallery share one compiled sampler
-    "smoke": EvalScale(16, 1, 1, 5, 0.1, 1e-2, 1e-3, 5, 5, "vgg4", 0.0625, 1, 8, 1, 64,
-                       noise_stds=(0.0, 0.1, 0.5)),
-    "small": EvalScale(250, 4, 10, 500, 0.1, 1e-2, 1e-3, 1000, 200, "vgg4", 0.5, 6, 64, 2, 2048),
-    "paper": EvalScale(10000, 4, 100, 500, 0.1, 1e-2, 1e-3, 1000, 200, "vgg9", 1.0, 100, 1000, 200, None),
+    "smoke": _eval_scale("vgg4", 0.0625, 1, n_eval=16, num_draws=1, per_class=1, sample_steps=5, vis_steps=5,
+                         denoise_steps=5, n_denoise=8, sweep_epochs=1, sweep_max_train=64, noise_stds=(0.0, 0.1, 0.5),
+                         **_SAMPLING),
+    "small": _eval_scale("vgg4", 0.5, 6, n_eval=250, num_draws=4, per_class=10, sample_steps=500, vis_steps=1000,
+                         denoise_steps=200, n_denoise=64, sweep_epochs=2, sweep_max_train=2048, **_SAMPLING),
+    "paper": _eval_scale("vgg9", 1.0, 100, n_eval=10000, num_draws=4, per_class=100, sample_steps=500, vis_steps=1000,
+                         denoise_steps=200, n_denoise=1000, sweep_epochs=200, sweep_max_train=None, **_SAMPLING),
 }
 
 
@@ -206,14 +201,14 @@ def judge_noise_robustness(judge_fn, x, y, noise_stds=JUDGE_NOISE_STDS, seed: in
 
 def train_judge(es: EvalScale, train_ds, test_ds, *, seed: int, out: str, judge_dir: Optional[str] = None,
                 progress: bool = False, noise_std: float = 0.0):
-    """The GAN-test judge: ``es.judge_model`` (ReLU) trained with the engine on the raw training split, from its own
+    """The GAN-test judge: ``es.model`` (ReLU) trained with the engine on the raw training split, from its own
     seed. With ``judge_dir`` the run checkpoints there and a finished judge is reused (resumed, no training).
     ``noise_std > 0``: trained on the split plus a noisy copy (:func:`noise_augmented`). Returns
     ``(state, model, test accuracy)`` (accuracy on the clean test split)."""
     if noise_std:
         train_ds = noise_augmented(train_ds, noise_std, seed)
     bs = 128 if len(train_ds) >= 1024 else max(8, len(train_ds) // 8)
-    sc = Scale(model=es.judge_model, width=es.judge_width, epochs=es.judge_epochs, batch_size=bs, lr=0.05)
+    sc = Scale(model=es.model, width=es.width, epochs=es.epochs, batch_size=bs, lr=0.05)
     state, _, model = train_classifier(train_ds, test_ds, sc, seed=seed, progress=progress, checkpoint_dir=judge_dir,
                                        log_path=os.path.join(out, "judge_noise_metrics.jsonl" if noise_std
                                                              else "judge_metrics.jsonl"))
@@ -557,8 +552,8 @@ def main(argv=None) -> dict:
     if args.aggregate:
         return aggregate(args.aggregate, args.out or os.path.join("runs", f"density-eval-{args.scale}"), command)
     es = EVAL_SCALES[args.scale]
-    es = dataclasses.replace(es, **{k: v for k, v in dict(
-        judge_model=args.judge_model, n_eval=args.n_eval, per_class=args.per_class, sample_steps=args.sample_steps,
+    es = es.updated(**{k: v for k, v in dict(
+        model=args.judge_model, n_eval=args.n_eval, per_class=args.per_class, sample_steps=args.sample_steps,
         langevin_step=args.langevin_step, sweep_epochs=args.sweep_epochs,
         sweep_max_train=args.sweep_max_train).items() if v is not None})
     models_dir = args.models or os.path.join("runs", "density-small")
@@ -576,9 +571,9 @@ def main(argv=None) -> dict:
         raise ValueError(f"the models were trained on {cfg0.image_shape} images; the data here is "
                          f"{test_ds.image_shape}.")
 
-    if es.judge_model == cfg0.model:
+    if es.model == cfg0.model:
         raise ValueError(f"--judge-model must be another architecture than the generators' ({cfg0.model}); "
-                         f"got {es.judge_model!r}.")
+                         f"got {es.model!r}.")
     judge_state, judge_model, judge_acc = train_judge(es, train_ds, test_ds, seed=args.judge_seed, out=out,
                                                       judge_dir=args.judge_dir and os.path.abspath(args.judge_dir),
                                                       progress=args.progress)
@@ -605,8 +600,8 @@ def main(argv=None) -> dict:
                                       langevin_keys=args.langevin_keys,
                                       samplers={n: SAMPLERS[n] for n in args.samplers},
                                       extra_judges=extra_judges, reference=train_ds.images)
-    results = {"scale": dataclasses.asdict(es), "models": models_dir, "seeds": args.seeds, "keys": args.keys,
-               "judge": {"model": es.judge_model, "width": es.judge_width, "epochs": es.judge_epochs,
+    results = {"scale": es.asdict(), "models": models_dir, "seeds": args.seeds, "keys": args.keys,
+               "judge": {"model": es.model, "width": es.width, "epochs": es.epochs,
                          "seed": args.judge_seed, "test_accuracy": judge_acc},
                "per_seed": per_seed, "environment": environment(), "command": command,
                "samplers": {n: dataclasses.asdict(SAMPLERS[n]) for n in args.samplers}}
@@ -630,7 +625,7 @@ def main(argv=None) -> dict:
                                                                 seed=args.seeds[0], lam=lam, mu=mu)
                     rows.append(_trained_row(r, st, compiled, judge, judge_states, es, test_ds, study_keys,
                                              dict(lam=lam, mu=mu, seconds_per_step=sps), **study_eval))
-                    results["sweep"] = {"scale": dataclasses.asdict(sw_scale), "rows": rows}
+                    results["sweep"] = {"scale": sw_scale.asdict(), "rows": rows}
                     write_results(out, results, report(results))  # partial results after every cell
         if args.estimators:
             rows = []
@@ -641,7 +636,7 @@ def main(argv=None) -> dict:
                                                             seed=args.seeds[0], **ov)
                 rows.append(_trained_row(r, st, compiled, judge, judge_states, es, test_ds, study_keys,
                                          dict(estimator=name, seconds_per_step=sps), **study_eval))
-                results["estimators"] = {"scale": dataclasses.asdict(sw_scale), "rows": rows}
+                results["estimators"] = {"scale": sw_scale.asdict(), "rows": rows}
                 write_results(out, results, report(results))  # partial results after every estimator
         md = report(results)
     results["seconds"] = time.time() - t_start

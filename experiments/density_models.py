@@ -24,13 +24,12 @@ the evaluation experiments reuse through :func:`load_trained`), ``results.json``
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
 import os
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -63,25 +62,15 @@ THESIS_ACCURACY = {"baseline": 78.01, "score_matching": 72.20, "anti_score_match
 """Thesis §5.5, CIFAR-100 test accuracy (%) — reference values, not ours."""
 
 
-@dataclasses.dataclass(frozen=True)
-class DensityScale:
-    dataset: str
-    image_size: int
-    width: float
-    epochs: int
-    batch_size: int
-    lr: float
-    max_train: Optional[int] = None
-    max_test: Optional[int] = None
-    diag_examples: int = 256
-    model: str = "resnet18"
-
-
-SCALES = {
-    "smoke": DensityScale("digits", 16, 1 / 16, 1, 32, 0.05, max_train=128, max_test=64, diag_examples=16),
-    "small": DensityScale("mnist_digits", 16, 0.125, 3, 128, 0.1),  # sized for a shared 2-core CPU
-    "paper": DensityScale("cifar100", 32, 1.0, 200, 128, 0.1),
+SCALES = {  # extra: test examples of the gradient / trace diagnostics
+    "smoke": common.Scale(model="resnet18", dataset="digits", image_size=16, width=1 / 16, epochs=1, batch_size=32,
+                          lr=0.05, max_train=128, max_test=64, extra=dict(diag_examples=16)),
+    "small": common.Scale(model="resnet18", dataset="mnist_digits", image_size=16, width=0.125, epochs=3,  # 2-core CPU
+                          batch_size=128, lr=0.1, extra=dict(diag_examples=256)),
+    "paper": common.Scale(model="resnet18", dataset="cifar100", image_size=32, width=1.0, epochs=200, batch_size=128,
+                          lr=0.1, extra=dict(diag_examples=256)),
 }
+DensityScale = common.Scale  # the harness's one preset type
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -374,7 +363,7 @@ def main(argv=None) -> dict:
         gap = {"model": f"{last['objective']}/seed{last['seed']}",
                "rows": bn_policy_gap(trainer.model.apply, state.params, state.model_state, test_ds.images,
                                      test_ds.labels, jax.random.PRNGKey(0))}
-    results = {"scale": dataclasses.asdict(scale), "preset": args.preset, "bn_policy": args.bn_policy,
+    results = {"scale": scale.asdict(), "preset": args.preset, "bn_policy": args.bn_policy,
                "overrides": {k: v for k, v in overrides.items() if v is not None}, "runs": runs, "summary": summary,
                "bn_policy_gap": gap, "environment": environment(),
                "command": common.command("density_models", argv)}

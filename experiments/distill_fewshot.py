@@ -16,11 +16,9 @@ of 500, batch 128 (thesis §2.12.3).
 """
 from __future__ import annotations
 
-import sys
 import os
 import time
 
-import numpy as np
 
 from experiments import common
 from gradjax import data as gdata
@@ -65,9 +63,8 @@ def _terms(keys):
 
 
 def main(argv=None) -> dict:
-    p = common.base_parser(__doc__.splitlines()[0], default_dataset=None, seeds="count", overrides=("steps",))
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
-    p.add_argument("--n-per-class", default=None, help="comma-separated subset sizes (default: the scale's)")
+    p = common.base_parser(__doc__.splitlines()[0], default_dataset=None, seeds="count", overrides=("steps",),
+                           methods=METHODS, per_class=True)
     args = p.parse_args(argv)
     pre, dataset, seeds, out = common.setup(args, PRESETS, "distill_fewshot")
     methods = common.parse_methods(args.methods, METHODS)
@@ -124,11 +121,8 @@ def main(argv=None) -> dict:
            "width": pre.width, "seeds": seeds, "n_per_class": ns, "teacher_accuracy": teacher_acc,
            "teacher_steps": t_steps, "student_steps": sorted({k[1] for k in trainers}), "batch_size": pre.batch_size,
            "optimizer": f"adam {pre.lr} -> {pre.lr / 10} at 80% of steps", "results": results, "thesis": THESIS,
-           "wall_s": time.time() - t0, "environment": common.environment(),
-           "command": "python -m experiments.distill_fewshot " + " ".join(argv if argv is not None else sys.argv[1:])}
-    common.write_results(out, res, table)
-    print(table)
-    return res
+           "wall_s": time.time() - t0}
+    return common.finish(out, res, table, script="distill_fewshot", argv=argv)
 
 
 if __name__ == "__main__":

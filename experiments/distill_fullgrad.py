@@ -20,12 +20,10 @@ fixed step budgets (small: measured results in docs/RESULTS.md, "Chapter 4"). Th
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import serialization
 
 from experiments import common
@@ -154,9 +152,8 @@ steps_for = common.step_budget  # the step budget: --steps, else the preset's ep
 
 
 def main(argv=None) -> dict:
-    p = common.base_parser(__doc__.splitlines()[0], default_dataset=None, seeds="count", overrides=("steps",))
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
-    p.add_argument("--n-per-class", default=None, help="comma-separated subset sizes (default: the scale's)")
+    p = common.base_parser(__doc__.splitlines()[0], default_dataset=None, seeds="count", overrides=("steps",),
+                           methods=METHODS, per_class=True)
     p.add_argument("--teacher-cache", default=None, help="directory to store/reuse the trained teacher (default: "
                    "runs/ch4_teachers, none at smoke scale)")
     p.add_argument("--weight", type=float, default=WEIGHT, help="weight of every matching term (thesis: 10; CE "
@@ -219,11 +216,8 @@ def main(argv=None) -> dict:
            "teacher_accuracy": teacher_acc, "teacher_steps": t_steps, "pairs": [list(p_) for p_ in pairs],
            "student_steps": sorted({k[1] for k in trainers}), "batch_size": pre.batch_size, "weight": args.weight, "ce_weight": WEIGHT,
            "optimizer": f"adam {pre.lr} -> {pre.lr / 10} at {pre.drop_at:.0%} of steps", "results": results,
-           "train_terms_first_last": last_terms, "thesis": THESIS, "wall_s": time.time() - t0, "environment": common.environment(),
-           "command": "python -m experiments.distill_fullgrad " + " ".join(argv if argv is not None else sys.argv[1:])}
-    common.write_results(out, res, table)
-    print(table)
-    return res
+           "train_terms_first_last": last_terms, "thesis": THESIS, "wall_s": time.time() - t0}
+    return common.finish(out, res, table, script="distill_fullgrad", argv=argv)
 
 
 if __name__ == "__main__":

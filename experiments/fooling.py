@@ -21,12 +21,11 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from experiments import common
 from experiments.common import environment, markdown_table, write_results
-from experiments.density_models import DensityScale, load_raw_splits
+from experiments.density_models import load_raw_splits
 from gradjax import data as gdata
 from gradjax import gradients as G
 from gradjax import train as gtrain
@@ -37,22 +36,16 @@ from gradjax.models import create_model
 THESIS = {"logit_gradient": 83.85, "loss_gradient": 48.14, "loss_gradient_T1e3": 60.17, "uniform": 22.0}
 
 
-@dataclasses.dataclass(frozen=True)
-class FoolScale:
-    data: DensityScale
-    model: str
-    pretrain_epochs: int
-    finetune_epochs: int
-    finetune_lr: float
-    lam: float
-    eval_examples: int
-
-
-SCALES = {
-    "smoke": FoolScale(DensityScale("digits", 32, 1 / 16, 1, 32, 0.05, max_train=128, max_test=32), "vgg11", 1, 1,
-                       5e-4, 1e4, 32),
-    "small": FoolScale(DensityScale("mnist_digits", 32, 0.125, 3, 128, 0.05), "vgg11", 3, 3, 5e-4, 1e4, 1000),
-    "paper": FoolScale(DensityScale("cifar100", 32, 1.0, 200, 128, 0.1), "vgg11", 200, 20, 5e-4, 1e4, 10000),
+SCALES = {  # model: the fooled classifier; extra: the two phases' epochs, the fine-tuning's lr and weight, examples
+    "smoke": common.Scale(model="vgg11", dataset="digits", image_size=32, width=1 / 16, batch_size=32, lr=0.05,
+                          max_train=128, max_test=32, extra=dict(pretrain_epochs=1, finetune_epochs=1,
+                                                                 finetune_lr=5e-4, lam=1e4, eval_examples=32)),
+    "small": common.Scale(model="vgg11", dataset="mnist_digits", image_size=32, width=0.125, batch_size=128, lr=0.05,
+                          extra=dict(pretrain_epochs=3, finetune_epochs=3, finetune_lr=5e-4, lam=1e4,
+                                     eval_examples=1000)),
+    "paper": common.Scale(model="vgg11", dataset="cifar100", image_size=32, width=1.0, batch_size=128, lr=0.1,
+                          extra=dict(pretrain_epochs=200, finetune_epochs=20, finetune_lr=5e-4, lam=1e4,
+                                     eval_examples=10000)),
 }
 
 
@@ -89,10 +82,10 @@ def _fit(model, loss_fn, tx, state, train_ds, test_ds, bs, epochs, out, name, se
     return state, trainer.evaluate(state, test_ds)
 
 
-def run(scale: FoolScale, out: str, *, seed: int = 0, lam: Optional[float] = None, activation: str = "relu",
+def run(scale: common.Scale, out: str, *, seed: int = 0, lam: Optional[float] = None, activation: str = "relu",
         data_dir: Optional[str] = None, progress: bool = False) -> dict:
     lam = scale.lam if lam is None else lam
-    sc = scale.data
+    sc = scale
     train_ds, test_ds = load_raw_splits(sc, data_dir=data_dir, seed=seed)
     H = train_ds.image_shape[0]
     mask = F.corner_mask(H)
@@ -135,18 +128,17 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     scale = SCALES[args.scale]
     if args.dataset is not None:
-        scale = dataclasses.replace(scale, data=dataclasses.replace(scale.data, dataset=args.dataset))
+        scale = dataclasses.replace(scale, dataset=args.dataset)
     if args.width is not None:
-        scale = dataclasses.replace(scale, data=dataclasses.replace(scale.data, width=args.width))
-    scale = dataclasses.replace(scale, **{k: v for k, v in dict(pretrain_epochs=args.pretrain_epochs,
-                                                                finetune_lr=args.finetune_lr,
-                                                                finetune_epochs=args.finetune_epochs).items()
-                                          if v is not None})
-    out = args.out or os.path.join("runs", f"fooling-{scale.data.dataset}-{args.scale}")
+        scale = dataclasses.replace(scale, width=args.width)
+    scale = scale.with_extra(**{k: v for k, v in dict(pretrain_epochs=args.pretrain_epochs,
+                                                      finetune_lr=args.finetune_lr,
+                                                      finetune_epochs=args.finetune_epochs).items() if v is not None})
+    out = args.out or os.path.join("runs", f"fooling-{scale.dataset}-{args.scale}")
     os.makedirs(out, exist_ok=True)
     r = run(scale, out, seed=args.seed, lam=args.lam, activation=args.activation, data_dir=args.data_dir,
             progress=args.progress and not args.no_progress)
-    results = {"scale": dataclasses.asdict(scale), "result": r, "thesis_%": THESIS, "environment": environment(),
+    results = {"scale": scale.asdict(), "result": r, "thesis_%": THESIS, "environment": environment(),
                "command": common.command("fooling", argv)}
     b, a = r["energy_before_%"], r["energy_after_%"]
     md = markdown_table(

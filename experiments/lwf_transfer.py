@@ -32,7 +32,6 @@ MIT Scenes, ResNet-34 -> VGG-9, SGD momentum 0.9, lr 1e-3 / 10 at epochs 40 and 
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 import numpy as np
@@ -232,12 +231,8 @@ def main(argv=None) -> dict:
            "student": pre.model, "width": pre.width, "seeds": seeds, "weights": pre.weight,
            "levels": LEVELS, "student_steps": sorted({k[1] for k in trainers}), "teacher_steps": ts,
            "optimizer": pre.optimizer, "results": results,
-           "thesis": {"2.3": THESIS_23, "2.4": THESIS_24, "2.5": THESIS_25}, "wall_s": time.time() - t0,
-           "environment": common.environment(),
-           "command": "python -m experiments.lwf_transfer " + " ".join(argv if argv is not None else sys.argv[1:])}
-    common.write_results(out, res, table)
-    print(table)
-    return res
+           "thesis": {"2.3": THESIS_23, "2.4": THESIS_24, "2.5": THESIS_25}, "wall_s": time.time() - t0}
+    return common.finish(out, res, table, script="lwf_transfer", argv=argv)
 
 
 if __name__ == "__main__":

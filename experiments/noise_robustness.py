@@ -14,10 +14,8 @@ the one training engine.
 from __future__ import annotations
 
 import os
-import sys
 import time
 
-import numpy as np
 
 from experiments import common
 from gradjax.losses import terms as LT
@@ -106,7 +104,7 @@ def main(argv=None) -> dict:
                "penalty": "lambda * ||grad_x CE(x, y)||^2 (eq. 2.3 form, label class), double backprop, frozen BN moments",
                "l2_gamma": 1e-3, "dropout": "0.25 on the last conv block's output (dropout-pools: after every max-pool)", "optimizer": f"adam {pre.lr} -> {pre.lr / 10} at 80% of steps",
                "results": results, "thesis": THESIS, "wall_s": time.time() - t0, "environment": common.environment(),
-               "command": "python -m experiments.noise_robustness " + " ".join(argv if argv is not None else sys.argv[1:])}
+               "command": common.command("noise_robustness", argv)}
         common.write_results(out, res, table)
         return res, table
 
