@@ -1,0 +1,174 @@
+"""Properties of the loss combinator and of EVERY term factory of :mod:`gradjax.losses.terms` (enumerated from the
+module: every public ``*_term`` function; a new factory without an entry in ``FACTORIES`` fails
+:func:`test_every_factory_is_covered`):
+
+* term weights: with every factory in one :func:`~gradjax.losses.terms.make_loss_fn` at a weight ``w_t ≠ 1``
+  (all different), the loss equals ``Σ_t w_t · term_t`` with ``term_t`` the unweighted batch means reported as
+  ``term/<name>`` — and those equal the term values of the same list at weight 1 (a weight must neither be dropped
+  nor leak into the term), and ``Term.weight == w_t``;
+* frozen teachers stay frozen: the gradient of a random positive combination of all terms w.r.t. the teacher's
+  variables passed as ``ctx.frozen["teacher"]`` is exactly zero (one term's non-zero gradient cannot cancel
+  exactly against the others), while the student's is not;
+* options honoured: chosen options at a non-default value change the term (e.g. the anti-score-matching σ, whose
+  documented default 1e-3 is checked explicitly) — each variant sits at the same list index as its reference, so it
+  gets the same key (``fold_in(ctx.rng, index + 1)``) and any difference is the option's.
+
+Everything is computed by one compiled function on a two-block VGG (student and teacher differ).
+"""
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gradjax import train
+from gradjax.losses import fooling as FO
+from gradjax.losses import terms as LT
+from gradjax.models import VGG
+
+pytestmark = pytest.mark.usefixtures("fast_compilation")
+
+B, HW, C, K = 4, 8, 3, 5
+TEACHER = "teacher"
+
+# name -> (kwargs besides weight, uses the teacher)
+FACTORIES = {
+    "cross_entropy_term": ({}, False),
+    "activation_matching_term": ({}, True),
+    "jacobian_matching_term": ({}, True),
+    "stochastic_jacobian_matching_term": ({"num_probes": 2}, True),
+    "noisy_activation_matching_term": ({"sigma": 0.3}, True),
+    "attention_matching_term": ({"pairs": [("block0", "block0")]}, True),
+    "attention_jacobian_matching_term": ({"student_layer": "block1", "teacher_layer": "block1", "divisor": 2}, True),
+    "gradient_norm_term": ({}, False),
+    "l2_term": ({}, False),
+    "full_gradient_matching_term": ({"num_resolutions": 2}, True),
+    "bias_gradient_penalty_term": ({}, False),
+    "bias_l2_term": ({"layers": ["block0"]}, False),
+    "score_matching_term": ({"mu": 0.1, "sigma": 0.1}, False),
+    "anti_score_matching_term": ({"sigma": 0.05}, False),
+    "fooling_loss_term": ({"mask": FO.corner_mask(HW, side=3)}, False),
+}
+
+# option variants: (factory, kwargs of the reference or None = its FACTORIES entry, kwargs of the variant, relation)
+VARIANTS = [
+    ("anti_score_matching_term", {}, {"sigma": 1e-3}, "same"),  # the documented default sigma is 1e-3
+    ("anti_score_matching_term", {}, {"sigma": 1e-2}, "differs"),
+    ("anti_score_matching_term", None, {"sigma": 0.05, "tau": 1.0}, "differs"),
+    ("score_matching_term", None, {"mu": 0.5, "sigma": 0.1}, "differs"),
+    ("score_matching_term", None, {"mu": 0.1, "sigma": 0.3}, "differs"),
+    ("score_matching_term", None, {"mu": 0.1, "sigma": 0.1, "form": "antithetic"}, "differs"),
+    ("jacobian_matching_term", None, {"output": "full"}, "differs"),
+    ("jacobian_matching_term", None, {"form": "cross_entropy", "sigma": 2.0}, "differs"),
+    ("stochastic_jacobian_matching_term", None, {"num_probes": 2, "probe_space": "output"}, "differs"),
+    ("noisy_activation_matching_term", None, {"sigma": 0.6}, "differs"),
+    ("gradient_norm_term", None, {"form": "logit"}, "differs"),
+    ("cross_entropy_term", None, {"label_smoothing": 0.2}, "differs"),
+    ("l2_term", None, {"include_bias": False}, "differs"),
+    ("bias_gradient_penalty_term", None, {"noise": "unit"}, "differs"),
+]
+
+
+def _factories():
+    return {n: f for n, f in inspect.getmembers(LT, inspect.isfunction)
+            if n.endswith("_term") and not n.startswith("_") and f.__module__ == LT.__name__}
+
+
+def test_every_factory_is_covered():
+    found = set(_factories())
+    assert {"cross_entropy_term", "jacobian_matching_term"} <= found  # the enumeration works
+    assert found == set(FACTORIES), (f"factories without a property check: {sorted(found - set(FACTORIES))}; "
+                                     f"checked but gone: {sorted(set(FACTORIES) - found)}")
+
+
+def _pad(i):
+    return LT.term(f"pad{i}", lambda inp: jnp.zeros((inp.x.shape[0],), inp.x.dtype), 1.0)
+
+
+@pytest.fixture(scope="module")
+def computed():
+    names = sorted(FACTORIES)
+    weights = {n: 0.25 + 0.5 * i for i, n in enumerate(names)}  # all different, none equal to 1
+    facs = _factories()
+    student, teacher = VGG(layers=(4, "M", 4), num_classes=K), VGG(layers=(6, "M", 4), num_classes=K)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.uniform(size=(B, HW, HW, C)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, K, size=(B,)), jnp.int32)
+    sv = student.init(jax.random.PRNGKey(1), x, train=False)
+    tv = teacher.init(jax.random.PRNGKey(2), x, train=False)
+    sv = {k: v for k, v in sv.items() if k in ("params", "batch_stats")}
+    tv = {k: v for k, v in tv.items() if k in ("params", "batch_stats")}
+    tv["params"] = jax.tree.map(lambda p: p + 0.1 * jnp.sign(p + 1e-3), tv["params"])  # non-zero teacher biases
+    sv["params"] = jax.tree.map(lambda p: p + 0.05, sv["params"])  # non-zero student conv biases
+
+    def make(terms):
+        return LT.make_loss_fn(student.apply, terms, teacher_apply_fn=teacher.apply)
+
+    weighted = [facs[n](weights[n], **FACTORIES[n][0]) for n in names]
+    unit = [facs[n](1.0, **FACTORIES[n][0]) for n in names]
+    variant_lists = []
+    for fac, ref_kw, var_kw, _ in VARIANTS:
+        i = names.index(fac)  # the same index as in `unit`: the same term key
+        pads = [_pad(j) for j in range(i)]
+        ref = None if ref_kw is None else make(pads + [facs[fac](1.0, **ref_kw)])
+        variant_lists.append((ref, make(pads + [facs[fac](1.0, **var_kw)]), i))
+    loss_w, loss_1 = make(weighted), make(unit)
+    batch = {"image": x, "label": y}
+    state = {"batch_stats": sv["batch_stats"]}
+    probe = jnp.asarray(np.random.default_rng(1).uniform(0.5, 1.5, size=len(unit)), jnp.float32)
+
+    @jax.jit
+    def run(params, tv, key):
+        ctx = train.StepContext(rng=key, step=jnp.zeros((), jnp.int32), frozen={TEACHER: tv})
+        Lw, aux_w = loss_w(params, state, batch, ctx)
+
+        def unit_loss(params, tv):
+            L1, aux = loss_1(params, state, batch, ctx._replace(frozen={TEACHER: tv}))
+            vals = jnp.stack([aux["metrics"][f"term/{t.name}"] for t in unit])
+            return jnp.sum(probe * vals), (L1, vals)
+
+        # one backward pass of a random positive combination of the terms: a term's non-zero gradient w.r.t. the
+        # frozen teacher cannot cancel exactly against the others
+        (_, (L1, vals_1)), (grad_s, grad_t) = jax.value_and_grad(unit_loss, argnums=(0, 1), has_aux=True)(params, tv)
+        metric = lambda fn: fn(params, state, batch, ctx)[1]["metrics"]  # noqa: E731
+        variants = [(vals_1[i] if ref is None else metric(ref)[f"term/{ref.terms[-1].name}"],
+                     metric(var)[f"term/{var.terms[-1].name}"]) for ref, var, i in variant_lists]
+        return Lw, aux_w["metrics"], L1, vals_1, grad_s, grad_t, variants
+
+    out = jax.device_get(run(sv["params"], tv, jax.random.PRNGKey(7)))
+    return dict(names=names, weights=weights, weighted=weighted, unit=unit, out=out)
+
+
+def test_loss_is_the_weighted_sum_of_the_terms(computed):
+    names, weights, weighted = computed["names"], computed["weights"], computed["weighted"]
+    Lw, mw, L1, vals_1, *_ = computed["out"]
+    for n, t in zip(names, weighted):
+        assert t.weight == pytest.approx(weights[n]), f"{n}: Term.weight {t.weight} != the weight given {weights[n]}"
+    vals_w = np.array([float(mw[f"term/{t.name}"]) for t in weighted])
+    vals_1 = np.asarray(vals_1, np.float64)
+    assert np.all(np.isfinite(vals_w)) and np.all(vals_1 != 0), dict(zip(names, vals_1))
+    np.testing.assert_allclose(vals_w, vals_1, rtol=2e-4, atol=1e-7,
+                               err_msg=f"a term's value depends on its weight ({names})")
+    w = np.array([weights[n] for n in names])
+    np.testing.assert_allclose(float(Lw), float(np.sum(w * vals_1)), rtol=2e-4)
+    np.testing.assert_allclose(float(L1), float(np.sum(vals_1)), rtol=2e-4)
+
+
+def test_frozen_teacher_gets_exactly_zero_gradient(computed):
+    _, _, _, _, grad_s, grad_t, _ = computed["out"]
+    for path, leaf in jax.tree_util.tree_leaves_with_path(grad_t):
+        assert np.all(np.asarray(leaf) == 0.0), f"the teacher's variables in ctx.frozen get a gradient at {path}"
+    assert max(float(np.max(np.abs(np.asarray(leaf)))) for leaf in jax.tree.leaves(grad_s)) > 0
+
+
+@pytest.mark.parametrize("i", range(len(VARIANTS)),
+                         ids=[f"{f}-{'-'.join(f'{k}={v}' for k, v in var.items())}" for f, _, var, _ in VARIANTS])
+def test_term_option_is_honoured(computed, i):
+    fac, ref_kw, var_kw, relation = VARIANTS[i]
+    ref, var = (float(v) for v in computed["out"][6][i])
+    assert np.isfinite(ref) and np.isfinite(var)
+    if relation == "same":
+        assert var == pytest.approx(ref, rel=1e-5), f"{fac}: {var_kw} should equal the default"
+    else:
+        assert var != pytest.approx(ref, rel=1e-4, abs=1e-8), f"{fac}({var_kw}) did not change the term"
