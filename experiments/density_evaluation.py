@@ -256,16 +256,10 @@ def gan_test_of(compiled: Compiled, variables, judge_fn, num_classes: int, per_c
 
 
 def gan_test_on(judge_fn, samples, labels, num_classes: int):
-    """``(GAN-test accuracy, histogram of the judge's classes)`` of ``samples``; NaN (and a warning) when a sample
-    is non-finite."""
-    n_bad = int(np.sum(~np.all(np.isfinite(samples.reshape(len(samples), -1)), axis=1)))
-    if n_bad:  # the model's input-gradients overflowed along the ascent: report, do not judge NaN images
-        print(f"warning: {n_bad}/{len(samples)} samples are non-finite (the ascent diverged); GAN-test = NaN",
-              flush=True)
-        return float("nan"), np.zeros(num_classes, np.int64)
-    acc = float(D.gan_test(judge_fn, jnp.asarray(samples), jnp.asarray(labels)))
-    hist = np.bincount(np.argmax(np.asarray(judge_fn(jnp.asarray(samples))), -1), minlength=num_classes)
-    return acc, hist
+    """``(GAN-test accuracy, histogram of the judge's classes)`` of ``samples``
+    (:func:`gradjax.density.gan_test_report`; NaN with a warning when a sample is non-finite)."""
+    r = D.gan_test_report(judge_fn, samples, labels, num_classes)
+    return r.accuracy, r.histogram
 
 
 # ------------------------------------------------------------------------------------------------ evaluation

@@ -163,6 +163,44 @@ def gan_test(judge_logits_fn, samples: Array, labels: Array) -> Array:
     return jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
 
 
+class GanTestReport(NamedTuple):
+    """The result of :func:`gan_test_report`.
+
+    Attributes:
+      accuracy: the GAN-test accuracy (NaN when a sample is non-finite).
+      histogram: ``[K]`` — how many samples the judge puts in each class.
+      non_finite: the number of non-finite samples.
+    """
+
+    accuracy: float
+    histogram: np.ndarray
+    non_finite: int
+
+
+def gan_test_report(judge_logits_fn, samples, labels, num_classes: int) -> GanTestReport:
+    """:func:`gan_test` of ``samples`` ``[B, H, W, C]`` with the histogram of the judge's classes on them (a judge
+    that puts every sample in one class scores 1/K on a balanced set: the histogram tells it apart from a good
+    generator), on the host. Samples from an ascent that diverged (any non-finite value) are not judged: the
+    accuracy is NaN, the histogram zeros, with a ``RuntimeWarning``. Not jittable (host-side check)."""
+    samples = np.asarray(samples)
+    labels = np.asarray(labels)
+    if samples.ndim < 2 or labels.shape != (samples.shape[0],):
+        raise ValueError(f"samples [B, ...] and labels [B] must agree; got {samples.shape} and {labels.shape}.")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1; got {num_classes}.")
+    bad = int(np.sum(~np.all(np.isfinite(samples.reshape(len(samples), -1)), axis=1)))
+    if bad:
+        import warnings
+
+        warnings.warn(f"{bad}/{len(samples)} samples are non-finite (the ascent diverged); GAN-test = NaN",
+                      RuntimeWarning, stacklevel=2)
+        return GanTestReport(float("nan"), np.zeros(num_classes, np.int64), bad)
+    logits = np.asarray(_logits(judge_logits_fn, jnp.asarray(samples)))
+    pred = np.argmax(logits, axis=-1)
+    acc = float(gan_test(judge_logits_fn, jnp.asarray(samples), jnp.asarray(labels)))
+    return GanTestReport(acc, np.bincount(pred, minlength=num_classes), 0)
+
+
 def _leaves(tree: Any) -> list[np.ndarray]:
     return [np.asarray(a) for a in jax.tree.leaves(tree) if hasattr(a, "shape")]
 
