@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from gradjax import _validation as V
+from gradjax._chunking import chunked_sum
 from gradjax.losses.distillation import _check_x, _sum_per_example, jacobian_rows
 
 Array = jax.Array
@@ -78,15 +79,18 @@ def gradient_norm(logits_fn: LogitsFn, x: Array, labels: Optional[Array] = None,
 
 
 def noisy_cross_entropy(logits_fn: LogitsFn, x: Array, targets: Array, key: Array, *, sigma: float,
-                        num_samples: int = 1, antithetic: bool = True) -> Array:
+                        num_samples: int = 1, antithetic: bool = True, chunk: Optional[int] = None,
+                        memory_budget: Optional[int] = None) -> Array:
     """Monte-Carlo ``E_xi [ -sum_i y^i log softmax(f(x_b + xi))_i ]``, ``xi ~ N(0, sigma^2 I)`` — the left-hand
-    side of eq. 2.3, for checking its coefficient. ``targets``: soft or one-hot ``[B, K]``. Returns ``[B]``."""
+    side of eq. 2.3, for checking its coefficient. ``targets``: soft or one-hot ``[B, K]``. Returns ``[B]``.
+    Noise samples are evaluated ``chunk`` at a time (:func:`gradjax._chunking.chunked_sum`; ``chunk=None``: sized
+    from ``memory_budget`` bytes, default :data:`gradjax._chunking.DEFAULT_MEMORY_BUDGET`)."""
     _check_x(x)
     xi = sigma * jax.random.normal(key, (num_samples,) + tuple(x.shape), dtype=x.dtype)
     if antithetic:
         xi = jnp.concatenate([xi, -xi], axis=0)
     one = lambda e: -jnp.sum(targets * jax.nn.log_softmax(logits_fn(x + e), axis=-1), axis=-1)
-    return jnp.mean(jax.lax.map(one, xi), axis=0)
+    return chunked_sum(jax.vmap(one), xi, chunk=chunk, memory_budget=memory_budget) / xi.shape[0]
 
 
 def l2(params: Any, *, include_bias: bool = True) -> Array:
