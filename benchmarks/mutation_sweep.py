@@ -179,6 +179,15 @@ MUTATIONS: list[Mutation] = [
     M("sal-noise-range-example", "axis", "gradjax/saliency/noise_family.py",
       "rng = flat.max(axis=1) - flat.min(axis=1)", "rng = flat.max(axis=1)", SAL("noise_level or noise_range"),
       "noise scale from the maximum, not the range"),
+    M("sal-fullgrad-noabs-merge-ignored", "ignored option", "gradjax/saliency/fullgrad_family.py",
+      'return fullgrad(model, x, target, postprocess="none", merge=merge, align_corners=align_corners)',
+      'return fullgrad(model, x, target, postprocess="none", merge="none", align_corners=align_corners)',
+      SAL("fullgrad_noabs"), "expected equivalent: without psi the maps are linear, so grouping does not matter"),
+    # ------------------------------------------------------------------------------ input-agnostic (seed 003)
+    M("ia-step-not-scaled", "ignored option", "gradjax/input_agnostic.py",
+      "return project(rho + updates * (ball_radius / radius), ball_radius, norm)",
+      "return project(rho + updates, ball_radius, norm)", ("tests/test_input_agnostic.py", "-k", "step_scaling"),
+      "continuation steps at smaller radii not scaled by r / eta (eq. IA.3)"),
 ]
 
 
