@@ -39,6 +39,7 @@ import optax
 from experiments import common
 from experiments.common import environment, markdown_table, write_results
 from gradjax import data as gdata
+from gradjax import density as D
 from gradjax import model as gm
 from gradjax import train as gtrain
 from gradjax.losses import terms as LT
@@ -135,12 +136,9 @@ def make_optimizer(lr: float, epochs: int, steps_per_epoch: int, *, weight_decay
 # ------------------------------------------------------------------------------------------------ diagnostics
 @functools.partial(jax.jit, static_argnames=("apply_fn", "num_probes"))
 def density_diagnostics(apply_fn, variables, x, y, key, *, num_probes: int = 8) -> dict:
-    """Eval-mode per-example ``‖∇_x f_y‖²`` and Hutchinson ``tr ∇²_x f_y`` (batch means and medians)."""
-    f = SM.label_logit_fn(lambda z: apply_fn(variables, z, train=False), y)
-    t = SM.density_terms(f, x, key, estimator="hutchinson", num_probes=num_probes)
-    g2 = t.grad_sq_norm
-    return {"grad_sq_norm_mean": jnp.mean(g2), "grad_sq_norm_median": jnp.median(g2),
-            "trace_mean": jnp.mean(t.trace), "trace_median": jnp.median(t.trace)}
+    """Eval-mode per-example ``‖∇_x f_y‖²`` and Hutchinson ``tr ∇²_x f_y`` (batch means and medians):
+    :func:`gradjax.density.gradient_trace_stats`, compiled per architecture."""
+    return D.gradient_trace_stats(lambda z: apply_fn(variables, z, train=False), x, y, key, num_probes=num_probes)
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn",))
@@ -186,11 +184,9 @@ def bn_policy_gap(apply_fn, params, model_state, images, labels, key, *, batch_s
         x, y = jnp.asarray(images[:bs]), jnp.asarray(labels[:bs])
         t = jax.device_get(_policy_traces(apply_fn, params, model_state, x, y, key, num_probes=num_probes,
                                           sigma=sigma))
-        fr, tr = np.asarray(t["frozen"]), np.asarray(t["train"])
-        scale = max(float(np.mean(np.abs(fr))), 1e-12)
-        rows.append({"batch_size": bs, "frozen_trace_mean": float(fr.mean()), "train_trace_mean": float(tr.mean()),
-                     "rel_gap_of_means": float(abs(tr.mean() - fr.mean()) / scale),
-                     "rel_per_example_diff": float(np.mean(np.abs(tr - fr)) / scale)})
+        g = D.trace_gap(t["frozen"], t["train"])
+        rows.append({"batch_size": bs, "frozen_trace_mean": g["reference_mean"], "train_trace_mean": g["other_mean"],
+                     "rel_gap_of_means": g["rel_gap_of_means"], "rel_per_example_diff": g["rel_per_example_diff"]})
     return rows
 
 

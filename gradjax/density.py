@@ -31,6 +31,7 @@ from jax import lax
 
 from gradjax import _validation as V
 from gradjax.gradients import select
+from gradjax.losses import score_matching as SM
 from gradjax.model import as_logits_fn
 
 Array = jax.Array
@@ -161,6 +162,34 @@ def gan_test(judge_logits_fn, samples: Array, labels: Array) -> Array:
     logits = _logits(judge_logits_fn, samples)
     V.check_labels(labels, logits.shape[1], samples.shape[0])
     return jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
+
+
+def gradient_trace_stats(logits_fn, x: Array, labels: Array, key: Array, *, num_probes: int = 8) -> dict:
+    """Batch mean and median of the per-example ``‖∇_x f_y(x)‖²`` and of Hutchinson's estimate of
+    ``tr ∇²_x f_y(x)`` (thesis §5.3–5.4: the two quantities the score-matching objective, eq. 5.4, trades off; the
+    trace with ``num_probes`` Rademacher probes drawn from ``key``, :func:`gradjax.trace.hutchinson_trace`).
+
+    ``logits_fn``: eval-mode ``x [B, ...] -> [B, K]`` (examples independent); ``labels`` ``[B]``. Returns
+    ``{"grad_sq_norm_mean", "grad_sq_norm_median", "trace_mean", "trace_median"}`` (scalars). Jittable."""
+    if num_probes < 1:
+        raise ValueError(f"num_probes must be >= 1; got {num_probes}.")
+    t = SM.density_terms(SM.label_logit_fn(as_logits_fn(logits_fn), labels), V.check_input(x), key,
+                         estimator="hutchinson", num_probes=num_probes)
+    return {"grad_sq_norm_mean": jnp.mean(t.grad_sq_norm), "grad_sq_norm_median": jnp.median(t.grad_sq_norm),
+            "trace_mean": jnp.mean(t.trace), "trace_median": jnp.median(t.trace)}
+
+
+def trace_gap(reference, other) -> dict:
+    """How far per-example trace estimates ``other`` ``[B]`` are from ``reference`` ``[B]`` (e.g. the authors'
+    train-mode BatchNorm estimate against the per-example frozen-moments one): both means, the gap of the means and
+    the mean per-example ``|difference|``, each relative to the mean ``|reference|`` (floored at 1e-12)."""
+    ref, oth = np.asarray(reference, np.float64), np.asarray(other, np.float64)
+    if ref.shape != oth.shape or ref.ndim != 1:
+        raise ValueError(f"reference and other must be [B] of one shape; got {ref.shape} and {oth.shape}.")
+    scale = max(float(np.mean(np.abs(ref))), 1e-12)
+    return {"reference_mean": float(ref.mean()), "other_mean": float(oth.mean()),
+            "rel_gap_of_means": float(abs(oth.mean() - ref.mean()) / scale),
+            "rel_per_example_diff": float(np.mean(np.abs(oth - ref)) / scale)}
 
 
 class GanTestReport(NamedTuple):

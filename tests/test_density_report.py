@@ -27,3 +27,33 @@ def test_gan_test_report_does_not_judge_non_finite_samples():
     assert np.isnan(r.accuracy) and r.non_finite == 1 and not r.histogram.any()
     with pytest.raises(ValueError, match="agree"):
         D.gan_test_report(_judge, samples, np.zeros(2, np.int32), 3)
+
+
+def test_gradient_trace_stats_on_a_quadratic_by_hand():
+    """f_k(x) = a_k Σ x²: ∇f_y = 2 a_y x, so ‖∇f_y‖² = 4 a_y² Σ x², and ∇²f_y = 2 a_y I, whose trace Hutchinson's
+    Rademacher probes give exactly (2 a_y · D)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.array([0.5, -1.0, 2.0])
+    logits_fn = lambda x: jnp.sum(x ** 2, axis=(1, 2, 3))[:, None] * a[None, :]  # noqa: E731
+    x = jax.random.normal(jax.random.PRNGKey(0), (5, 2, 3, 1))
+    y = jnp.array([0, 1, 2, 2, 1])
+    stats = jax.jit(lambda x, y, k: D.gradient_trace_stats(logits_fn, x, y, k, num_probes=3))(
+        x, y, jax.random.PRNGKey(1))
+    g2 = 4 * np.asarray(a)[np.asarray(y)] ** 2 * np.asarray(jnp.sum(x ** 2, axis=(1, 2, 3)))
+    tr = 2 * np.asarray(a)[np.asarray(y)] * 6
+    assert float(stats["grad_sq_norm_mean"]) == pytest.approx(g2.mean(), rel=1e-5)
+    assert float(stats["grad_sq_norm_median"]) == pytest.approx(np.median(g2), rel=1e-5)
+    assert float(stats["trace_mean"]) == pytest.approx(tr.mean(), rel=1e-5)
+    assert float(stats["trace_median"]) == pytest.approx(np.median(tr), rel=1e-5)
+    with pytest.raises(ValueError, match="num_probes"):
+        D.gradient_trace_stats(logits_fn, x, y, jax.random.PRNGKey(1), num_probes=0)
+
+
+def test_trace_gap_by_hand():
+    g = D.trace_gap([1.0, -3.0], [2.0, -1.0])  # mean |ref| = 2; means -1 and 0.5; per-example |diff| 1 and 2
+    assert g == pytest.approx({"reference_mean": -1.0, "other_mean": 0.5, "rel_gap_of_means": 0.75,
+                               "rel_per_example_diff": 0.75})
+    with pytest.raises(ValueError, match="one shape"):
+        D.trace_gap([1.0], [1.0, 2.0])
