@@ -172,3 +172,28 @@ def test_term_option_is_honoured(computed, i):
         assert var == pytest.approx(ref, rel=1e-5), f"{fac}: {var_kw} should equal the default"
     else:
         assert var != pytest.approx(ref, rel=1e-4, abs=1e-8), f"{fac}({var_kw}) did not change the term"
+
+
+def test_density_regularizers_defaults_and_values():
+    """The documented defaults of the ch. 5 regularizers (anti-score-matching: one-sided Taylor, σ = 1e-3, τ = 1000;
+    score-matching: σ = 0.01, μ = 1e-4) and their values from the returned terms: ``h + ½‖g‖² + μh²`` and
+    ``-min(h, τ)``. On ``f(x) = ½ xᵀAx`` the one-sided estimate depends on σ (through ``2gᵀε/σ``), so an ignored
+    or changed σ shows."""
+    from gradjax.losses import score_matching as SM
+
+    rng = np.random.default_rng(0)
+    A = jnp.asarray(np.diag(rng.uniform(0.5, 2.0, 6)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(3, 6)), jnp.float32)
+    f = lambda z: 0.5 * jnp.einsum("bi,ij,bj->b", z, A, z)  # noqa: E731
+    key = jax.random.PRNGKey(0)
+    anti = lambda **kw: np.asarray(SM.anti_score_matching(f, x, key, **kw)[0])  # noqa: E731
+    np.testing.assert_allclose(anti(), anti(sigma=1e-3, tau=1000.0), rtol=1e-6)
+    assert not np.allclose(anti(), anti(sigma=1e-2), rtol=1e-3)
+    reg, terms = SM.anti_score_matching(f, x, key, sigma=0.05, tau=1.0)
+    np.testing.assert_allclose(np.asarray(reg), -np.minimum(np.asarray(terms.trace), 1.0), rtol=1e-6)
+    score = lambda **kw: SM.score_matching(f, x, key, **kw)  # noqa: E731
+    np.testing.assert_allclose(np.asarray(score()[0]), np.asarray(score(sigma=0.01, mu=1e-4)[0]), rtol=1e-6)
+    reg, terms = score(mu=0.3, sigma=0.1)
+    h, g2 = np.asarray(terms.trace), np.asarray(terms.grad_sq_norm)
+    np.testing.assert_allclose(np.asarray(reg), h + 0.5 * g2 + 0.3 * h * h, rtol=1e-5)
+    np.testing.assert_allclose(g2, np.sum((np.asarray(x) @ np.asarray(A)) ** 2, axis=1), rtol=1e-5)

@@ -252,3 +252,41 @@ def test_raw_gradient_is_the_input_gradient(setup, outputs):
     _, x, _, _, grad = setup
     _same(outputs[_request("gradient", {"reduce": None})], grad)
     _same(outputs[_request("grad_x_input", {"reduce": None})], grad * np.asarray(x))
+
+
+def test_noise_methods_equal_their_definition(setup, outputs):
+    """SmoothGrad / SmoothGrad² / VarGrad (reduce=None) are the mean, the mean square and the variance of the
+    input-gradient at ``x + sigma_b n_i``, ``sigma_b = 0.15 (max x_b - min x_b)``, ``n_i`` from
+    ``split(key, samples)[i]`` (as documented), recomputed here with an independent gradient."""
+    handle, x, target, key, _ = setup
+    samples = SMALL["samples"]
+    xs = np.asarray(x)
+    sigma = 0.15 * (xs.reshape(B, -1).max(1) - xs.reshape(B, -1).min(1))
+    keys = jax.random.split(key, samples)
+    noisy = jnp.concatenate([x + jnp.asarray(sigma)[:, None, None, None] * jax.random.normal(k, x.shape, x.dtype)
+                             for k in keys])
+    g = _raw_gradient(handle, noisy, jnp.tile(target, samples)).reshape((samples,) + x.shape)
+    m1, m2 = g.mean(0), (g * g).mean(0)
+    get = lambda m: outputs[_request(m, {"reduce": None})]  # noqa: E731
+    _same(get("smoothgrad"), m1)
+    _same(get("smoothgrad_sq"), m2)
+    _same(get("vargrad"), np.maximum(m2 - m1 * m1, 0))
+
+
+def test_integrated_gradients_rules_equal_their_quadrature(setup, outputs):
+    """IG with ``rule`` on ``steps = 6`` intervals is ``x ⊙ Σ_k w_k ∇f(α_k x)`` (baseline 0) with the rule's nodes and
+    weights, written out here (the left and right Riemann sums, midpoint, trapezoid, Gauss–Legendre)."""
+    handle, x, target, _, _ = setup
+    m = BASE_OPTIONS["integrated_gradients"]["steps"]
+    k = np.arange(m)
+    gl_t, gl_w = np.polynomial.legendre.leggauss(m)
+    rules = {"midpoint": ((k + 0.5) / m, np.full(m, 1 / m)), "left": (k / m, np.full(m, 1 / m)),
+             "right": ((k + 1) / m, np.full(m, 1 / m)),
+             "trapezoid": (np.arange(m + 1) / m, np.r_[0.5, np.ones(m - 1), 0.5] / m),
+             "gauss_legendre": ((gl_t + 1) / 2, gl_w / 2)}
+    for rule, (alpha, w) in rules.items():
+        pts = jnp.concatenate([a * x for a in alpha.astype(np.float32)])
+        g = _raw_gradient(handle, pts, jnp.tile(target, len(alpha))).reshape((len(alpha),) + x.shape)
+        attr = np.asarray(x) * np.einsum("n,n...->...", w, g)
+        got = outputs[_request("integrated_gradients", {} if rule == "midpoint" else {"rule": rule})]
+        _same(got, np.abs(attr).sum(-1))
