@@ -78,16 +78,9 @@ def main(argv=None) -> dict:
     p = common.base_parser(__doc__.splitlines()[0], default_dataset=None, seeds="count", overrides=("steps",),
                            methods=METHODS, per_class=True)
     args = p.parse_args(argv)
-    pre, dataset, seeds, out = common.setup(args, PRESETS, "bias_regularization")
-    methods = common.parse_methods(args.methods, METHODS)
     t0 = time.time()
-
-    train, test = common.load(dataset, data_dir=args.data_dir, max_test=pre.max_test)
+    pre, dataset, seeds, out, methods, train, test, ns = common.setup_per_class(args, PRESETS, "bias_regularization", METHODS)
     K = train.num_classes
-    ns, per_class_max = common.per_class_sizes(train, args.n_per_class, pre.n_per_class)
-    if not ns:
-        raise ValueError(f"no n per class in {args.n_per_class or list(pre.n_per_class)} fits the training split "
-                         f"(at most {per_class_max} per class).")
     _, layer = final_conv_block(pre.model)
 
     steps_for = lambda n_examples: common.step_budget(pre, n_examples, pre.steps, args.steps)  # noqa: E731

@@ -218,6 +218,19 @@ def setup(args, presets: dict, script: str) -> tuple[Scale, str, int, str]:
     return pre, dataset, getattr(args, "seeds", None) or pre.seeds, out_dir(args, script, dataset)
 
 
+def setup_per_class(args, presets: dict, script: str, methods: Sequence[str]):
+    """:func:`setup` of an n-per-class table (``--methods``, ``--n-per-class``): ``(preset, dataset, seeds, out,
+    chosen methods, train, test, n-per-class sizes)``; ValueError when no requested size fits the training split."""
+    pre, dataset, seeds, out = setup(args, presets, script)
+    chosen = parse_methods(args.methods, methods)
+    train, test = load(dataset, data_dir=args.data_dir, max_test=pre.max_test)
+    ns, most = per_class_sizes(train, args.n_per_class, pre.n_per_class)
+    if not ns:
+        raise ValueError(f"no n per class in {args.n_per_class or list(pre.n_per_class)} fits the training split "
+                         f"(at most {most} per class).")
+    return pre, dataset, seeds, out, chosen, train, test, ns
+
+
 def step_budget(pre: Scale, n_examples: int, fixed: int, override: Optional[int] = None) -> int:
     """The steps of one run: ``override`` (``--steps``), else ``pre.epochs`` epochs of ``n_examples`` at
     ``pre.batch_size`` (paper scale), else the fixed budget ``fixed``."""
@@ -533,11 +546,20 @@ def in_batches(fn: Callable[[Any], Any], x, batch_size: int = 128) -> np.ndarray
 
 
 # ------------------------------------------------------------------------------------------------------ reports
-def mean_std(values: Sequence[float]) -> dict:
-    """``{"mean", "std", "runs"}`` of ``values`` over seeds. The std is the **sample** standard deviation
-    (``ddof=1``, the unbiased variance's root: an estimate of the spread of a new seed), 0 for one run."""
+def sample_std(values, axis: int = 0) -> np.ndarray:
+    """The spread over runs (seeds, keys) along ``axis``: the **sample** standard deviation (``ddof=1``: the root of
+    the unbiased variance, an estimate of the spread of a new run), 0 for a single run. Every "± std" over runs
+    that the experiments report uses this convention (population std, ``ddof=0``, only describes a spread over
+    examples, e.g. per-image statistics)."""
     v = np.asarray(values, float)
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "runs": v.tolist()}
+    return v.std(axis=axis, ddof=1) if v.shape[axis] > 1 else np.zeros_like(v.mean(axis=axis))
+
+
+def mean_std(values: Sequence[float]) -> dict:
+    """``{"mean", "std", "runs"}`` of ``values`` over runs; the std is :func:`sample_std` (``ddof=1``, 0 for one
+    run)."""
+    v = np.asarray(values, float)
+    return {"mean": float(v.mean()), "std": float(sample_std(v)), "runs": v.tolist()}
 
 
 def fmt(ms: dict, scale: float = 100.0) -> str:

@@ -169,8 +169,9 @@ def _chunks(n, size):
 
 
 def _ms(values):
-    v = np.asarray(values, np.float64)
-    return float(v.mean()), float(v.std())
+    """``(mean, std)`` over runs (:func:`experiments.common.mean_std`: sample std, ddof 1)."""
+    ms = common.mean_std(values)
+    return ms["mean"], ms["std"]
 
 
 def noise_augmented(ds, noise_std: float, seed: int):
@@ -297,7 +298,7 @@ def evaluate_models(models: dict, test_ds, es: EvalScale, keys, judge, *, pixel_
             ml = np.stack([p["mean_log_ratio"] for p in per_key])
             md = np.stack([p["median_ratio"] for p in per_key])
             res["density_ratios"][obj] = {
-                "noise_stds": list(es.noise_stds), "mean_ratio": mr.mean(0).tolist(), "mean_ratio_std": mr.std(0).tolist(),
+                "noise_stds": list(es.noise_stds), "mean_ratio": mr.mean(0).tolist(), "mean_ratio_std": common.sample_std(mr, 0).tolist(),
                 "median_ratio": md.mean(0).tolist(), "mean_log_ratio": ml.mean(0).tolist(),
                 "log_ratio_slope": D.log_ratio_slope(es.noise_stds, ml.mean(0))}
         viz._curves({SHORT[o]: (np.asarray(es.noise_stds), np.asarray(r["median_ratio"]))
@@ -694,12 +695,12 @@ def summarize(per_seed: dict, objectives) -> dict:
             d["log_ratio_slope"] = _ms([x["log_ratio_slope"] for x in r])
             for k in ("median_ratio", "mean_ratio"):
                 d[k] = np.mean([x[k] for x in r], 0).tolist()
-                d[k + "_std"] = np.std([x[k] for x in r], 0).tolist()
+                d[k + "_std"] = common.sample_std([x[k] for x in r], 0).tolist()
         for part in ("pixel_own", "pixel_baseline"):
             if seeds := have(part):
                 n[part] = len(seeds)
                 d[part] = np.mean([per_seed[s][part][o] for s in seeds], 0).tolist()
-                d[part + "_std"] = np.std([per_seed[s][part][o] for s in seeds], 0).tolist()
+                d[part + "_std"] = common.sample_std([per_seed[s][part][o] for s in seeds], 0).tolist()
         if seeds := have("denoise"):
             n["denoise"] = len(seeds)
             d["denoise"] = {k: _ms([per_seed[s]["denoise"][o][k][0] for s in seeds])

@@ -66,13 +66,9 @@ def main(argv=None) -> dict:
     p = common.base_parser(__doc__.splitlines()[0], default_dataset=None, seeds="count", overrides=("steps",),
                            methods=METHODS, per_class=True)
     args = p.parse_args(argv)
-    pre, dataset, seeds, out = common.setup(args, PRESETS, "distill_fewshot")
-    methods = common.parse_methods(args.methods, METHODS)
     t0 = time.time()
-
-    train, test = common.load(dataset, data_dir=args.data_dir, max_test=pre.max_test)
+    pre, dataset, seeds, out, methods, train, test, ns = common.setup_per_class(args, PRESETS, "distill_fewshot", METHODS)
     K = train.num_classes
-    ns, _ = common.per_class_sizes(train, args.n_per_class, pre.n_per_class)
     steps_for = lambda n_examples, fixed: common.step_budget(pre, n_examples, fixed, args.steps)  # noqa: E731
 
     # ---- teacher: VGG-9 with CE on the whole training split (same engine)

@@ -159,13 +159,9 @@ def main(argv=None) -> dict:
     p.add_argument("--weight", type=float, default=WEIGHT, help="weight of every matching term (thesis: 10; CE "
                    "keeps 10) — for sensitivity diagnostics, reported beside the thesis setting")
     args = p.parse_args(argv)
-    pre, dataset, seeds, out = common.setup(args, PRESETS, "distill_fullgrad")
-    methods = common.parse_methods(args.methods, METHODS)
     t0 = time.time()
-
-    train, test = common.load(dataset, data_dir=args.data_dir, max_test=pre.max_test)
+    pre, dataset, seeds, out, methods, train, test, ns = common.setup_per_class(args, PRESETS, "distill_fullgrad", METHODS)
     K = train.num_classes
-    ns, _ = common.per_class_sizes(train, args.n_per_class, pre.n_per_class)
 
     t_steps = steps_for(pre, len(train), pre.teacher_steps, args.steps)
     cache = args.teacher_cache or (None if args.scale == "smoke" else os.path.join("runs", "ch4_teachers"))

@@ -49,7 +49,7 @@ def plot_curves(path: str, curves: dict, *, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, c in curves.items():
         a = np.asarray(c["runs"], float)
-        m, s = a.mean(0), a.std(0)
+        m, s = a.mean(0), common.sample_std(a, 0)
         ax.plot(c["steps"], m, marker="o", ms=3, label=name)
         ax.fill_between(c["steps"], m - s, m + s, alpha=0.15)
     ax.axhline(85.0, color="grey", lw=0.8, ls="--")

@@ -162,10 +162,10 @@ def run_roar(args, scale, train, test, handle, key, fractions, repeats: int, out
         return retrained[digest]
 
     def roar_over_seeds(roar_fn) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(fractions, mean accuracy, std over ``repeats`` retraining seeds, accuracies ``[seed, fraction]``)."""
+        """(fractions, mean accuracy, sample std over ``repeats`` retraining seeds, accuracies ``[seed, fraction]``)."""
         accs = np.array([roar_fn(functools.partial(train_and_evaluate, args.seed + 1 + r)).accuracies
                          for r in range(repeats)])
-        return np.asarray(fractions), accs.mean(axis=0), accs.std(axis=0), accs
+        return np.asarray(fractions), accs.mean(axis=0), common.sample_std(accs, 0), accs
 
     roar_curves = {}
     # random first, then the methods in the order given: each finished curve is saved to ``roar_partial.json``, so

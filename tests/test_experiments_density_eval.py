@@ -95,10 +95,10 @@ def test_gan_samplers_noise_judge_and_aggregation_over_training_seeds(models, tm
     assert agg["seeds"] == [0, 1]
     s = agg["summary"]["gradient_norm"]
     g = [r0["gan_samplers"]["mean-prior"]["gradient_norm"]["judge"]["mean"], 0.5]
-    assert s["gan_samplers"]["mean-prior"]["judge"] == pytest.approx((np.mean(g), np.std(g)))
+    assert s["gan_samplers"]["mean-prior"]["judge"] == pytest.approx((np.mean(g), np.std(g, ddof=1)))  # sample std
     p = np.array([r0["pixel_own"]["gradient_norm"], s1["pixel_own"]["gradient_norm"]])
     np.testing.assert_allclose(s["pixel_own"], p.mean(0))
-    np.testing.assert_allclose(s["pixel_own_std"], p.std(0))
+    np.testing.assert_allclose(s["pixel_own_std"], p.std(0, ddof=1))
     assert s["n_seeds"]["pixel_own"] == 2 and s["gan_samplers"]["mean-prior"]["n_seeds"] == 2
     assert "mean-prior: GN" in open(str(tmp_path / "agg" / "results.md")).read()
 
