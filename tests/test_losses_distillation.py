@@ -290,8 +290,7 @@ def test_objective_through_jit_pmap_and_sharded(tiny, name):
     sh = gtrain.sharded_train_step(LT.make_loss_fn(model.apply, terms, teacher_apply_fn=model.apply), mesh,
                                    num_classes=3, donate=False)
     s2, m2 = sh(gtrain.replicate(state0, mesh), gtrain.shard(batch, mesh), frozen)
-    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
-        chex.assert_trees_all_close(np.asarray(a), np.asarray(b), atol=2e-5, rtol=2e-4)
+    chex.assert_trees_all_close(jax.device_get(s2.params), jax.device_get(s1.params), atol=2e-5, rtol=2e-4)
 
     pmodel = _vgg(axis_name="batch")
     pm = gtrain.pmap_train_step(LT.make_loss_fn(pmodel.apply, terms, teacher_apply_fn=model.apply), axis_name="batch",
@@ -300,8 +299,7 @@ def test_objective_through_jit_pmap_and_sharded(tiny, name):
     s3 = gtrain.unreplicate(s3)
     assert bool(gtrain.unreplicate(m3)["finite"])
     if name not in STOCHASTIC:  # pmap folds the device index into the noise key
-        for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s3.params)):
-            chex.assert_trees_all_close(np.asarray(a), np.asarray(b), atol=2e-5, rtol=2e-4)
+        chex.assert_trees_all_close(jax.device_get(s3.params), jax.device_get(s1.params), atol=2e-5, rtol=2e-4)
 
 
 def test_combinator_errors(tiny):

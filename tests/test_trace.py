@@ -434,7 +434,7 @@ def test_a_repeated_eager_call_compiles_nothing():
         finally:
             jax.monitoring.unregister_event_duration_listener(listener)
         assert n[0] == 0, (name, n[0])
-        np.testing.assert_array_equal(np.asarray(first), np.asarray(second))
+        chex.assert_trees_all_equal(first, second)
 
 
 # ------------------------------------------------------------------------------------------ explicit probes
