@@ -31,6 +31,7 @@ pytestmark = pytest.mark.usefixtures("fast_compilation")
 
 B, HW, C, K = 4, 8, 3, 5
 TEACHER = "teacher"
+CUSTOM = "custom_teacher_term"
 
 # name -> (kwargs besides weight, uses the teacher)
 FACTORIES = {
@@ -107,6 +108,13 @@ def computed():
 
     weighted = [facs[n](weights[n], **FACTORIES[n][0]) for n in names]
     unit = [facs[n](1.0, **FACTORIES[n][0]) for n in names]
+    # a user-written term that reads the teacher without stop_gradient: the variables in ctx.frozen must still be
+    # constants (every built-in factory also stops the teacher's outputs, which would hide a leak at the source)
+    raw_teacher = lambda inp: jnp.sum(jnp.square(inp.teacher(inp.x) - inp.logits), -1)  # noqa: E731
+    weights[CUSTOM] = 0.6
+    weighted.append(LT.term(CUSTOM, raw_teacher, weights[CUSTOM]))
+    unit.append(LT.term(CUSTOM, raw_teacher, 1.0))
+    names = names + [CUSTOM]
     variant_lists = []
     for fac, ref_kw, var_kw, _ in VARIANTS:
         i = names.index(fac)  # the same index as in `unit`: the same term key
