@@ -125,7 +125,7 @@ def integrated_gradients_with_delta(model, x: Array, target: Target = PREDICTED,
       of the quadrature (0 for the exact integral).
 
     Precision: traced under :func:`gradjax.precision.policy` (float32-exact products unless a matmul precision has
-    been set), so ``delta`` measures the quadrature, not TF32/bfloat16 round-off (a ~1e-3·|f| floor), on GPUs and
+    been set), so ``delta`` measures the quadrature, not TF32/bfloat16 round-off (a floor of ``~1e-3 |f|``), on GPUs and
     TPUs too.
     """
     x = V.check_input(x, images=reduce is not None, min_rank=2)
