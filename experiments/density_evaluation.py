@@ -292,8 +292,7 @@ def evaluate_models(models: dict, test_ds, es: EvalScale, keys, judge, *, pixel_
                 lr = np.concatenate([np.asarray(compiled.ratios(v, jnp.asarray(x[a:b]), jnp.asarray(y[a:b]),
                                                                 jax.random.fold_in(jax.random.PRNGKey(kk), a)))
                                      for a, b in _chunks(n, bsz)], axis=2)  # [S, N, n]
-                per_key.append({"mean_ratio": np.exp(lr).mean(axis=(1, 2)), "mean_log_ratio": lr.mean(axis=(1, 2)),
-                                "median_ratio": np.median(np.exp(lr), axis=(1, 2))})
+                per_key.append(D.ratio_summary(lr))
             mr = np.stack([p["mean_ratio"] for p in per_key])
             ml = np.stack([p["mean_log_ratio"] for p in per_key])
             md = np.stack([p["median_ratio"] for p in per_key])

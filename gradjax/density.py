@@ -133,6 +133,19 @@ def density_ratios(logits_fn, x: Array, labels: Array, key: Array, *,
     return DensityRatios(stds, lax.map(at, stds))
 
 
+def ratio_summary(log_ratio) -> dict:
+    """Per noise level, the summaries of a :class:`DensityRatios` ``log_ratio`` ``[S, N, B]`` (or several of them
+    concatenated along the examples) that Fig. 5.1 plots: ``mean_ratio`` ``[S]`` (mean of ``exp(log_ratio)`` over
+    draws and examples), ``median_ratio`` ``[S]`` and ``mean_log_ratio`` ``[S]`` (the input of
+    :func:`log_ratio_slope`), as numpy arrays. Host-side."""
+    lr = np.asarray(log_ratio, np.float64)
+    if lr.ndim != 3:
+        raise ValueError(f"log_ratio must be [S, N, B]; got shape {lr.shape}.")
+    r = np.exp(lr)
+    return {"mean_ratio": r.mean(axis=(1, 2)), "median_ratio": np.median(r, axis=(1, 2)),
+            "mean_log_ratio": lr.mean(axis=(1, 2))}
+
+
 def log_ratio_slope(noise_stds, mean_log_ratio) -> float:
     """Least-squares slope ``a`` of ``mean_log_ratio ≈ a s²`` through the origin: ``a = Σ s² m / Σ s⁴``.
 

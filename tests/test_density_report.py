@@ -57,3 +57,13 @@ def test_trace_gap_by_hand():
                                "rel_per_example_diff": 0.75})
     with pytest.raises(ValueError, match="one shape"):
         D.trace_gap([1.0], [1.0, 2.0])
+
+
+def test_ratio_summary_by_hand():
+    lr = np.log(np.array([[[1.0, 1.0], [1.0, 1.0]], [[1.0, 2.0], [4.0, 8.0]]]))  # [S=2, N=2, B=2]
+    s = D.ratio_summary(lr)
+    np.testing.assert_allclose(s["mean_ratio"], [1.0, 3.75])
+    np.testing.assert_allclose(s["median_ratio"], [1.0, 3.0])
+    np.testing.assert_allclose(s["mean_log_ratio"], [0.0, np.log(8.0) / 2])
+    with pytest.raises(ValueError, match="S, N, B"):
+        D.ratio_summary(lr[0])
