@@ -52,9 +52,11 @@ randomized is below this (the thesis gives no threshold; plain gradients reach ~
 
 
 def layer_resolutions(handle, x) -> dict[str, int]:
-    """``{layer path: height of its bias-gradient map}`` for the spatial (conv) layers of FullGrad's default merge,
-    from shapes alone (:func:`jax.eval_shape`)."""
-    dec = jax.eval_shape(lambda v, xb: saliency.fullgrad_maps(handle.replace(variables=v), xb).decomposition,
+    """``{layer path: height of its bias-gradient map}`` for the spatial (conv+BN) layers of ``merge="conv_bn"``
+    (kept explicitly since FullGrad's default became the authors' ``"none"``, for comparability with the recorded
+    study: one part per conv+BN layer), from shapes alone (:func:`jax.eval_shape`)."""
+    dec = jax.eval_shape(lambda v, xb: saliency.fullgrad_maps(handle.replace(variables=v), xb,
+                                                              merge="conv_bn").decomposition,
                          handle.variables, x)
     return {k: int(v.shape[1]) for k, v in dec.bias_gradients.items() if len(v.shape) == 4}
 
@@ -77,7 +79,7 @@ def make_study_fn(handle, resolutions: dict[str, int], height: int) -> Callable:
 
     def fn(params, batch_stats, x, target):
         h = handle.replace(variables={**handle.variables, "params": params, "batch_stats": batch_stats})
-        m = saliency.fullgrad_maps(h, x, target)
+        m = saliency.fullgrad_maps(h, x, target, merge="conv_bn")  # as recorded (the default until 2026-12-04)
         out = variant_maps(m.input_map, m.layer_maps, resolutions, height)
         out["gradient"] = saliency.input_gradient(h, x, target)
         # FullGrad before the issue-14 fix (rescaling without eps, every conv and BatchNorm its own layer)
