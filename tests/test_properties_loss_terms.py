@@ -53,22 +53,72 @@ FACTORIES = {
 }
 
 # option variants: (factory, kwargs of the reference or None = its FACTORIES entry, kwargs of the variant, relation)
+HEAD = (K, 2 * K)  # a head variant runs on a two-head student (2K logits): head (K, 2K) against its reference (0, K)
+FG_PAIR = {"pairs": [("block0", "block1")]}  # an 8x8 student map against a 4x4 teacher map: resized
 VARIANTS = [
+    ("activation_matching_term", None, {"head": HEAD}, "differs"),
     ("anti_score_matching_term", {}, {"sigma": 1e-3}, "same"),  # the documented default sigma is 1e-3
     ("anti_score_matching_term", {}, {"sigma": 1e-2}, "differs"),
     ("anti_score_matching_term", None, {"sigma": 0.05, "tau": 1.0}, "differs"),
+    ("anti_score_matching_term", None, {"sigma": 0.05, "form": "antithetic"}, "differs"),  # **trace_options
+    ("attention_jacobian_matching_term", None, {"student_layer": "block1", "teacher_layer": "block1", "divisor": 1},
+     "differs"),
+    ("attention_jacobian_matching_term", None, {"student_layer": "block1", "teacher_layer": "block1", "window": 1},
+     "differs"),
+    ("attention_jacobian_matching_term", None, {"student_layer": "block1", "teacher_layer": "block1", "divisor": 2,
+                                                "p": 1.0}, "differs"),
+    ("attention_matching_term", None, {"pairs": [("block0", "block0")], "p": 1.0}, "differs"),
+    ("attention_matching_term", None, {"pairs": [("block0", "block0")], "squared": True}, "differs"),
+    ("attention_matching_term", None, {"pairs": [("block1", "block1")]}, "differs"),
+    ("bias_gradient_penalty_term", None, {"noise": "unit"}, "differs"),
+    ("bias_gradient_penalty_term", None, {"layers": ["block0"]}, "differs"),
+    ("bias_gradient_penalty_term", None, {"output": "top"}, "differs"),
+    ("bias_gradient_penalty_term", None, {"merge": "none", "layers": ["block1/conv"]}, "differs"),
+    ("bias_l2_term", None, {"layers": ["block1"]}, "differs"),
+    ("cross_entropy_term", None, {"label_smoothing": 0.2}, "differs"),
+    ("cross_entropy_term", None, {"head": HEAD}, "differs"),
+    ("fooling_loss_term", None, {"mask": FO.corner_mask(HW, side=5)}, "differs"),
+    ("full_gradient_matching_term", None, {"num_resolutions": 2, "channel_reduce": "abs"}, "differs"),
+    ("full_gradient_matching_term", None, {"num_resolutions": 2, "output": "top"}, "differs"),
+    ("full_gradient_matching_term", None, {"num_resolutions": 1}, "differs"),
+    ("full_gradient_matching_term", None, {"num_resolutions": 2, "merge": "none"}, "differs"),
+    ("full_gradient_matching_term", FG_PAIR, {**FG_PAIR, "align_corners": True}, "differs"),
+    ("full_gradient_matching_term", None, FG_PAIR, "differs"),
+    ("gradient_norm_term", None, {"form": "logit"}, "differs"),
+    ("gradient_norm_term", None, {"output": "full", "form": "logit"}, "differs"),
+    ("gradient_norm_term", None, {"head": HEAD}, "differs"),
+    ("jacobian_matching_term", None, {"output": "full"}, "differs"),
+    ("jacobian_matching_term", None, {"form": "normalized"}, "differs"),
+    ("jacobian_matching_term", None, {"head": HEAD, "output": "top"}, "differs"),
+    ("jacobian_matching_term", {"form": "cross_entropy"}, {"form": "cross_entropy", "sigma": 2.0}, "differs"),
+    ("jacobian_matching_term", {"form": "cross_entropy"}, {"form": "cross_entropy", "temperature": 3.0}, "differs"),
+    ("l2_term", None, {"include_bias": False}, "differs"),
+    ("noisy_activation_matching_term", None, {"sigma": 0.6}, "differs"),
+    ("noisy_activation_matching_term", None, {"sigma": 0.3, "num_samples": 2}, "differs"),
+    ("noisy_activation_matching_term", None, {"sigma": 0.3, "antithetic": False}, "differs"),
+    ("noisy_activation_matching_term", None, {"sigma": 0.3, "head": HEAD}, "differs"),
     ("score_matching_term", None, {"mu": 0.5, "sigma": 0.1}, "differs"),
     ("score_matching_term", None, {"mu": 0.1, "sigma": 0.3}, "differs"),
     ("score_matching_term", None, {"mu": 0.1, "sigma": 0.1, "form": "antithetic"}, "differs"),
-    ("jacobian_matching_term", None, {"output": "full"}, "differs"),
-    ("jacobian_matching_term", None, {"form": "cross_entropy", "sigma": 2.0}, "differs"),
     ("stochastic_jacobian_matching_term", None, {"num_probes": 2, "probe_space": "output"}, "differs"),
-    ("noisy_activation_matching_term", None, {"sigma": 0.6}, "differs"),
-    ("gradient_norm_term", None, {"form": "logit"}, "differs"),
-    ("cross_entropy_term", None, {"label_smoothing": 0.2}, "differs"),
-    ("l2_term", None, {"include_bias": False}, "differs"),
-    ("bias_gradient_penalty_term", None, {"noise": "unit"}, "differs"),
+    ("stochastic_jacobian_matching_term", None, {"num_probes": 3}, "differs"),
+    ("stochastic_jacobian_matching_term", None, {"num_probes": 2, "distribution": "gaussian"}, "differs"),
+    ("stochastic_jacobian_matching_term", None, {"num_probes": 2, "head": HEAD}, "differs"),
 ]
+TRACE_OPTIONS = "trace_options"  # **kwargs: covered by any variant passing a keyword the factory does not name
+
+
+def test_every_term_option_is_varied():
+    """Every option of every factory (besides weight and name) has a variant above."""
+    varied = {}
+    for fac, _, var_kw, _ in VARIANTS:
+        varied.setdefault(fac, set()).update(var_kw)
+    for n, f in _factories().items():
+        params = {p.name: p for p in inspect.signature(f).parameters.values() if p.name not in ("weight", "name")}
+        named = {k for k, p in params.items() if p.kind != p.VAR_KEYWORD}
+        want = set(named) | ({TRACE_OPTIONS} if len(named) < len(params) else set())
+        got = (varied.get(n, set()) & named) | ({TRACE_OPTIONS} if varied.get(n, set()) - named else set())
+        assert want <= got, f"{n}: options never varied: {sorted(want - got)} (add a variant to VARIANTS)"
 
 
 def _factories():
@@ -101,7 +151,8 @@ def computed():
     sv = {k: v for k, v in sv.items() if k in ("params", "batch_stats")}
     tv = {k: v for k, v in tv.items() if k in ("params", "batch_stats")}
     tv["params"] = jax.tree.map(lambda p: p + 0.1 * jnp.sign(p + 1e-3), tv["params"])  # non-zero teacher biases
-    sv["params"] = jax.tree.map(lambda p: p + 0.05, sv["params"])  # non-zero student conv biases
+    leaves, tdef = jax.tree.flatten(sv["params"])  # non-zero student conv biases, different in every layer
+    sv["params"] = jax.tree.unflatten(tdef, [p + 0.05 * (1 + 0.3 * i) for i, p in enumerate(leaves)])
 
     def make(terms):
         return LT.make_loss_fn(student.apply, terms, teacher_apply_fn=teacher.apply)
@@ -115,12 +166,24 @@ def computed():
     weighted.append(LT.term(CUSTOM, raw_teacher, weights[CUSTOM]))
     unit.append(LT.term(CUSTOM, raw_teacher, 1.0))
     names = names + [CUSTOM]
+    wide = VGG(layers=(4, "M", 4), num_classes=2 * K)  # a two-head student (LwF) for the head variants
+    wv = wide.init(jax.random.PRNGKey(3), x, train=False)
+    wv = {"params": jax.tree.map(lambda p: p + 0.05, wv["params"]), "batch_stats": wv["batch_stats"]}
+
+    def make_wide(terms):
+        return LT.make_loss_fn(wide.apply, terms, teacher_apply_fn=teacher.apply)
+
     variant_lists = []
     for fac, ref_kw, var_kw, _ in VARIANTS:
         i = names.index(fac)  # the same index as in `unit`: the same term key
         pads = [_pad(j) for j in range(i)]
+        if "head" in var_kw:
+            ref_kw = {**(FACTORIES[fac][0] if ref_kw is None else ref_kw), **var_kw, "head": (0, K)}
+            variant_lists.append((make_wide(pads + [facs[fac](1.0, **ref_kw)]),
+                                  make_wide(pads + [facs[fac](1.0, **var_kw)]), i, True))
+            continue
         ref = None if ref_kw is None else make(pads + [facs[fac](1.0, **ref_kw)])
-        variant_lists.append((ref, make(pads + [facs[fac](1.0, **var_kw)]), i))
+        variant_lists.append((ref, make(pads + [facs[fac](1.0, **var_kw)]), i, False))
     loss_w, loss_1 = make(weighted), make(unit)
     batch = {"image": x, "label": y}
     state = {"batch_stats": sv["batch_stats"]}
@@ -139,9 +202,11 @@ def computed():
         # one backward pass of a random positive combination of the terms: a term's non-zero gradient w.r.t. the
         # frozen teacher cannot cancel exactly against the others
         (_, (L1, vals_1)), (grad_s, grad_t) = jax.value_and_grad(unit_loss, argnums=(0, 1), has_aux=True)(params, tv)
-        metric = lambda fn: fn(params, state, batch, ctx)[1]["metrics"]  # noqa: E731
-        variants = [(vals_1[i] if ref is None else metric(ref)[f"term/{ref.terms[-1].name}"],
-                     metric(var)[f"term/{var.terms[-1].name}"]) for ref, var, i in variant_lists]
+        def metric(fn, on_wide):
+            p, st = (wv["params"], {"batch_stats": wv["batch_stats"]}) if on_wide else (params, state)
+            return fn(p, st, batch, ctx)[1]["metrics"][f"term/{fn.terms[-1].name}"]
+
+        variants = [(vals_1[i] if ref is None else metric(ref, w), metric(var, w)) for ref, var, i, w in variant_lists]
         return Lw, aux_w["metrics"], L1, vals_1, grad_s, grad_t, variants
 
     out = jax.device_get(run(sv["params"], tv, jax.random.PRNGKey(7)))
