@@ -134,7 +134,7 @@ def _grad(ctx):
 
 NOISE_CHECKS = {
     "samples": [(2, differs)],
-    "chunk": [(4, same)],
+    "chunk": [(1, same)],  # (chunk 1: batches of B, a shape the plain gradient calls have compiled already)
     "memory_budget": [(1, same)],  # with chunk=None (see _case_requests): one sample per chunk
     "loop": [("unroll", same)],
 }
@@ -163,7 +163,7 @@ CHECKS = {
         # (each fixed rule is also checked against its quadrature below; "adaptive", whose eager run costs more than
         # the rest of this method's checks, is tested in test_ig_rules.py)
         "rule": [(r, differs) for r in ("trapezoid", "left", "right", "gauss_legendre")],
-        "chunk": [(3, same)], "memory_budget": [(1, same)], "loop": [("unroll", same)],
+        "chunk": [(1, same)], "memory_budget": [(1, same)], "loop": [("unroll", same)],
     },
     "smoothgrad": {**NOISE_CHECKS, **REDUCE_CHECKS,
                    "noise_level": [(0.0, _equals(lambda c: np.abs(_grad(c)).sum(-1))), (0.5, differs)]},
@@ -179,7 +179,7 @@ CHECKS = {
     "fullgrad_simple": dict(FULLGRAD_COMMON),
     "smooth_fullgrad": {
         **FULLGRAD_COMMON, "merge": [("none", differs, "conv_bn")],
-        "samples": [(2, differs)], "chunk": [(4, same)], "average": [("saliency", differs)],
+        "samples": [(2, differs)], "chunk": [(1, same)], "average": [("saliency", differs)],
         "noise_level": [(0.0, _smooth_fullgrad_without_noise)],
         "noise_range": [("example", differs, "batch")],
     },
