@@ -197,8 +197,76 @@ def run_roar(args, scale, train, test, handle, key, fractions, repeats: int, out
     return roar_curves, roar_md
 
 
+def run_road(args, scale, train, test, fractions, out: str) -> tuple[dict, str]:
+    """ROAD (Rong et al. 2022, :func:`gradjax.metrics.road`): for every seed of ``--seeds`` train a model, compute
+    each ``--roar-methods`` map (and random scores) of the test images, impute the removed pixels (noisy linear
+    imputation) in MoRF and LeRF order and measure the *fixed* model's accuracy (no retraining, no mask leak)."""
+    seeds = args.seeds or [args.seed]
+    span = float(np.max(train.images) - np.min(train.images))
+    noise_std = args.road_noise * span  # the paper's 0.01 of the value range, in the data's (normalized) units
+    methods = tuple(args.roar_methods) + ("random",)
+    acc = {o: {m: [] for m in methods} for o in metrics.ROAD_ORDERS}
+    clean = []
+    for seed in seeds:
+        state, _, model = common.train_classifier(train, test, scale, seed=seed, activation=args.activation,
+                                                  checkpoint_dir=os.path.join(out, f"checkpoints_seed{seed}"),
+                                                  progress=not args.no_progress, model_options=model_options(args))
+        handle = saliency.ModelHandle(model.apply, common.local_copy(state).variables)
+        logits = jax.jit(handle.logits)
+        key = jax.random.PRNGKey(seed)
+        for name in tqdm(methods, desc=f"ROAD seed {seed}", disable=args.no_progress):
+            if name == "random":
+                maps = np.asarray(metrics.random_saliency_like(jax.random.fold_in(key, 1), jnp.asarray(test.images)))
+            else:
+                maps_of = functools.partial(saliency.jit_method(name, **common.saliency_options(scale, name)),
+                                            handle, key=key)
+                maps = common.in_batches(maps_of, test.images)
+            for order in metrics.ROAD_ORDERS:
+                res = metrics.road(logits, test.images, test.labels, maps, fractions=fractions, order=order,
+                                   key=jax.random.fold_in(key, 2), noise_std=noise_std)
+                acc[order][name].append(list(res.accuracies))
+        clean.append(acc["morf"]["random"][-1][0] if fractions[0] == 0 else None)
+        common.write_results(out, {"dataset": args.dataset, "fractions": list(fractions), "seeds": seeds,
+                                   "road": acc}, stem="road_partial")
+    stats = {o: {m: {"mean": np.mean(v, axis=0).tolist(), "std": common.sample_std(v, 0).tolist(),
+                     "per_seed": v} for m, v in d.items()} for o, d in acc.items()}
+    pos = [i for i, f in enumerate(fractions) if f > 0]
+    # paired over seeds: each method's MoRF accuracy averaged over the removal fractions above 0, minus FullGrad's
+    paired = {}
+    if "fullgrad" in methods and pos:
+        fg = np.asarray(acc["morf"]["fullgrad"])[:, pos].mean(axis=1)
+        for m in methods:
+            if m != "fullgrad":
+                d = np.asarray(acc["morf"][m])[:, pos].mean(axis=1) - fg
+                paired[m] = {"per_seed": d.tolist(), "mean": float(d.mean()), "std": float(common.sample_std(d, 0)),
+                             "fullgrad_lower_in": int((d > 0).sum())}
+        lowest = [min(methods, key=lambda m: np.mean(np.asarray(acc["morf"][m][i])[pos])) for i in range(len(seeds))]
+    else:
+        lowest = []
+    rows = {o: [[m] + [f"{a:.3f} ± {sd:.3f}" for a, sd in zip(st["mean"], st["std"])] for m, st in d.items()]
+            for o, d in stats.items()}
+    heads = ["method"] + [f"{f:.0%}" for f in fractions]
+    md = (f"ROAD (Rong et al. 2022; noisy linear imputation, noise std {noise_std:.4f} = {args.road_noise} of the "
+          f"value range; fixed model, no retraining), test accuracy, mean ± sample std over seeds {seeds}.\n\n"
+          "MoRF (most relevant removed first, lower is better):\n\n" + common.markdown_table(heads, rows["morf"])
+          + "\n\nLeRF (least relevant removed first, higher is better):\n\n"
+          + common.markdown_table(heads, rows["lerf"]) + "\n\n"
+          + ("Paired over seeds, MoRF accuracy averaged over fractions > 0, method minus FullGrad (positive: FullGrad "
+             "lower):\n\n" + common.markdown_table(
+                 ["method", "per seed", "mean ± std", "FullGrad lower in"],
+                 [[m, " ".join(f"{x:+.3f}" for x in p["per_seed"]), f"{p['mean']:+.3f} ± {p['std']:.3f}",
+                   f"{p['fullgrad_lower_in']} / {len(seeds)}"] for m, p in paired.items()])
+             + f"\n\nLowest MoRF method per seed: {lowest}\n" if paired else ""))
+    results = {"dataset": args.dataset, "scale": args.scale, "model": scale.model, "epochs": scale.epochs,
+               "n_test": int(len(test.labels)), "fractions": list(fractions), "seeds": seeds,
+               "noise_std": noise_std, "noise_fraction_of_range": args.road_noise, "clean_accuracy": clean,
+               "road": stats, "morf_paired_vs_fullgrad": paired, "morf_lowest_per_seed": lowest,
+               "environment": common.environment()}
+    return results, md
+
+
 def main(argv=None) -> dict:
-    parser = common.base_parser(__doc__.splitlines()[0])
+    parser = common.base_parser(__doc__.splitlines()[0], seeds="list")
     parser.add_argument("--fractions", type=float, nargs="+", default=None)
     parser.add_argument("--repeats", type=int, default=None,
                         help="ROAR retraining seeds to average (default: 1, 3 at paper scale as the thesis)")
@@ -213,6 +281,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--mask-leak", action="store_true",
                         help="no ROAR retraining: how well a logistic regression reads the class from each method's "
                              "removal mask alone (writes mask_leak.json/.md; reuses --out's trained model)")
+    parser.add_argument("--road", action="store_true",
+                        help="no retraining: ROAD (noisy linear imputation, MoRF and LeRF) of --roar-methods and "
+                             "random on the fixed model, one trained model per --seeds (writes road.json/.md)")
+    parser.add_argument("--road-noise", type=float, default=0.01,
+                        help="ROAD imputation noise std as a fraction of the data's value range (paper: 0.01)")
     parser.add_argument("--compare", nargs="+", default=None, metavar="RUN_DIR",
                         help="only print the ROAR separation table of earlier runs' results.json (no training)")
     args = parser.parse_args(argv)
@@ -225,6 +298,11 @@ def main(argv=None) -> dict:
     fractions = args.fractions or {"smoke": [0.0, 0.5], "small": [0.0, 0.1, 0.3, 0.5, 0.7, 0.9],
                                    "paper": [0.0, 0.1, 0.3, 0.5, 0.7, 0.9]}[args.scale]
     train, test = common.load_splits(args, scale)
+    if args.road:
+        results, md = run_road(args, scale, train, test, fractions, out)
+        common.write_results(out, results, md, stem="road")
+        print(md)
+        return results
     state, _, model = common.train_classifier(train, test, scale, seed=args.seed, activation=args.activation,
                                               checkpoint_dir=os.path.join(out, "checkpoints"),
                                               progress=not args.no_progress, model_options=model_options(args))
