@@ -173,17 +173,31 @@ def computed():
     def make_wide(terms):
         return LT.make_loss_fn(wide.apply, terms, teacher_apply_fn=teacher.apply)
 
-    variant_lists = []
-    for fac, ref_kw, var_kw, _ in VARIANTS:
-        i = names.index(fac)  # the same index as in `unit`: the same term key
-        pads = [_pad(j) for j in range(i)]
+    # every variant (and explicit reference) at its factory's index in `unit`, so that it gets the same term key;
+    # variants of different factories share a loss_fn ("round"), the other indices padded with zero terms
+    items = []  # (key, index, term, on the two-head student)
+    for v, (fac, ref_kw, var_kw, _) in enumerate(VARIANTS):
+        i = names.index(fac)
         if "head" in var_kw:
             ref_kw = {**(FACTORIES[fac][0] if ref_kw is None else ref_kw), **var_kw, "head": (0, K)}
-            variant_lists.append((make_wide(pads + [facs[fac](1.0, **ref_kw)]),
-                                  make_wide(pads + [facs[fac](1.0, **var_kw)]), i, True))
-            continue
-        ref = None if ref_kw is None else make(pads + [facs[fac](1.0, **ref_kw)])
-        variant_lists.append((ref, make(pads + [facs[fac](1.0, **var_kw)]), i, False))
+        if ref_kw is not None:
+            items.append((("ref", v), i, facs[fac](1.0, **ref_kw), "head" in var_kw))
+        items.append((("var", v), i, facs[fac](1.0, **var_kw), "head" in var_kw))
+    rounds = []  # (loss_fn, {key: term name}, on_wide)
+    for on_wide in (False, True):
+        slots = []
+        for key, i, t, w in items:
+            if w != on_wide:
+                continue
+            for r in slots:
+                if i not in r:
+                    r[i] = (key, t)
+                    break
+            else:
+                slots.append({i: (key, t)})
+        for r in slots:
+            terms = [r[j][1] if j in r else _pad(j) for j in range(max(r) + 1)]
+            rounds.append(((make_wide if on_wide else make)(terms), {k: t.name for k, t in r.values()}, on_wide))
     loss_w, loss_1 = make(weighted), make(unit)
     batch = {"image": x, "label": y}
     state = {"batch_stats": sv["batch_stats"]}
@@ -202,11 +216,13 @@ def computed():
         # one backward pass of a random positive combination of the terms: a term's non-zero gradient w.r.t. the
         # frozen teacher cannot cancel exactly against the others
         (_, (L1, vals_1)), (grad_s, grad_t) = jax.value_and_grad(unit_loss, argnums=(0, 1), has_aux=True)(params, tv)
-        def metric(fn, on_wide):
+        found = {}
+        for fn, keys, on_wide in rounds:
             p, st = (wv["params"], {"batch_stats": wv["batch_stats"]}) if on_wide else (params, state)
-            return fn(p, st, batch, ctx)[1]["metrics"][f"term/{fn.terms[-1].name}"]
-
-        variants = [(vals_1[i] if ref is None else metric(ref, w), metric(var, w)) for ref, var, i, w in variant_lists]
+            m = fn(p, st, batch, ctx)[1]["metrics"]
+            found.update({k: m[f"term/{name}"] for k, name in keys.items()})
+        variants = [(found.get(("ref", v), vals_1[names.index(VARIANTS[v][0])]), found[("var", v)])
+                    for v in range(len(VARIANTS))]
         return Lw, aux_w["metrics"], L1, vals_1, grad_s, grad_t, variants
 
     out = jax.device_get(run(sv["params"], tv, jax.random.PRNGKey(7)))
