@@ -1,4 +1,5 @@
-"""Property: the relevance / aggregation functions of :mod:`gradjax.discriminative` on 3-channel gradients, where
+"""Property: the relevance / aggregation functions of :mod:`gradjax.discriminative` (and every other per-pixel channel
+aggregation of gradjax) on 3-channel gradients, where
 ``Σ_c |g_c|`` and ``|Σ_c g_c|`` (and the signed channel std) differ — every value is checked against an independent
 numpy computation (per-example ``jax.grad`` of the label logit, numpy ranking and filling), and the data are checked
 to tell the wrong orders apart, so an implementation that sums channels before ``abs``, ranks by the wrong end,
@@ -97,3 +98,33 @@ def test_gradient_model_and_evaluation_model_are_not_mixed_up(data):
     swapped = _numpy_curve(other, x, labels, np.sum(np.abs(_label_gradients(model, x, labels)), -1), FRACTIONS,
                            "mean")
     assert np.any(own != want) or np.any(swapped != want)  # the data tell the two models apart
+
+
+def test_other_channel_aggregations_on_three_channels():
+    """Every other per-pixel channel aggregation of gradjax on signed 3-channel maps, against numpy: the fooling
+    loss's saliency distribution ``Σ_c|g| / Σ Σ_c|g|``, eq. 5.7 and the energy fraction (§5.7.2); attention maps
+    ``Σ_c |z|^p`` (eq. 2.7, p = 1, 2, 3); full-gradient matching's channel map (signed sum / sum of |.|, eq. 4.3);
+    the input-agnostic heat map ``Σ_c |rho|`` (eq. IA.4)."""
+    from gradjax import input_agnostic as IA
+    from gradjax.losses import attention as LA
+    from gradjax.losses import fooling as FO
+    from gradjax.losses import fullgrad_matching as FM
+
+    rng = np.random.default_rng(5)
+    g = rng.normal(size=(2, 5, 5, 3)).astype(np.float32)
+    gj = jnp.asarray(g)
+    e = np.abs(g).sum(-1)
+    assert np.max(e - np.abs(g.sum(-1))) > 0.5  # abs before / after the channel sum differ on these data
+    s = e / e.sum((1, 2), keepdims=True)
+    np.testing.assert_allclose(np.asarray(FO.saliency_distribution(gj)), s, rtol=1e-5)
+    mask = np.zeros((5, 5), np.float32)
+    mask[:2, :3] = 1
+    m = mask / mask.sum()
+    np.testing.assert_allclose(np.asarray(FO.fooling_loss(gj, mask)), ((s - m) ** 2).sum((1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(FO.energy_fraction(gj, mask)), (e * mask).sum((1, 2)) / e.sum((1, 2)),
+                               rtol=1e-5)
+    for p in (1.0, 2.0, 3.0):
+        np.testing.assert_allclose(np.asarray(LA.attention_map(gj, p=p)), (np.abs(g) ** p).sum(-1), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(FM.channel_map(gj)), g.sum(-1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(FM.channel_map(gj, channel_reduce="abs")), e, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(IA.heatmap(gj[0])), e[0], rtol=1e-5)

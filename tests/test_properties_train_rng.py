@@ -132,7 +132,8 @@ def test_sharded_step_key_is_the_single_device_key(setup):
 
 def test_resumed_fit_continues_the_key_sequence(setup, tmp_path):
     """fit interrupted after 2 steps and resumed from its checkpoint hands the loss exactly the keys of an
-    uninterrupted run: fold_in(rng, t) for t = 0..5, all distinct (the restored state carries rng and step)."""
+    uninterrupted run: fold_in(rng, t) for t = 0..5, all distinct (the restored state carries rng and step, even
+    when the state given to the resumed fit has another key)."""
     model, state, batches, step = setup
     spe = len(batches)
 
@@ -151,7 +152,9 @@ def test_resumed_fit_continues_the_key_sequence(setup, tmp_path):
     steps_full, keys_full = keys_of(full)
     ckpt = str(tmp_path / "ckpt")
     _, part = train.fit(state, step, epoch_batches, checkpoint_dir=ckpt, max_steps=2, **kw)
-    _, rest = train.fit(state, step, epoch_batches, checkpoint_dir=ckpt, **kw)
+    # the resumed run is given a state with another base key: the checkpoint's key (and step) must win
+    other = state.replace(rng=jax.random.fold_in(state.rng, 12345))
+    _, rest = train.fit(other, step, epoch_batches, checkpoint_dir=ckpt, **kw)
     steps_a, keys_a = keys_of(part)
     steps_b, keys_b = keys_of(rest)
     assert steps_full == list(range(1, spe + 1)) and steps_a + steps_b == steps_full
