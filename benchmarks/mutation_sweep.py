@@ -76,6 +76,10 @@ MUTATIONS: list[Mutation] = [
     M("train-step-not-counted", "constant", "gradjax/train/steps.py",
       "step=state.step + ok.astype(state.step.dtype)", "step=state.step", [T_RNG],
       "the step counter never advances (keys, schedules and checkpoints stall)"),
+    M("ckpt-rng-not-saved", "dropped term", "gradjax/train/checkpoint.py",
+      '_STATE_FIELDS = ("step", "params", "model_state", "opt_state", "rng", "diverged")',
+      '_STATE_FIELDS = ("step", "params", "model_state", "opt_state", "diverged")', (T_RNG, "-k", "resume"),
+      "a checkpoint without the base key: a resumed run draws from whatever key it was given"),
     # ------------------------------------------------------------------------------------- trace estimators
     M("trace-hutchpp-reuse-sketch", "reused key", "gradjax/trace.py",
       "t_res = _probe_mean(estimate, draw, key, probes, r, chunk, memory_budget, offset=k)",
@@ -126,6 +130,12 @@ MUTATIONS: list[Mutation] = [
       "gradient = pullback(jax.nn.one_hot(t, logits.shape[1], dtype=logits.dtype))",
       "gradient = pullback(jax.nn.one_hot((t + 1) % logits.shape[1], logits.shape[1], dtype=logits.dtype))",
       SAL("raw_gradient"), "every gradient explains the next class"),
+    M("fooling-abs-after-sum", "axis", "gradjax/losses/fooling.py",
+      "return jnp.sum(jnp.abs(grad), axis=-1)", "return jnp.abs(jnp.sum(grad, axis=-1))", [T_DISC],
+      "fooling saliency distribution: channel sum before abs"),
+    M("attention-square-of-sum", "axis", "gradjax/losses/attention.py",
+      "return jnp.sum(jnp.square(features), axis=-1)", "return jnp.square(jnp.sum(features, axis=-1))", [T_DISC],
+      "attention map eq. 2.7: square of the channel sum"),
     # ------------------------------------------------------------------------------------ frozen teachers
     M("frozen-jacobian", "missing stop_gradient", "gradjax/losses/distillation.py",
       "t_jac = jax.lax.stop_gradient(t_jac)", "t_jac = t_jac", [T_FROZEN],
@@ -281,9 +291,12 @@ def main(argv=None) -> int:
     ap.add_argument("--no-baseline", action="store_true", help="skip the unmutated baseline run")
     args = ap.parse_args(argv)
 
-    muts = [m for m in MUTATIONS if args.only is None or m.id in args.only]
     ids = [m.id for m in MUTATIONS]
     assert len(set(ids)) == len(ids), "duplicate mutation ids"
+    unknown = sorted(set(args.only or ()) - set(ids))
+    if unknown:
+        raise SystemExit(f"unknown mutation ids {unknown}")
+    muts = [m for m in MUTATIONS if args.only is None or m.id in args.only]
     out = args.out or tempfile.mkdtemp(prefix="gradjax-mutation-sweep-")
     os.makedirs(out, exist_ok=True)
     copy = tempfile.mkdtemp(prefix="gradjax-mut-")
