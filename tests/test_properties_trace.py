@@ -132,3 +132,20 @@ def test_taylor_forms_on_a_quadratic_are_hutchinson_on_the_same_probes(quad, est
     g = np.asarray(x, np.float64) @ A
     want = (2 * np.sum(A * A) + 4 * np.sum(g * g, axis=1) / SIGMA**2) / 3  # N = 3 probes
     np.testing.assert_allclose(estimates["taylor_one_sided"].var(0, ddof=1), want, rtol=0.2)
+
+
+def test_hutchpp_deflates_a_dominant_low_rank_part():
+    """Documented: Hutch++ captures the top-k eigen-directions through its sketch ``Q = qr(H S)``, so on a matrix
+    with a dominant rank-2 part its spread at ``m = 6`` mat-vecs (k = 2) is far below Hutchinson's with 6 probes.
+    A sketch built from ``S`` instead of ``H S`` (still unbiased) or residual probes not projected off ``Q`` fail."""
+    rng = np.random.default_rng(3)
+    U, _ = np.linalg.qr(rng.normal(size=(N, N)))
+    lam = np.concatenate([[60.0, 40.0], rng.uniform(-0.5, 0.5, N - 2)])
+    A = jnp.asarray((U * lam) @ U.T, jnp.float32)
+    f = lambda z: 0.5 * jnp.einsum("bi,ij,bj->b", z, A, z)  # noqa: E731
+    x = jnp.asarray(rng.normal(size=(1, N)), jnp.float32)
+    keys = jax.random.split(jax.random.PRNGKey(2), 200)
+    hpp = np.asarray(jax.jit(jax.vmap(lambda k: T.hutchpp_trace(f, x, k, num_matvecs=6)))(keys), np.float64)
+    hut = np.asarray(jax.jit(jax.vmap(lambda k: T.hutchinson_trace(f, x, k, num_probes=6)))(keys), np.float64)
+    assert abs(hpp.mean() - lam.sum()) < 5 * hpp.std() / np.sqrt(len(keys)) + 1e-3
+    assert hpp.var() < 0.2 * hut.var(), (hpp.var(), hut.var())  # measured ~0.05; an undeflating sketch: > 1
