@@ -75,7 +75,7 @@ def build(method: str, arch: str, num_classes: int, width: float):
 
 
 def main(argv=None) -> dict:
-    p = common.base_parser(__doc__.splitlines()[0], default_dataset=None, seeds="count", overrides=("steps",),
+    p = common.base_parser(__doc__.splitlines()[0], default_dataset=None, seeds="count", overrides=("steps", "batch_size"),
                            methods=METHODS, per_class=True)
     args = p.parse_args(argv)
     t0 = time.time()

@@ -211,9 +211,10 @@ def out_dir(args, script: str, dataset: Optional[str] = None) -> str:
 
 
 def setup(args, presets: dict, script: str) -> tuple[Scale, str, int, str]:
-    """``(preset, dataset, seeds, out)`` of a run: the preset of ``args.scale``, ``--dataset`` else the preset's
-    else :func:`default_dataset`, ``--seeds`` else the preset's, and :func:`out_dir`."""
-    pre = presets[args.scale]
+    """``(preset, dataset, seeds, out)`` of a run: the preset of ``args.scale`` with the command line's overrides
+    (:func:`resolve_scale`), ``--dataset`` else the preset's else :func:`default_dataset`, ``--seeds`` else the
+    preset's, and :func:`out_dir`."""
+    pre = resolve_scale(args, presets)
     dataset = args.dataset or pre.dataset or default_dataset()
     return pre, dataset, getattr(args, "seeds", None) or pre.seeds, out_dir(args, script, dataset)
 

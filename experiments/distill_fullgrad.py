@@ -152,7 +152,7 @@ steps_for = common.step_budget  # the step budget: --steps, else the preset's ep
 
 
 def main(argv=None) -> dict:
-    p = common.base_parser(__doc__.splitlines()[0], default_dataset=None, seeds="count", overrides=("steps",),
+    p = common.base_parser(__doc__.splitlines()[0], default_dataset=None, seeds="count", overrides=("steps", "batch_size"),
                            methods=METHODS, per_class=True)
     p.add_argument("--teacher-cache", default=None, help="directory to store/reuse the trained teacher (default: "
                    "runs/ch4_teachers, none at smoke scale)")

@@ -64,7 +64,7 @@ def plot_curves(path: str, curves: dict, *, title: str) -> None:
 
 
 def main(argv=None) -> dict:
-    p = common.base_parser(__doc__.splitlines()[0], default_dataset=None, seeds="count", overrides=("steps",))
+    p = common.base_parser(__doc__.splitlines()[0], default_dataset=None, seeds="count", overrides=("steps", "batch_size"))
     p.add_argument("--parts", default="a,b", help="which panels: a, b or a,b")
     p.add_argument("--methods", default=",".join(FIG_A_METHODS), help="panel (a) objectives (distill_fullgrad "
                    "method names)")

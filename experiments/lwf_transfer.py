@@ -103,7 +103,7 @@ def _grad_loss_reduction(records) -> float:
 
 
 def main(argv=None) -> dict:
-    p = common.base_parser(__doc__.splitlines()[0], default_dataset=None, seeds="count", overrides=("steps",))
+    p = common.base_parser(__doc__.splitlines()[0], default_dataset=None, seeds="count", overrides=("steps", "batch_size"))
     p.add_argument("--tables", default="2.3,2.4,2.5")
     p.add_argument("--source", default=None, help="source-task dataset (teacher)")
     p.add_argument("--target", default=None, help="target-task dataset (student)")
@@ -111,7 +111,7 @@ def main(argv=None) -> dict:
     p.add_argument("--n-per-class", default=None, help="Table 2.3 subset sizes, comma-separated (0 = all)")
     args = p.parse_args(argv)
     methods = common.parse_methods(args.methods, METHODS)
-    pre = PRESETS[args.scale]
+    pre = common.resolve_scale(args, PRESETS)
     source, target = args.source or pre.source, args.dataset or args.target or pre.target
     tables = [t.strip() for t in args.tables.split(",")]
     seeds = args.seeds or pre.seeds

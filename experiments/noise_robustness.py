@@ -69,7 +69,7 @@ def build_model(name: str, num_classes: int, width: float, placement, rate: floa
 
 
 def main(argv=None) -> dict:
-    p = common.base_parser(__doc__.splitlines()[0], default_dataset=None, seeds="count", overrides=("steps",))
+    p = common.base_parser(__doc__.splitlines()[0], default_dataset=None, seeds="count", overrides=("steps", "batch_size"))
     p.add_argument("--configs", default=None, help="comma-separated subset, e.g. 'lambda=0,lambda=1,l2'")
     args = p.parse_args(argv)
     pre, dataset, seeds, out = common.setup(args, PRESETS, "noise_robustness")
