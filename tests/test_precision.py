@@ -76,7 +76,7 @@ def test_emulated_rounding_follows_the_resolved_precision():
     with P.exact():  # the layer follows the context at trace time
         assert err(precision=None, emulate="gpu") < 1e-6
     with jax.default_matmul_precision("tensorfloat32"):
-        assert err(precision=None, emulate="gpu") == pytest.approx(gpu, rel=1e-6)
+        assert err(precision=None, emulate="gpu") == pytest.approx(gpu, rel=1e-3)  # TF32 either way
     # rounding the operands is exactly lax.reduce_precision(., 8, 10)
     xr = np.asarray(jax.lax.reduce_precision(x, exponent_bits=8, mantissa_bits=10), np.float64)
     kr = np.asarray(jax.lax.reduce_precision(v["params"]["kernel"], exponent_bits=8, mantissa_bits=10), np.float64)
