@@ -32,7 +32,8 @@ def _randomize(variables, key):
     out = []
     for k, v in zip(keys, leaves):
         noise = 0.3 * jax.random.normal(k, v.shape, v.dtype)
-        out.append(jnp.abs(v) + 0.5 + noise * 0.1 if v.ndim == 1 and float(jnp.min(v)) >= 0.99 else v + noise)
+        is_scale = v.ndim == 1 and float(jnp.min(v)) >= 0.99  # BatchNorm scales (initialized at 1): keep them > 0
+        out.append(jnp.abs(v) + 0.5 + noise * 0.1 if is_scale else v + noise)
     return jax.tree.unflatten(tree, out)
 
 
@@ -75,9 +76,9 @@ def _same(a, b):
 
 
 # ------------------------------------------------------------------------------ documented relations
-# A check is check(base, new, get, ctx) -> bool, where get(method=None, **overrides) returns a precomputed output
-# (of this method, or another) for the base options plus ``overrides``; ``check.needs`` lists the (method or None,
-# overrides) it will ask for, so that every output is computed in one compiled function.
+# A check is check(base, new, get, ctx) -> bool, where get(method=None, **overrides) returns the output (of this
+# method, or another) for the base options plus ``overrides``, computed once per module; ``check.needs`` lists the
+# (method or None, overrides) it asks for.
 def _check(needs=()):
     def wrap(fn):
         fn.needs = tuple(needs)
