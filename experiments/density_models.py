@@ -156,16 +156,7 @@ def batch_stat_accuracy(apply_fn, params, model_state, images, labels, *, batch_
     return correct / n
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "num_probes", "sigma"))
-def _policy_traces(apply_fn, params, model_state, x, y, key, *, num_probes: int, sigma: float):
-    logits, _, moments = gm.apply_train(apply_fn, params, model_state, x)
-    out = {}
-    for policy in ("frozen", "train"):
-        fn = gm.extra_pass_fn(apply_fn, params, model_state, moments, policy)
-        f = SM.label_logit_fn(lambda z: fn(z)[0], y)
-        out[policy] = SM.density_terms(f, x, key, need_grad=False, sigma=sigma, num_probes=num_probes,
-                                       form="antithetic", chunk=8).trace
-    return out
+_policy_traces = jax.jit(D.bn_policy_traces, static_argnames=("apply_fn", "num_probes", "sigma", "chunk"))
 
 
 def bn_policy_gap(apply_fn, params, model_state, images, labels, key, *, batch_sizes=(8, 32, 128),

@@ -30,6 +30,7 @@ import numpy as np
 from jax import lax
 
 from gradjax import _validation as V
+from gradjax import model as gm
 from gradjax.gradients import select
 from gradjax.losses import score_matching as SM
 from gradjax.model import as_logits_fn
@@ -190,6 +191,31 @@ def gradient_trace_stats(logits_fn, x: Array, labels: Array, key: Array, *, num_
                          estimator="hutchinson", num_probes=num_probes)
     return {"grad_sq_norm_mean": jnp.mean(t.grad_sq_norm), "grad_sq_norm_median": jnp.median(t.grad_sq_norm),
             "trace_mean": jnp.mean(t.trace), "trace_median": jnp.median(t.trace)}
+
+
+def bn_policy_traces(apply_fn: Callable, params: Any, model_state: Any, x: Array, labels: Array, key: Array, *,
+                     num_probes: int = 32, sigma: float = 0.01, chunk: Optional[int] = 8) -> dict:
+    """Per-example estimates of ``tr ∇²_x f_y`` (thesis §5.3.2) through a train-mode BatchNorm network under the
+    two BatchNorm policies of an extra pass (:func:`gradjax.model.extra_pass_fn`), with the same probes and the
+    antithetic Taylor form (no first-order noise), as ``{"frozen": [B], "train": [B]}``:
+
+    * ``"frozen"``: every noisy pass normalized with the clean batch's moments — the per-example trace;
+    * ``"train"``: every noisy batch normalized with its own moments (the authors' code) — in its batch mean the
+      trace of the whole batch's summed label logit, cross-example terms included.
+
+    Compare the two with :func:`trace_gap`. ``apply_fn``: a Linen ``model.apply``; ``params`` / ``model_state``
+    (``{"batch_stats": ...}``) of a :class:`gradjax.train.TrainState`. For a network without BatchNorm the two are
+    equal. Jittable (``apply_fn``, ``num_probes``, ``sigma``, ``chunk`` static)."""
+    if num_probes < 1 or not sigma > 0:
+        raise ValueError(f"num_probes must be >= 1 and sigma > 0; got {num_probes}, {sigma}.")
+    _, _, moments = gm.apply_train(apply_fn, params, model_state, V.check_input(x))
+    out = {}
+    for policy in ("frozen", "train"):
+        fn = gm.extra_pass_fn(apply_fn, params, model_state, moments, policy)
+        f = SM.label_logit_fn(lambda z, fn=fn: fn(z)[0], labels)
+        out[policy] = SM.density_terms(f, x, key, need_grad=False, sigma=sigma, num_probes=num_probes,
+                                       form="antithetic", chunk=chunk).trace
+    return out
 
 
 def trace_gap(reference, other) -> dict:

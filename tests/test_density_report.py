@@ -67,3 +67,30 @@ def test_ratio_summary_by_hand():
     np.testing.assert_allclose(s["mean_log_ratio"], [0.0, np.log(8.0) / 2])
     with pytest.raises(ValueError, match="S, N, B"):
         D.ratio_summary(lr[0])
+
+
+def test_bn_policy_traces_agree_without_batchnorm_and_differ_with_it():
+    """Without BatchNorm the two policies are one function (equal estimates); with BatchNorm the authors' train-mode
+    pass (each noisy batch normalized with its own moments) estimates something else than the per-example trace."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    from gradjax.models import create_model
+
+    x = jax.random.uniform(jax.random.PRNGKey(0), (4, 8, 8, 1))
+    y = jnp.array([0, 1, 2, 1])
+    key = jax.random.PRNGKey(3)
+    out = {}
+    for name in ("mlp", "vgg4"):
+        model = create_model(name, 3, activation="softplus", width=1 / 16, hidden=(16,))
+        v = model.init(jax.random.PRNGKey(1), x, train=False)
+        params, state = v["params"], {k: w for k, w in v.items() if k != "params"}
+        fn = jax.jit(functools.partial(D.bn_policy_traces, model.apply, num_probes=4, sigma=0.05, chunk=None))
+        out[name] = {k: np.asarray(t) for k, t in fn(params, state, x, y, key).items()}
+        assert out[name]["frozen"].shape == (4,) and np.all(np.isfinite(out[name]["frozen"]))
+    np.testing.assert_allclose(out["mlp"]["train"], out["mlp"]["frozen"], rtol=1e-6, atol=1e-7)
+    gap = D.trace_gap(out["vgg4"]["frozen"], out["vgg4"]["train"])
+    assert gap["rel_per_example_diff"] > 1e-3, gap
+    with pytest.raises(ValueError, match="num_probes"):
+        D.bn_policy_traces(model.apply, params, state, x, y, key, num_probes=0)
