@@ -161,3 +161,22 @@ def test_roar_mask_leak_accuracy_reads_the_class_from_the_mask_only():
     noise = rng.random((400, 8, 8), dtype=np.float32)
     chance = roar_sanity.mask_leak_accuracy(noise[:300], labels[:300], noise[300:], labels[300:], 0.5)
     assert 0.35 < chance < 0.65  # 100 test masks: chance 0.5 +- 0.05
+
+
+def test_harness_presets_and_std_convention():
+    """One preset type (fields + script values in ``extra``) and one std convention over runs (sample, ddof 1)."""
+    s = common.Scale(model="vgg4", width=0.5, extra={"teacher": "vgg9"})
+    assert s.teacher == "vgg9" and s.get("missing", 3) == 3
+    with pytest.raises(AttributeError, match="missing"):
+        s.missing  # noqa: B018
+    u = s.updated(width=0.25, teacher="resnet18", draws=2)
+    assert (u.width, u.teacher, u.draws, s.teacher) == (0.25, "resnet18", 2, "vgg9")
+    assert u.asdict()["draws"] == 2 and u.asdict()["model"] == "vgg4"
+    ms = common.mean_std([0.5, 0.7, 0.9])
+    assert ms["mean"] == pytest.approx(0.7) and ms["std"] == pytest.approx(0.2)  # sqrt(0.08 / 2)
+    assert common.mean_std([0.4])["std"] == 0.0
+    np.testing.assert_allclose(common.sample_std([[1.0, 2.0], [3.0, 2.0]], 0), [np.sqrt(2.0), 0.0])
+    args = common.base_parser("t", default_dataset=None, seeds="count", overrides=("steps", "batch_size"),
+                              methods=("a", "b"), per_class=True).parse_args(["--scale", "smoke", "--batch-size", "16"])
+    assert args.methods == "a,b" and args.seeds is None and args.n_per_class is None
+    assert common.resolve_scale(args, {"smoke": s}).batch_size == 16
