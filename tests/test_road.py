@@ -88,27 +88,43 @@ def test_bad_inputs_raise():
 
 
 def test_imputation_removes_the_masks_class_information():
-    """The ROAR leak: on class-independent images, a class-dependent removal mask filled with a constant lets a
-    linear probe read the class; after ROAD imputation it reads chance."""
+    """The ROAR leak: on class-independent (smooth random) images, a class-dependent removal mask lets a probe read
+    the class — a linear probe after a constant fill, a probe on the local roughness |x - neighbour mean| after the
+    image-mean fill (a flat patch) — while after ROAD imputation both probes read chance."""
+    from scipy.ndimage import convolve, gaussian_filter
+
     rng = np.random.default_rng(0)
     N, H, W = 800, 16, 16
     y = rng.integers(0, 2, N)
-    x = rng.random((N, H, W, 1)).astype(np.float32)  # independent of the class
+    x = np.stack([gaussian_filter(a, 1.5) for a in rng.random((N, H, W))])[..., None].astype(np.float32)
     template = np.zeros((2, H, W), np.float32)
     template[0, :, : W // 2] = 1.0  # class 0 tends to lose its left half, class 1 its right half
     template[1, :, W // 2:] = 1.0
     sal = rng.normal(size=(N, H, W)).astype(np.float32) + 1.5 * template[y]
     masks = np.asarray(M.removal_mask(jnp.asarray(sal), 0.3))
-    roar_x = np.where(masks[..., None], 0.0, x)  # ROAR-style constant fill
-    road_x = M.road_impute(x, masks, key=jax.random.key(0), noise_std=0.01)
+    const_x = np.where(masks[..., None], 0.0, x)  # ROAR-style constant fill
+    mean_x = np.asarray(M.remove_pixels(jnp.asarray(x), jnp.asarray(sal), 0.3, fill="mean"))  # ROAR's default
+    road_x = M.road_impute(x, masks, key=jax.random.key(0), noise_std=0.01 * float(np.ptp(x)))
+    kernel = np.zeros((3, 3))
+    for (dy, dx), w in M.ROAD_NEIGHBOURS:
+        kernel[1 + dy, 1 + dx] = w
 
-    def probe(imgs):
-        f = imgs.reshape(N, -1)
-        clf = LogisticRegression(max_iter=2000).fit(f[:400], y[:400])
+    def pixels(imgs):
+        return imgs.reshape(N, -1)
+
+    def roughness(imgs):
+        return np.abs(imgs[..., 0] - np.stack([convolve(a[..., 0], kernel, mode="nearest") for a in imgs])
+                      ).reshape(N, -1)
+
+    def probe(imgs, features):
+        f = features(imgs)
+        clf = LogisticRegression(max_iter=3000).fit(f[:400], y[:400])
         return clf.score(f[400:], y[400:])
 
-    assert probe(roar_x) > 0.9
-    assert probe(road_x) < 0.62  # chance is 0.5 (400 test images: 2 binomial stds ~ 0.05)
+    assert probe(const_x, pixels) > 0.9
+    assert probe(mean_x, roughness) > 0.9
+    assert probe(road_x, pixels) < 0.62  # chance is 0.5 (400 test images: 2 binomial stds ~ 0.05)
+    assert probe(road_x, roughness) < 0.62
 
 
 @pytest.fixture(scope="module")
