@@ -436,7 +436,9 @@ def road_impute(images, masks, *, key, noise_std: float = 0.01, chunk: int = 256
     ``x_i <- x_i + noise_std * eps_i``, ``eps_i ~ N(0, 1)`` i.i.d. per pixel and channel. Kept pixels are returned
     unchanged. Unlike a constant fill (ROAR, :func:`remove_pixels`), the imputed region continues the surrounding
     image smoothly, so the *shape* of the removal mask is hard to read from the result (the class leak Rong et al.
-    measure, and docs/RESULTS.md measured for ROAR on the digits). Where every pixel of an image is removed the
+    measure, and docs/RESULTS.md measured for ROAR on the digits). The imputed region is smoother than the image,
+    so on rough textures (e.g. white noise) a probe of local roughness can still read the mask; on smooth images
+    neither a linear nor a roughness probe does (``tests/test_road.py``). Where every pixel of an image is removed the
     system has no boundary; those images are set to ``0`` plus the noise.
 
     Host function (numpy + ``scipy.sparse.linalg.spsolve``, one block-diagonal solve per ``chunk`` images); not
