@@ -189,15 +189,9 @@ JUDGE_NOISE_STDS = (0.0, 0.05, 0.1, 0.2, 0.3)
 
 
 def judge_noise_robustness(judge_fn, x, y, noise_stds=JUDGE_NOISE_STDS, seed: int = 0) -> dict:
-    """Accuracy of ``judge_fn`` on ``x`` + ``N(0, s²)`` noise clipped to [0, 1], for each ``s`` (one fixed draw),
-    and the fraction of those images it puts in its most frequent class (1/K for a balanced set)."""
+    """:func:`gradjax.density.judge_noise_robustness` with one fixed standard-normal draw from ``seed``."""
     eps = np.random.default_rng(seed).standard_normal(np.shape(x)).astype(np.float32)
-    out = {}
-    for s_ in noise_stds:
-        pred = np.argmax(np.asarray(judge_fn(jnp.asarray(np.clip(x + s_ * eps, 0, 1)))), -1)
-        out[f"{s_:g}"] = {"accuracy": float(np.mean(pred == y)),
-                          "top_class_fraction": float(np.max(np.bincount(pred)) / len(pred))}
-    return out
+    return D.judge_noise_robustness(judge_fn, x, y, eps, noise_stds)
 
 
 def train_judge(es: EvalScale, train_ds, test_ds, *, seed: int, out: str, judge_dir: Optional[str] = None,

@@ -231,6 +231,24 @@ def trace_gap(reference, other) -> dict:
             "rel_per_example_diff": float(np.mean(np.abs(oth - ref)) / scale)}
 
 
+def judge_noise_robustness(judge_logits_fn, x, labels, noise, noise_stds: Sequence[float]) -> dict:
+    """How a GAN-test judge copes with noisy real images (samples from a density model are noisy images at best):
+    for every ``s`` in ``noise_stds``, its accuracy on ``clip(x + s · noise, 0, 1)`` and the fraction of those images
+    it puts in its most frequent class (1/K for a balanced set; 1 for a judge that collapses to one class).
+
+    ``x`` ``[B, H, W, C]`` in [0, 1], ``labels`` ``[B]``, ``noise`` of ``x``'s shape (one fixed standard-normal
+    draw, the same for every ``s``). Returns ``{f"{s:g}": {"accuracy", "top_class_fraction"}}``. Host-side."""
+    x, labels, noise = np.asarray(x), np.asarray(labels), np.asarray(noise, np.float32)
+    if noise.shape != x.shape or labels.shape != x.shape[:1]:
+        raise ValueError(f"x {x.shape}, noise {noise.shape} and labels {labels.shape} must agree.")
+    out = {}
+    for s in noise_stds:
+        pred = np.argmax(np.asarray(judge_logits_fn(jnp.asarray(np.clip(x + s * noise, 0, 1)))), -1)
+        out[f"{s:g}"] = {"accuracy": float(np.mean(pred == labels)),
+                         "top_class_fraction": float(np.max(np.bincount(pred)) / len(pred))}
+    return out
+
+
 class GanTestReport(NamedTuple):
     """The result of :func:`gan_test_report`.
 

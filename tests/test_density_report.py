@@ -94,3 +94,16 @@ def test_bn_policy_traces_agree_without_batchnorm_and_differ_with_it():
     assert gap["rel_per_example_diff"] > 1e-3, gap
     with pytest.raises(ValueError, match="num_probes"):
         D.bn_policy_traces(model.apply, params, state, x, y, key, num_probes=0)
+
+
+def test_judge_noise_robustness_by_hand():
+    """A judge that says class 1 when the mean pixel exceeds 0.05: right on black images; noise of +1 everywhere at
+    s = 0.1 lifts every mean to 0.1 (all judged 1: wrong, one class); noise of -1 is clipped away (still right)."""
+    judge = lambda x: np.stack([np.zeros(len(x)), (np.asarray(x).reshape(len(x), -1).mean(1) > 0.05) * 1.0], -1)
+    x, y = np.zeros((4, 2, 2, 1), np.float32), np.zeros(4, np.int64)
+    noise = np.ones_like(x)
+    noise[:2] = -1.0  # the first two stay black after clipping
+    r = D.judge_noise_robustness(judge, x, y, noise, (0.0, 0.1))
+    assert r == {"0": {"accuracy": 1.0, "top_class_fraction": 1.0}, "0.1": {"accuracy": 0.5, "top_class_fraction": 0.5}}
+    with pytest.raises(ValueError, match="agree"):
+        D.judge_noise_robustness(judge, x, y, noise[:2], (0.0,))
