@@ -180,7 +180,8 @@ CHECKS = {
     "fullgrad_simple": dict(FULLGRAD_COMMON),
     "smooth_fullgrad": {
         **FULLGRAD_COMMON, "merge": [("none", differs, "conv_bn")],
-        "samples": [(2, differs)], "chunk": [(1, same)], "average": [("saliency", differs)],
+        "samples": [(2, differs)], "chunk": [(1, same)], "memory_budget": [(1, same)],
+        "average": [("saliency", differs)],
         "noise_level": [(0.0, _smooth_fullgrad_without_noise)],
         "noise_range": [("example", differs, "batch")],
     },

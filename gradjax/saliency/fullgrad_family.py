@@ -7,7 +7,7 @@ Every map is an aggregation of one :func:`gradjax.fullgrad.tap_gradients` (one f
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -176,10 +176,10 @@ def fullgrad_simple(model, x: Array, target: Target = PREDICTED, *, key=None, po
 
 
 def smooth_fullgrad(model, x: Array, target: Target = PREDICTED, *, key=None, samples: int = 16,
-                    noise_level: float = 0.15, chunk: int = 4, average: str = "raw",
-                    postprocess: str = "abs_rescale", rescale: str = "layer", merge: str = DEFAULT_MERGE,
-                    align_corners: bool = True, eps: float = RESCALE_EPS, input_sum: str = "before",
-                    noise_range: str = "batch") -> Array:
+                    noise_level: float = 0.15, chunk: Optional[int] = None, memory_budget: Optional[int] = None,
+                    average: str = "raw", postprocess: str = "abs_rescale", rescale: str = "layer",
+                    merge: str = DEFAULT_MERGE, align_corners: bool = True, eps: float = RESCALE_EPS,
+                    input_sum: str = "before", noise_range: str = "batch") -> Array:
     """Smooth FullGrad (the reference code's ``SmoothFullGrad``, idiap/fullgrad-saliency; not in the thesis):
     FullGrad averaged over noisy inputs ``x + n``, ``n ~ N(0, sigma^2)``, ``samples`` draws (key required).
 
@@ -199,7 +199,8 @@ def smooth_fullgrad(model, x: Array, target: Target = PREDICTED, *, key=None, sa
     draws; with ``eps`` that equals averaging with ``eps / samples``, a difference far below float tolerance.)
     ``average="saliency"``: average the final FullGrad maps. The target is resolved once at the clean ``x`` (the
     reference, given no target, re-takes the arg-max at every noisy input). Samples are processed ``chunk`` at a
-    time with a running sum (:func:`gradjax._chunking.chunked_sum`). With ``noise_level=0`` it is
+    time with a running sum (:func:`gradjax._chunking.chunked_sum`; the library's one chunk policy: ``chunk=None``
+    sizes the chunk from ``memory_budget``, default :data:`gradjax._chunking.DEFAULT_MEMORY_BUDGET`). With ``noise_level=0`` it is
     ``fullgrad(..., input_sum=input_sum)``. ``[B, H, W]``.
     """
     handle, x = _prepare(model, x, "smooth_fullgrad")
@@ -208,7 +209,7 @@ def smooth_fullgrad(model, x: Array, target: Target = PREDICTED, *, key=None, sa
     V.check_choice(input_sum, INPUT_SUMS, "input_sum")
     V.check_choice(noise_range, NOISE_RANGES, "noise_range")
     samples = V.check_count(samples, "samples")
-    chunk = V.check_count(chunk, "chunk")
+    chunk = None if chunk is None else V.check_count(chunk, "chunk")
     keys = jax.random.split(V.check_key(key, "smooth_fullgrad"), samples)
     t = resolve_target(handle.logits(x), target)
     sigma = noise_scale(x, noise_level, noise_range)
@@ -226,7 +227,8 @@ def smooth_fullgrad(model, x: Array, target: Target = PREDICTED, *, key=None, sa
         split = lambda a: a.reshape((c, B) + a.shape[1:])  # noqa: E731
         return split(inp), {k: split(v) for k, v in layers.items()}
 
-    out = chunked_sum(terms, keys, jnp.full((samples,), 1.0 / samples, x.dtype), chunk=chunk)
+    out = chunked_sum(terms, keys, jnp.full((samples,), 1.0 / samples, x.dtype), chunk=chunk,
+                      memory_budget=memory_budget)
     if average == "saliency":
         return out
     return _aggregate(out[0], out[1], size, **kw)[0]
