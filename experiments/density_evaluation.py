@@ -48,6 +48,7 @@ from experiments import common
 from experiments import density_models as DM
 from experiments.common import Scale, environment, markdown_table, train_classifier, write_results
 from gradjax import density as D
+from gradjax import density_report as DR
 from gradjax import discriminative as P
 from gradjax import gradients as G
 from gradjax import sampling as S
@@ -168,12 +169,6 @@ def _chunks(n, size):
     return [(i, min(n, i + size)) for i in range(0, n, size)]
 
 
-def _ms(values):
-    """``(mean, std)`` over runs (:func:`experiments.common.mean_std`: sample std, ddof 1)."""
-    ms = common.mean_std(values)
-    return ms["mean"], ms["std"]
-
-
 def noise_augmented(ds, noise_std: float, seed: int):
     """``ds`` plus one copy of every image with ``N(0, noise_std²)`` noise added and clipped to [0, 1] (same labels):
     the training set of a noise-robust judge."""
@@ -281,19 +276,10 @@ def evaluate_models(models: dict, test_ds, es: EvalScale, keys, judge, *, pixel_
     if "ratios" in parts:
         res["density_ratios"] = {}
         for obj, (_, v) in models.items():
-            per_key = []
-            for kk in keys:
-                lr = np.concatenate([np.asarray(compiled.ratios(v, jnp.asarray(x[a:b]), jnp.asarray(y[a:b]),
-                                                                jax.random.fold_in(jax.random.PRNGKey(kk), a)))
-                                     for a, b in _chunks(n, bsz)], axis=2)  # [S, N, n]
-                per_key.append(D.ratio_summary(lr))
-            mr = np.stack([p["mean_ratio"] for p in per_key])
-            ml = np.stack([p["mean_log_ratio"] for p in per_key])
-            md = np.stack([p["median_ratio"] for p in per_key])
-            res["density_ratios"][obj] = {
-                "noise_stds": list(es.noise_stds), "mean_ratio": mr.mean(0).tolist(), "mean_ratio_std": common.sample_std(mr, 0).tolist(),
-                "median_ratio": md.mean(0).tolist(), "mean_log_ratio": ml.mean(0).tolist(),
-                "log_ratio_slope": D.log_ratio_slope(es.noise_stds, ml.mean(0))}
+            per_key = [np.concatenate([np.asarray(compiled.ratios(v, jnp.asarray(x[a:b]), jnp.asarray(y[a:b]),
+                                                                  jax.random.fold_in(jax.random.PRNGKey(kk), a)))
+                                       for a, b in _chunks(n, bsz)], axis=2) for kk in keys]  # [S, N, n] per key
+            res["density_ratios"][obj] = DR.ratio_entry(per_key, es.noise_stds)
         viz._curves({SHORT[o]: (np.asarray(es.noise_stds), np.asarray(r["median_ratio"]))
                      for o, r in res["density_ratios"].items()}, os.path.join(out, "ratios.png"),
                     "noise std", "median exp(f_y(x+eta) - f_y(x))", "density ratios (Fig. 5.1)", False, 100)
@@ -341,13 +327,9 @@ def evaluate_models(models: dict, test_ds, es: EvalScale, keys, judge, *, pixel_
                                                  steps=es.sample_steps, lr=es.langevin_step, wd=es.sample_wd,
                                                  temperature=1.0)
                         laccs.append(lacc)
-                entry[obj] = {j: dict(zip(("mean", "std"), _ms(accs[j])), per_key=accs[j],
-                                      judge_class_histogram=np.sum(hists[j], 0).tolist()) for j in judges}
-                entry[obj]["f_y"] = float(np.mean(f_end)) if f_end else float("nan")
-                if stats:
-                    entry[obj]["statistics"] = {k: float(np.mean([r[k] for r in stats])) for k in stats[0]}
+                entry[obj] = DR.gan_sampler_entry(accs, hists, f_end, stats)
                 if laccs:
-                    res["gan_test_langevin"][obj] = dict(zip(("mean", "std"), _ms(laccs)), per_key=laccs)
+                    res["gan_test_langevin"][obj] = dict(zip(("mean", "std"), DR.mean_std(laccs)), per_key=laccs)
             res["gan_samplers"][name] = entry
             if name == "authors":  # the reported Table 5.1 row (the independent judge)
                 res["gan_test"] = {o: e["judge"] for o, e in entry.items()}
@@ -404,11 +386,9 @@ def evaluate_models(models: dict, test_ds, es: EvalScale, keys, judge, *, pixel_
             rows = []
             for kk in keys:
                 r = compiled.denoise(v, jnp.asarray(x[:m]), jnp.asarray(y[:m]), jax.random.PRNGKey(20_000 + kk))
-                s, st_, ld = np.asarray(r.samples), np.asarray(r.start), np.asarray(r.log_density)
-                rows.append({"mse_noisy": float(np.mean((st_ - x[:m]) ** 2)),
-                             "mse_denoised": float(np.mean((s - x[:m]) ** 2)),
-                             "f_gain": float(np.mean(ld[-1] - ld[0]))})
-            res["denoise"][obj] = {k: _ms([r[k] for r in rows]) for k in rows[0]}
+                s, st_ = np.asarray(r.samples), np.asarray(r.start)
+                rows.append(DR.denoise_errors(x[:m], st_, s, r.log_density))
+            res["denoise"][obj] = DR.mean_std_entry(rows)
             if obj == next(iter(models)):
                 noisy_img = st_[:8]
             res["denoise"][obj]["_images"] = s[:8]
@@ -658,49 +638,9 @@ def _others(row) -> str:
 
 
 def summarize(per_seed: dict, objectives) -> dict:
-    """Mean ± std over training seeds (each seed's value already averaged over its keys). Each part is summarized
-    over the seeds that have it (``n_seeds[part]``), so per-seed results of separate runs can be merged."""
-    out = {}
-    for o in objectives:
-        d, n = {}, {}
-        have = lambda part: [s for s, r in per_seed.items() if o in r.get(part, {})]
-        if seeds := have("gan_test"):
-            n["gan_test"] = len(seeds)
-            d["gan_test"] = _ms([per_seed[s]["gan_test"][o]["mean"] for s in seeds])
-            d["gan_test_key_std"] = float(np.mean([per_seed[s]["gan_test"][o]["std"] for s in seeds]))
-        if seeds := have("gan_test_langevin"):
-            n["gan_test_langevin"] = len(seeds)
-            d["gan_test_langevin"] = _ms([per_seed[s]["gan_test_langevin"][o]["mean"] for s in seeds])
-        names = sorted({m for r in per_seed.values() for m in r.get("gan_samplers", {})})
-        for name in names:
-            seeds = [s for s, r in per_seed.items() if o in r.get("gan_samplers", {}).get(name, {})]
-            e = [per_seed[s]["gan_samplers"][name][o] for s in seeds]
-            judges = [j for j in e[0] if isinstance(e[0][j], dict) and "per_key" in e[0][j]]
-            g = {j: _ms([x[j]["mean"] for x in e]) for j in judges}
-            g["n_seeds"] = len(seeds)
-            g["f_y"] = float(np.mean([x["f_y"] for x in e]))
-            if all("statistics" in x for x in e):
-                g["statistics"] = {k: float(np.mean([x["statistics"][k] for x in e])) for k in e[0]["statistics"]}
-            d.setdefault("gan_samplers", {})[name] = g
-        if seeds := have("density_ratios"):
-            n["density_ratios"] = len(seeds)
-            r = [per_seed[s]["density_ratios"][o] for s in seeds]
-            d["log_ratio_slope"] = _ms([x["log_ratio_slope"] for x in r])
-            for k in ("median_ratio", "mean_ratio"):
-                d[k] = np.mean([x[k] for x in r], 0).tolist()
-                d[k + "_std"] = common.sample_std([x[k] for x in r], 0).tolist()
-        for part in ("pixel_own", "pixel_baseline"):
-            if seeds := have(part):
-                n[part] = len(seeds)
-                d[part] = np.mean([per_seed[s][part][o] for s in seeds], 0).tolist()
-                d[part + "_std"] = common.sample_std([per_seed[s][part][o] for s in seeds], 0).tolist()
-        if seeds := have("denoise"):
-            n["denoise"] = len(seeds)
-            d["denoise"] = {k: _ms([per_seed[s]["denoise"][o][k][0] for s in seeds])
-                            for k in ("mse_noisy", "mse_denoised", "f_gain")}
-        d["n_seeds"] = n
-        out[o] = d
-    return out
+    """Mean ± std over training seeds, each part over the seeds that have it
+    (:func:`gradjax.density_report.summarize_seeds`)."""
+    return DR.summarize_seeds(per_seed, objectives)
 
 
 def report(results: dict) -> str:

@@ -107,3 +107,82 @@ def test_judge_noise_robustness_by_hand():
     assert r == {"0": {"accuracy": 1.0, "top_class_fraction": 1.0}, "0.1": {"accuracy": 0.5, "top_class_fraction": 0.5}}
     with pytest.raises(ValueError, match="agree"):
         D.judge_noise_robustness(judge, x, y, noise[:2], (0.0,))
+
+
+# ---------------------------------------------------------------- gradjax.density_report (moved from the script)
+def test_sample_std_and_mean_std_by_hand():
+    from gradjax import density_report as DR
+
+    assert DR.mean_std([1.0, 3.0]) == pytest.approx((2.0, np.sqrt(2.0)))  # ddof 1: sqrt(((1-2)² + (3-2)²) / 1)
+    assert DR.mean_std([5.0]) == (5.0, 0.0)  # one run: no spread
+    np.testing.assert_allclose(DR.sample_std([[0.0, 1.0], [2.0, 1.0]], 0), [np.sqrt(2.0), 0.0])
+    with pytest.raises(ValueError, match="at least one"):
+        DR.mean_std([])
+
+
+def test_ratio_entry_by_hand():
+    """Two keys: ratios all 1 (log 0), and ratios 1 at s = 0 / e^{-0.5}·{1, 1} at s = 0.5 after exp. Key means,
+    the sample std over keys, and the slope Σ s² m / Σ s⁴ through the origin."""
+    from gradjax import density_report as DR
+
+    k0 = np.zeros((2, 1, 2))
+    k1 = np.stack([np.zeros((1, 2)), np.full((1, 2), -0.5)])  # [S=2, N=1, B=2]
+    e = DR.ratio_entry([k0, k1], (0.0, 0.5))
+    np.testing.assert_allclose(e["mean_log_ratio"], [0.0, -0.25])
+    np.testing.assert_allclose(e["mean_ratio"], [1.0, (1 + np.exp(-0.5)) / 2])
+    np.testing.assert_allclose(e["median_ratio"], [1.0, (1 + np.exp(-0.5)) / 2])
+    np.testing.assert_allclose(e["mean_ratio_std"], [0.0, (1 - np.exp(-0.5)) / np.sqrt(2)])
+    assert e["log_ratio_slope"] == pytest.approx(-0.25 * 0.25 / 0.5 ** 4)  # = -1
+    assert e["noise_stds"] == [0.0, 0.5]
+    with pytest.raises(ValueError, match="noise levels"):
+        DR.ratio_entry([k0], (0.0, 0.25, 0.5))
+    with pytest.raises(ValueError, match="at least one key"):
+        DR.ratio_entry([], (0.0, 0.5))
+
+
+def test_denoise_errors_and_mean_std_entry_by_hand():
+    from gradjax import density_report as DR
+
+    clean = np.zeros((2, 2, 1))
+    start, samples = np.full_like(clean, 0.5), np.full_like(clean, 0.1)
+    ld = np.array([[1.0, 3.0], [2.0, 6.0], [4.0, 4.0]])  # [T=3, B=2]: gains 3 and 1
+    r = DR.denoise_errors(clean, start, samples, ld)
+    assert r == pytest.approx({"mse_noisy": 0.25, "mse_denoised": 0.01, "f_gain": 2.0})
+    e = DR.mean_std_entry([r, {"mse_noisy": 0.75, "mse_denoised": 0.03, "f_gain": 0.0}])
+    assert e["mse_noisy"] == pytest.approx((0.5, np.sqrt(0.125)))
+    assert e["f_gain"] == pytest.approx((1.0, np.sqrt(2.0)))
+    with pytest.raises(ValueError, match="one shape"):
+        DR.denoise_errors(clean, start[:1], samples, ld)
+    with pytest.raises(ValueError, match="same keys"):
+        DR.mean_std_entry([r, {"mse_noisy": 0.0}])
+
+
+def test_gan_sampler_entry_by_hand():
+    from gradjax import density_report as DR
+
+    e = DR.gan_sampler_entry({"judge": [0.5, 1.0]}, {"judge": [[1, 1, 0], [0, 2, 0]]}, [2.0, 4.0],
+                             [{"mean": 0.2}, {"mean": 0.4}])
+    assert e["judge"]["mean"] == pytest.approx(0.75) and e["judge"]["std"] == pytest.approx(np.sqrt(0.125))
+    assert e["judge"]["per_key"] == [0.5, 1.0] and e["judge"]["judge_class_histogram"] == [1, 3, 0]
+    assert e["f_y"] == pytest.approx(3.0) and e["statistics"] == pytest.approx({"mean": 0.3})
+    diverged = DR.gan_sampler_entry({"judge": [float("nan")]}, {"judge": [[0, 0, 0]]}, [], [])
+    assert np.isnan(diverged["f_y"]) and "statistics" not in diverged  # no finite samples: no f_y, no statistics
+    with pytest.raises(ValueError, match="same judges"):
+        DR.gan_sampler_entry({"judge": [0.5]}, {"other": [[1]]}, [], [])
+
+
+def test_summarize_seeds_merges_parts_over_the_seeds_that_have_them():
+    """Seed 0 has the GAN-test and pixel curves, seed 1 only the GAN-test: each part is averaged over its own seeds
+    (n_seeds per part), with the sample std over seeds; an objective absent everywhere has no parts."""
+    from gradjax import density_report as DR
+
+    per_seed = {0: {"gan_test": {"SM": {"mean": 0.4, "std": 0.1}}, "pixel_own": {"SM": [1.0, 0.5]},
+                    "denoise": {"SM": {"mse_noisy": (0.2, 0.0), "mse_denoised": (0.1, 0.0), "f_gain": (3.0, 0.0)}}},
+                1: {"gan_test": {"SM": {"mean": 0.8, "std": 0.3}}}}
+    s = DR.summarize_seeds(per_seed, ["SM", "GN"])
+    assert s["SM"]["gan_test"] == pytest.approx((0.6, np.sqrt(0.08)))
+    assert s["SM"]["gan_test_key_std"] == pytest.approx(0.2)
+    assert s["SM"]["pixel_own"] == [1.0, 0.5] and s["SM"]["pixel_own_std"] == [0.0, 0.0]
+    assert s["SM"]["denoise"]["f_gain"] == (3.0, 0.0)
+    assert s["SM"]["n_seeds"] == {"gan_test": 2, "pixel_own": 1, "denoise": 1}
+    assert s["GN"] == {"n_seeds": {}}
