@@ -17,11 +17,19 @@ attributions of the predicted class on the same batch:
 
 Timing: every row of both sides round-robin in one loop (:func:`benchmarks._common.interleaved`), median of
 ``--repeats`` rounds after a warm-up round (gradjax compiled once, excluded), both on the CPU with all cores; the
-load average is recorded (the machine is shared). ``ratio = peer time / gradjax time`` (> 1: gradjax is faster). ``max |diff| / max |ref|`` compares the
+load average is recorded (the machine is shared). ``--device cuda`` puts torch on the GPU JAX also uses (JAX's
+default backend; run with ``JAX_PLATFORMS=cuda``): the peer's timed function ends with ``torch.cuda.synchronize()``
+(gradjax's with ``block_until_ready``), ``--precision exact`` (default) turns TF32 off on both sides
+(``torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False``; gradjax's models are
+``precision="highest"`` by default), ``--precision fast`` allows TF32 on both; each row records images/s and the
+peak memory (torch: ``torch.cuda.max_memory_allocated`` reset per row; JAX: the device's ``peak_bytes_in_use`` of
+``memory_stats()``, cumulative over the run, where the backend reports it). ``ratio = peer time / gradjax time`` (> 1: gradjax is faster). ``max |diff| / max |ref|`` compares the
 two attributions.
 
     pip install torch==2.13.0 captum   # (or: pip install -e ".[bench]")
     python -m benchmarks.peers_captum  # ~2 minutes on 2 CPU cores
+    python -m benchmarks.peers_captum --smoke                        # tiny CPU check of the code path (~30 s)
+    JAX_PLATFORMS=cuda python -m benchmarks.peers_captum --device cuda --preset imagenet   # VGG-16-BN, 8x224x224
 """
 from __future__ import annotations
 
@@ -113,20 +121,80 @@ def torch_fullgrad(model: "torch.nn.Module", x: "torch.Tensor", target: "torch.T
     return total.detach()
 
 
+PRESETS = {  # name: overrides of the command-line defaults
+    "imagenet": {"model": "vgg16", "width": 1.0, "batch_size": 8, "image_size": 224, "classes": 1000, "repeats": 5},
+    "smoke": {"model": "vgg4", "width": 0.125, "batch_size": 2, "image_size": 16, "classes": 10, "repeats": 1,
+              "smoothgrad_samples": 2},
+}
+
+
+def torch_device(name: str) -> "torch.device":
+    """``torch.device(name)``; ``"cuda"`` needs ``torch.cuda.is_available()`` (else ``SystemExit``)."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch.cuda.is_available() is False (install a CUDA build of torch)")
+    return torch.device(name)
+
+
+def set_torch_precision(device: "torch.device", precision: str) -> None:
+    """``exact``: no TF32 in torch's matmuls and cuDNN convolutions (float32 like gradjax's default
+    ``precision="highest"``); ``fast``: TF32 allowed."""
+    fast = precision == "fast"
+    torch.backends.cuda.matmul.allow_tf32 = fast
+    torch.backends.cudnn.allow_tf32 = fast
+    if device.type == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+
+
+def timed_peer(fn, device: "torch.device"):
+    """``fn`` followed by ``torch.cuda.synchronize()`` on a GPU (inside the timed call), its result on the host."""
+    if device.type != "cuda":
+        return fn
+
+    def run():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+    return run
+
+
+def jax_peak_bytes() -> float:
+    """Peak bytes in use on JAX's first device (``memory_stats()``; NaN where the backend reports none)."""
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+        return float(stats.get("peak_bytes_in_use", float("nan")))
+    except Exception:  # noqa: BLE001  (CPU backends report nothing)
+        return float("nan")
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="imagenet: VGG-16-BN, batch 8 of 224x224x3, 1000 classes; smoke: a tiny CPU check")
+    p.add_argument("--smoke", action="store_true", help="same as --preset smoke")
     p.add_argument("--model", default="vgg9", choices=sorted(VGG_CONFIGS))
     p.add_argument("--width", type=float, default=0.25)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--image-size", "--size", dest="image_size", type=int, default=32)
     p.add_argument("--channels", type=int, default=3)
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--smoothgrad-samples", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="torch's device (JAX: its default backend)")
+    p.add_argument("--precision", default="exact", choices=["exact", "fast"],
+                   help="exact: float32 products on both sides (no TF32); fast: TF32 allowed on both")
     p.add_argument("--xla", default="default", help="XLA:CPU flag preset (benchmarks/_common.py)")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"))
     args = p.parse_args(argv)
-    torch.set_num_threads(os.cpu_count() or 1)
+    if args.smoke:
+        args.preset = "smoke"
+    if args.preset:  # a preset overrides the defaults; explicit flags given after it are not distinguished
+        for k, v in PRESETS[args.preset].items():
+            setattr(args, k, v)
+    device = torch_device(args.device)
+    set_torch_precision(device, args.precision)
 
-    model = create_model(args.model, 10, width=args.width)
+    model = create_model(args.model, args.classes, width=args.width,
+                         precision="highest" if args.precision == "exact" else "default")
     x = jax.random.normal(jax.random.PRNGKey(0), (args.batch_size, args.image_size, args.image_size, args.channels))
     variables = model.init(jax.random.PRNGKey(1), x[:1], train=False)
     # Non-trivial BatchNorm statistics (so the implicit BN biases and their FullGrad maps are not zero): the running
@@ -135,17 +203,17 @@ def main(argv=None) -> dict:
     stats = jax.tree_util.tree_map(lambda new: new * 1.05, updated["batch_stats"])
     variables = {"params": variables["params"], "batch_stats": stats}
     handle = saliency.ModelHandle(model.apply, variables)
-    tmodel = torch_vgg(args.model, args.width, args.channels, 10, variables)
-    xt = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
+    tmodel = torch_vgg(args.model, args.width, args.channels, args.classes, variables).to(device)
+    xt = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()).to(device)
 
     logits = np.asarray(handle.logits(x))
     with torch.no_grad():
-        tlogits = tmodel(xt).numpy()
+        tlogits = tmodel(xt).cpu().numpy()
     if not (np.all(np.isfinite(logits)) and np.ptp(logits) > 0):
         raise SystemExit(f"degenerate network for the comparison (logits {logits[:2]})")
     logit_diff = float(np.max(np.abs(logits - tlogits)) / np.max(np.abs(logits)))
     target = jnp.argmax(logits, -1)
-    tt = torch.from_numpy(np.asarray(target)).long()
+    tt = torch.from_numpy(np.asarray(target)).long().to(device)
     key = jax.random.PRNGKey(3)
     last_relu = [m for m in tmodel if isinstance(m, torch.nn.ReLU)][-1]
     n_blocks = sum(1 for layer in VGG_CONFIGS[args.model] if layer != "M")
@@ -166,9 +234,10 @@ def main(argv=None) -> dict:
         "integrated_gradients (Captum default: 50 Gauss-Legendre steps)": (
             gradjax_fn("integrated_gradients", steps=50, rule="gauss_legendre", reduce=None),
             lambda: IntegratedGradients(tmodel).attribute(xt, target=tt, n_steps=50, method="gausslegendre")),
-        "smoothgrad_sq (16 samples)": (
-            gradjax_fn("smoothgrad_sq", samples=16, reduce=None),
-            lambda: NoiseTunnel(Saliency(tmodel)).attribute(xt, target=tt, nt_type="smoothgrad_sq", nt_samples=16,
+        f"smoothgrad_sq ({args.smoothgrad_samples} samples)": (
+            gradjax_fn("smoothgrad_sq", samples=args.smoothgrad_samples, reduce=None),
+            lambda: NoiseTunnel(Saliency(tmodel)).attribute(xt, target=tt, nt_type="smoothgrad_sq",
+                                                           nt_samples=args.smoothgrad_samples,
                                                            nt_samples_batch_size=8, stdevs=0.15, abs=False)),
         "guided_backprop": (gradjax_fn("guided_backprop", reduce=None),
                             lambda: GuidedBackprop(tmodel).attribute(xt, target=tt)),
@@ -186,43 +255,63 @@ def main(argv=None) -> dict:
     fns = {}
     for name, (ours, peer) in cases.items():
         fns[name + " / gradjax"] = ours
-        fns[name + " / peer"] = peer
+        fns[name + " / peer"] = timed_peer(peer, device)
     sync = {k: (lambda a: a) for k in fns if k.endswith(" / peer")}
     med, runs, loads = interleaved(fns, args.repeats, sync)
+    peak_torch = {}
+    if device.type == "cuda":  # one more call per row, each with its own peak
+        for name, (_, peer) in cases.items():
+            torch.cuda.reset_peak_memory_stats(device)
+            timed_peer(peer, device)()
+            peak_torch[name] = float(torch.cuda.max_memory_allocated(device))
+    peak_jax = jax_peak_bytes()
     rows, deltas = {}, {}
     for name, (ours, peer) in cases.items():
         t_ours, t_peer = med[name + " / gradjax"], med[name + " / peer"]
         diff = None
         if name in compare:
-            a, b = np.asarray(ours()), nhwc(peer().detach().numpy())
+            a, b = np.asarray(ours()), nhwc(peer().detach().cpu().numpy())
             diff = float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
         if name.startswith("integrated_gradients"):  # completeness delta of both maps, worst image
             fx = logits[np.arange(len(logits)), np.asarray(target)]
             f0 = np.asarray(handle.logits(jnp.zeros_like(x)))[np.arange(len(logits)), np.asarray(target)]
             rel = lambda m: float(np.max(np.abs(m.reshape(len(fx), -1).sum(1) - (fx - f0)) / np.abs(fx - f0)))  # noqa: E731
-            deltas[name] = (rel(np.asarray(ours())), rel(nhwc(peer().detach().numpy())))
+            deltas[name] = (rel(np.asarray(ours())), rel(nhwc(peer().detach().cpu().numpy())))
         rows[name] = {"gradjax_s": t_ours, "peer_s": t_peer, "ratio": t_peer / t_ours, "rel_max_diff": diff,
+                      "gradjax_images_per_s": args.batch_size / t_ours, "peer_images_per_s": args.batch_size / t_peer,
+                      "peer_peak_bytes": peak_torch.get(name, float("nan")),
                       "runs_gradjax": runs[name + " / gradjax"], "runs_peer": runs[name + " / peer"]}
 
+    if device.type == "cuda":
+        where = (f"JAX on {jax.devices()[0].device_kind}, torch on {torch.cuda.get_device_name(device)}, precision "
+                 f"{args.precision}; JAX peak memory {peak_jax / 2**20:.0f} MiB over the run")
+    else:
+        where = f"CPU ({os.cpu_count()} cores)"
     lines = [f"{args.model} width {args.width}, batch {args.batch_size}x{args.image_size}x{args.image_size}x"
-             f"{args.channels}, CPU ({os.cpu_count()} cores), medians of {args.repeats} interleaved rounds, "
+             f"{args.channels}, {args.classes} classes, {where}, medians of {args.repeats} interleaved rounds, "
              f"{load_note(loads)}; XLA preset `{XLA_PRESET}`; jax {jax.__version__}, torch {torch.__version__} "
              f"({torch.get_num_threads()} threads); logits agree to {logit_diff:.1e} (relative).", "",
-             "| method | gradjax ms | PyTorch/Captum ms | peer / gradjax (goal ≥ 1.0) | max abs diff / max abs |",
-             "|---|---|---|---|---|"]
+             "| method | gradjax ms | PyTorch/Captum ms | peer / gradjax (goal ≥ 1.0) | gradjax img/s | peer img/s "
+             "| peer peak MiB | max abs diff / max abs |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         d = "—" if r["rel_max_diff"] is None else f"{r['rel_max_diff']:.1e}"
-        lines.append(f"| {name} | {1e3 * r['gradjax_s']:.1f} | {1e3 * r['peer_s']:.1f} | {r['ratio']:.2f} | {d} |")
+        mem = "—" if np.isnan(r["peer_peak_bytes"]) else f"{r['peer_peak_bytes'] / 2**20:.0f}"
+        lines.append(f"| {name} | {1e3 * r['gradjax_s']:.1f} | {1e3 * r['peer_s']:.1f} | {r['ratio']:.2f} | "
+                     f"{r['gradjax_images_per_s']:.0f} | {r['peer_images_per_s']:.0f} | {mem} | {d} |")
     lines += [f"- {name}: worst completeness delta gradjax {a:.2%}, Captum {b:.2%}" for name, (a, b) in deltas.items()]
     table = "\n".join(lines)
     print(table)
     import captum  # noqa: PLC0415
     result = {"args": vars(args), "machine": machine({"torch": torch.__version__, "captum": captum.__version__,
                                                       "xla_preset": XLA_PRESET}),
-              "loads": loads, "logit_rel_diff": logit_diff, "rows": rows, "table": table}
+              "loads": loads, "logit_rel_diff": logit_diff, "jax_peak_bytes": peak_jax, "rows": rows,
+              "table": table}
     os.makedirs(args.out, exist_ok=True)
     suffix = "" if XLA_PRESET == "default" else "-" + XLA_PRESET
-    with open(os.path.join(args.out, f"peers_captum-cpu{suffix}.json"), "w") as f:
+    suffix += "" if args.preset is None else "-" + args.preset
+    suffix += "" if args.precision == "exact" else "-" + args.precision
+    with open(os.path.join(args.out, f"peers_captum-{args.device}{suffix}.json"), "w") as f:
         json.dump(result, f, indent=2)
     return result
 
