@@ -228,16 +228,13 @@ def gan_test_of(compiled: Compiled, variables, judge_fn, num_classes: int, per_c
     judge's predicted classes on them (a judge that puts every sample in one class scores 1/K). ``sampler``: a
     :func:`resolve_sampler` triple (then ``steps`` … ``temperature`` are ignored); ``judge_fn`` may be a dict
     ``{name: judge}`` (then accuracy and histogram are dicts too)."""
-    labels = np.repeat(np.arange(num_classes), per_class).astype(np.int32)
-    keys = jax.random.split(key, len(_chunks(len(labels), batch)))
-    samples = []
-    for k, (a, b) in zip(keys, _chunks(len(labels), batch)):
+    def sample_fn(lab, k):
         if sampler is None:
-            r = compiled.sample(variables, jnp.asarray(labels[a:b]), k, (b - a, *shape), steps, lr, wd, temperature)
-        else:
-            r = compiled.sample_with(variables, jnp.asarray(labels[a:b]), k, (b - a, *shape), *sampler)
-        samples.append(np.asarray(r.samples))
-    samples = np.concatenate(samples)
+            return compiled.sample(variables, lab, k, (len(lab), *shape), steps, lr, wd, temperature).samples
+        return compiled.sample_with(variables, lab, k, (len(lab), *shape), *sampler).samples
+
+    samples, labels = D.class_conditional_samples(sample_fn, key, num_classes=num_classes, per_class=per_class,
+                                                  batch=batch)
     if isinstance(judge_fn, dict):
         res = {n: gan_test_on(j, samples, labels, num_classes) for n, j in judge_fn.items()}
         return {n: r[0] for n, r in res.items()}, samples, {n: r[1] for n, r in res.items()}

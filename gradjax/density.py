@@ -287,6 +287,23 @@ def gan_test_report(judge_logits_fn, samples, labels, num_classes: int) -> GanTe
     return GanTestReport(acc, np.bincount(pred, minlength=num_classes), 0)
 
 
+def class_conditional_samples(sample_fn: Callable, key: Array, *, num_classes: int, per_class: int,
+                              batch: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """The samples a GAN-test judges (thesis §5.5, Table 5.1): ``per_class`` samples of every class from the model's
+    implicit density, class-ordered (labels ``0 … 0, 1 … 1, …``), drawn in batches of at most ``batch``.
+
+    ``sample_fn(labels [b], key) -> samples [b, ...]`` draws one sample per label (e.g. the final state of
+    :func:`gradjax.sampling.sample_from_noise`, jitted by the caller). ``key`` is split into one key per batch, in
+    order. Returns host arrays ``(samples [K · per_class, ...], labels [K · per_class] int32)``."""
+    if num_classes < 1 or per_class < 1 or batch < 1:
+        raise ValueError(f"num_classes, per_class and batch must be >= 1; got {num_classes}, {per_class}, {batch}.")
+    labels = np.repeat(np.arange(num_classes), per_class).astype(np.int32)
+    bounds = [(i, min(len(labels), i + batch)) for i in range(0, len(labels), batch)]
+    keys = jax.random.split(key, len(bounds))
+    samples = [np.asarray(sample_fn(jnp.asarray(labels[a:b]), k)) for k, (a, b) in zip(keys, bounds)]
+    return np.concatenate(samples), labels
+
+
 def _leaves(tree: Any) -> list[np.ndarray]:
     return [np.asarray(a) for a in jax.tree.leaves(tree) if hasattr(a, "shape")]
 

@@ -186,3 +186,24 @@ def test_summarize_seeds_merges_parts_over_the_seeds_that_have_them():
     assert s["SM"]["denoise"]["f_gain"] == (3.0, 0.0)
     assert s["SM"]["n_seeds"] == {"gan_test": 2, "pixel_own": 1, "denoise": 1}
     assert s["GN"] == {"n_seeds": {}}
+
+
+def test_class_conditional_samples_orders_classes_and_splits_the_key_per_batch():
+    """A sampler that returns its label plus a uniform draw from its key: class order, per_class each, the batch
+    layout (7 samples in batches of 3: keys split in order), and the same result for the same key."""
+    import jax
+    import jax.numpy as jnp
+
+    sample_fn = lambda lab, k: lab[:, None].astype(jnp.float32) + jax.random.uniform(k, (len(lab), 1))  # noqa: E731
+    key = jax.random.PRNGKey(4)
+    s, lab = D.class_conditional_samples(sample_fn, key, num_classes=3, per_class=2, batch=4)  # batches 4 + 2
+    np.testing.assert_array_equal(lab, [0, 0, 1, 1, 2, 2])
+    assert lab.dtype == np.int32 and s.shape == (6, 1)
+    np.testing.assert_array_equal(np.floor(s[:, 0]), lab)  # each sample is drawn for its own label
+    k0, k1 = jax.random.split(key, 2)
+    np.testing.assert_allclose(s[:4, 0] - lab[:4], np.asarray(jax.random.uniform(k0, (4, 1)))[:, 0], rtol=1e-6)
+    np.testing.assert_allclose(s[4:, 0] - lab[4:], np.asarray(jax.random.uniform(k1, (2, 1)))[:, 0], rtol=1e-6)
+    s2, _ = D.class_conditional_samples(sample_fn, key, num_classes=3, per_class=2, batch=4)
+    np.testing.assert_array_equal(s, s2)
+    with pytest.raises(ValueError, match=">= 1"):
+        D.class_conditional_samples(sample_fn, key, num_classes=3, per_class=0)
