@@ -292,9 +292,8 @@ def evaluate_models(models: dict, test_ds, es: EvalScale, keys, judge, *, pixel_
         data_mean = None if reference is None else np.asarray(reference).mean(0)
         if data_mean is None and any("data_mean" in (sm.center, sm.init_mean) for sm in samplers.values()):
             raise ValueError("a 'data_mean' sampler needs the training images (reference=...).")
-        real = S.sample_statistics(jnp.asarray(x), jnp.asarray(reference)) if reference is not None else None
-        if real is not None:
-            res["real_statistics"] = {k: float(np.mean(v)) for k, v in real._asdict().items()}
+        if reference is not None:
+            res["real_statistics"] = DR.mean_statistics(x, reference)
             res["real_statistics"]["f_y"] = {
                 o: float(np.mean(np.asarray(compiled.logit_of(v, jnp.asarray(x), jnp.asarray(y)))))
                 for o, (_, v) in models.items()}
@@ -310,13 +309,12 @@ def evaluate_models(models: dict, test_ds, es: EvalScale, keys, judge, *, pixel_
                     for j in judges:
                         accs[j].append(acc[j])
                         hists[j].append(hist[j])
-                    if np.all(np.isfinite(smpl)):
-                        lab = np.repeat(np.arange(K), es.per_class).astype(np.int32)
-                        f_end.append(float(np.mean(np.asarray(compiled.logit_of(v, jnp.asarray(smpl),
-                                                                                jnp.asarray(lab))))))
-                        if reference is not None:
-                            stats.append({k: float(np.mean(a)) for k, a in S.sample_statistics(
-                                jnp.asarray(smpl), jnp.asarray(reference))._asdict().items()})
+                    lab = np.repeat(np.arange(K), es.per_class).astype(np.int32)
+                    sr = DR.sample_report(smpl, lab, lambda a, b: compiled.logit_of(v, a, b), reference)
+                    if sr is not None:
+                        f_end.append(sr["f_y"])
+                        if "statistics" in sr:
+                            stats.append(sr["statistics"])
                     if i == 0:
                         gallery[obj] = smpl[::es.per_class]
                     if name == "authors" and (langevin_keys is None or i < langevin_keys):

@@ -21,10 +21,13 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from gradjax import density as D
+import jax.numpy as jnp
 
-__all__ = ["sample_std", "mean_std", "ratio_entry", "denoise_errors", "mean_std_entry", "gan_sampler_entry",
-           "summarize_seeds"]
+from gradjax import density as D
+from gradjax import sampling as S
+
+__all__ = ["sample_std", "mean_std", "ratio_entry", "denoise_errors", "mean_std_entry", "mean_statistics",
+           "sample_report", "gan_sampler_entry", "summarize_seeds"]
 
 
 def sample_std(values, axis: int = 0) -> np.ndarray:
@@ -88,6 +91,30 @@ def mean_std_entry(rows: Sequence[Mapping[str, float]]) -> dict:
     if any(set(r) != set(rows[0]) for r in rows):
         raise ValueError("every row must have the same keys.")
     return {k: mean_std([r[k] for r in rows]) for k in rows[0]}
+
+
+def mean_statistics(images, reference) -> dict:
+    """The batch means of :func:`gradjax.sampling.sample_statistics` (pixel mean, saturated fractions, distance to
+    the nearest ``reference`` image) of ``images`` ``[B, ...]``, as floats: the "samples' statistics" reported next
+    to the GAN-test (§5.5), for samples and for real test images alike."""
+    return {k: float(np.mean(a)) for k, a in S.sample_statistics(jnp.asarray(images),
+                                                                 jnp.asarray(reference))._asdict().items()}
+
+
+def sample_report(samples, labels, log_density_fn, reference=None) -> dict | None:
+    """What is reported of one key's GAN-test samples besides the judges' verdicts (§5.5): ``f_y``, the mean
+    log-density ``log_density_fn(samples, labels)`` (``[B]``, e.g. :func:`gradjax.density.log_density`) of the
+    samples under their own class, and with ``reference`` their ``statistics`` (:func:`mean_statistics`). ``None``
+    when any sample is non-finite (a diverged ascent has no meaningful ``f_y``)."""
+    samples = np.asarray(samples)
+    if np.shape(labels) != samples.shape[:1]:
+        raise ValueError(f"samples [B, ...] and labels [B] must agree; got {samples.shape} and {np.shape(labels)}.")
+    if not np.all(np.isfinite(samples)):
+        return None
+    out = {"f_y": float(np.mean(np.asarray(log_density_fn(jnp.asarray(samples), jnp.asarray(labels)))))}
+    if reference is not None:
+        out["statistics"] = mean_statistics(samples, reference)
+    return out
 
 
 def gan_sampler_entry(accuracies: Mapping[str, Sequence[float]], histograms: Mapping[str, Sequence],

@@ -207,3 +207,25 @@ def test_class_conditional_samples_orders_classes_and_splits_the_key_per_batch()
     np.testing.assert_array_equal(s, s2)
     with pytest.raises(ValueError, match=">= 1"):
         D.class_conditional_samples(sample_fn, key, num_classes=3, per_class=0)
+
+
+def test_sample_report_and_mean_statistics_by_hand():
+    """Two 2-pixel samples [0, 1] and [0.5, 0.5] against one reference image [0, 1]: pixel means 0.5, saturated
+    fractions (1/2 + 0) / 2 at each edge, NN distances 0 and sqrt(0.5); f_y is the mean of the given log-density;
+    a non-finite sample gives no report."""
+    from gradjax import density_report as DR
+
+    samples = np.array([[[[0.0], [1.0]]], [[[0.5], [0.5]]]], np.float32)  # [2, 1, 2, 1]
+    ref = samples[:1]
+    st = DR.mean_statistics(samples, ref)
+    assert st == pytest.approx({"mean": 0.5, "frac_low": 0.25, "frac_high": 0.25, "nn_distance": np.sqrt(0.5) / 2},
+                               abs=1e-6)
+    log_density_fn = lambda x, y: x.reshape(len(x), -1).sum(1) * (y + 1)  # noqa: E731  f = 1 and 2 here
+    r = DR.sample_report(samples, np.array([0, 1]), log_density_fn, ref)
+    assert r["f_y"] == pytest.approx(1.5) and r["statistics"] == pytest.approx(st)
+    assert "statistics" not in DR.sample_report(samples, np.array([0, 1]), log_density_fn)
+    bad = samples.copy()
+    bad[1, 0, 0, 0] = np.inf
+    assert DR.sample_report(bad, np.array([0, 1]), log_density_fn, ref) is None
+    with pytest.raises(ValueError, match="agree"):
+        DR.sample_report(samples, np.array([0]), log_density_fn)
