@@ -29,7 +29,8 @@ two attributions.
     pip install torch==2.13.0 captum   # (or: pip install -e ".[bench]")
     python -m benchmarks.peers_captum  # ~2 minutes on 2 CPU cores
     python -m benchmarks.peers_captum --smoke                        # tiny CPU check of the code path (~30 s)
-    JAX_PLATFORMS=cuda python -m benchmarks.peers_captum --device cuda --preset imagenet   # VGG-16-BN, 8x224x224
+    # on a GPU, JAX must not preallocate 75 % of the memory that torch shares (benchmarks/gpu_check.sh sets this):
+    XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=cuda python -m benchmarks.peers_captum --device cuda --preset imagenet
 """
 from __future__ import annotations
 
@@ -52,9 +53,13 @@ from gradjax.models.vgg import VGG_CONFIGS
 
 try:
     import torch
-    from captum.attr import GuidedBackprop, IntegratedGradients, LayerAttribution, LayerGradCam, NoiseTunnel, Saliency
 except ImportError as e:  # pragma: no cover - optional dependency
     raise SystemExit(f"this benchmark needs PyTorch and Captum ({e}); pip install torch==2.13.0 captum") from e
+try:  # benchmarks.peers_train_steps imports this module's PyTorch twin and needs no Captum
+    from captum.attr import GuidedBackprop, IntegratedGradients, LayerAttribution, LayerGradCam, NoiseTunnel, Saliency
+    CAPTUM_ERROR = None
+except ImportError as e:  # pragma: no cover - optional dependency
+    CAPTUM_ERROR = e
 
 
 def torch_vgg(model_name: str, width: float, in_channels: int, num_classes: int, variables) -> "torch.nn.Module":
@@ -185,6 +190,8 @@ def main(argv=None) -> dict:
     p.add_argument("--xla", default="default", help="XLA:CPU flag preset (benchmarks/_common.py)")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"))
     args = p.parse_args(argv)
+    if CAPTUM_ERROR is not None:
+        raise SystemExit(f"this benchmark needs Captum ({CAPTUM_ERROR}); pip install captum")
     if args.smoke:
         args.preset = "smoke"
     if args.preset:  # a preset overrides the defaults; explicit flags given after it are not distinguished
@@ -213,7 +220,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"degenerate network for the comparison (logits {logits[:2]})")
     logit_diff = float(np.max(np.abs(logits - tlogits)) / np.max(np.abs(logits)))
     target = jnp.argmax(logits, -1)
-    tt = torch.from_numpy(np.asarray(target)).long().to(device)
+    tt = torch.from_numpy(np.array(target)).long().to(device)
     key = jax.random.PRNGKey(3)
     last_relu = [m for m in tmodel if isinstance(m, torch.nn.ReLU)][-1]
     n_blocks = sum(1 for layer in VGG_CONFIGS[args.model] if layer != "M")

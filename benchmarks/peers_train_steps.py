@@ -21,9 +21,10 @@ Not bit-for-bit the same function: gradjax's extra passes use its default BatchN
 (per-example gradients: the clean pass's batch moments held constant, one more forward), while the PyTorch steps
 differentiate the train-mode pass itself (cross-example BatchNorm gradients, no extra forward — the cheaper and
 usual choice, so the comparison does not favour gradjax). ``--bn-policy train`` makes gradjax normalize its extra
-passes with their own batch moments, as the PyTorch steps do; the first step's loss of both sides is recorded
-(``loss_gradjax``, ``loss_torch``); the CE rows must agree to float32 round-off, the others agree only as closely as
-the BatchNorm policies and probe draws allow (score matching: different noise).
+passes with their own batch moments, as the PyTorch steps do. The first step's loss of both sides is recorded
+(``loss_gradjax``, ``loss_torch``): CE and full-gradient matching agree to float32 round-off under either policy,
+grad-norm and Jacobian matching under ``--bn-policy train`` (checked on the CPU smoke preset, 2026-12-04); score
+matching never exactly (different probe noise).
 
 Timing: every step of both sides round-robin (:func:`benchmarks._common.interleaved`, rotated), ``--steps`` steps
 per timed call, medians of ``--repeats`` rounds after a warm-up round (compilation excluded); on a GPU the PyTorch
@@ -34,8 +35,10 @@ bytes (``memory_analysis``) per row and the device's ``peak_bytes_in_use`` over 
 
     pip install torch==2.13.0 captum                      # (or: pip install -e ".[bench]")
     python -m benchmarks.peers_train_steps --smoke         # tiny CPU check of every row (< 1 minute)
-    JAX_PLATFORMS=cuda python -m benchmarks.peers_train_steps --device cuda   # VGG-16-BN, batch 64 of 32x32x3
-    JAX_PLATFORMS=cuda python -m benchmarks.peers_train_steps --device cuda --preset imagenet   # batch 8 of 224x224
+    # on a GPU (JAX must not preallocate the memory torch shares; benchmarks/gpu_check.sh sets this):
+    export XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=cuda
+    python -m benchmarks.peers_train_steps --device cuda   # VGG-16-BN, batch 64 of 32x32x3
+    python -m benchmarks.peers_train_steps --device cuda --preset imagenet   # batch 8 of 224x224
 """
 from __future__ import annotations
 
