@@ -273,9 +273,8 @@ def evaluate_models(models: dict, test_ds, es: EvalScale, keys, judge, *, pixel_
     if "ratios" in parts:
         res["density_ratios"] = {}
         for obj, (_, v) in models.items():
-            per_key = [np.concatenate([np.asarray(compiled.ratios(v, jnp.asarray(x[a:b]), jnp.asarray(y[a:b]),
-                                                                  jax.random.fold_in(jax.random.PRNGKey(kk), a)))
-                                       for a, b in _chunks(n, bsz)], axis=2) for kk in keys]  # [S, N, n] per key
+            per_key = [D.chunked_log_ratios(lambda xb, yb, k: compiled.ratios(v, xb, yb, k), x, y,
+                                            jax.random.PRNGKey(kk), chunk=bsz) for kk in keys]  # [S, N, n] per key
             res["density_ratios"][obj] = DR.ratio_entry(per_key, es.noise_stds)
         viz._curves({SHORT[o]: (np.asarray(es.noise_stds), np.asarray(r["median_ratio"]))
                      for o, r in res["density_ratios"].items()}, os.path.join(out, "ratios.png"),

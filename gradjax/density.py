@@ -134,6 +134,22 @@ def density_ratios(logits_fn, x: Array, labels: Array, key: Array, *,
     return DensityRatios(stds, lax.map(at, stds))
 
 
+def chunked_log_ratios(log_ratio_fn: Callable, x, labels, key: Array, *, chunk: int) -> np.ndarray:
+    """The density log-ratios ``f_y(x + η) − f_y(x)`` (Fig. 5.1, §5.5) of a whole evaluation set, ``chunk``
+    examples at a time: ``log_ratio_fn(x [b, ...], labels [b], key) -> [S, N, b]`` (e.g. the jitted
+    ``density_ratios(...).log_ratio``) is called on ``x[a:a + chunk]`` with ``jax.random.fold_in(key, a)``, so each
+    chunk's noise depends only on ``key`` and its offset. Returns the host array ``[S, N, B]`` (chunks concatenated
+    along the examples), the input of :func:`ratio_summary`."""
+    x, labels = np.asarray(x), np.asarray(labels)
+    if x.ndim < 2 or labels.shape != (x.shape[0],) or x.shape[0] < 1:
+        raise ValueError(f"x [B, ...] (B >= 1) and labels [B] must agree; got {x.shape} and {labels.shape}.")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1; got {chunk}.")
+    n = x.shape[0]
+    return np.concatenate([np.asarray(log_ratio_fn(jnp.asarray(x[a:a + chunk]), jnp.asarray(labels[a:a + chunk]),
+                                                   jax.random.fold_in(key, a))) for a in range(0, n, chunk)], axis=2)
+
+
 def ratio_summary(log_ratio) -> dict:
     """Per noise level, the summaries of a :class:`DensityRatios` ``log_ratio`` ``[S, N, B]`` (or several of them
     concatenated along the examples) that Fig. 5.1 plots: ``mean_ratio`` ``[S]`` (mean of ``exp(log_ratio)`` over

@@ -229,3 +229,28 @@ def test_sample_report_and_mean_statistics_by_hand():
     assert DR.sample_report(bad, np.array([0, 1]), log_density_fn, ref) is None
     with pytest.raises(ValueError, match="agree"):
         DR.sample_report(samples, np.array([0]), log_density_fn)
+
+
+def test_chunked_log_ratios_equal_the_unchunked_call_when_noise_depends_on_the_offset_key():
+    """A log-ratio function whose output is the example's value plus a draw from the key: chunked in 2 + 2 + 1, each
+    chunk uses fold_in(key, offset), so the result equals calling each chunk by hand; chunk >= B is one call."""
+    import jax
+    import jax.numpy as jnp
+
+    fn = lambda xb, yb, k: (xb.reshape(len(xb), -1).sum(1) + yb + jax.random.uniform(k, ()))[None, None]  # noqa
+    x = np.arange(5, dtype=np.float32).reshape(5, 1, 1, 1)
+    y = np.array([0, 1, 0, 1, 0])
+    key = jax.random.PRNGKey(2)
+    lr = D.chunked_log_ratios(fn, x, y, key, chunk=2)
+    assert lr.shape == (1, 1, 5)
+    want = np.concatenate([np.asarray(fn(jnp.asarray(x[a:a + 2]), jnp.asarray(y[a:a + 2]),
+                                         jax.random.fold_in(key, a))) for a in (0, 2, 4)], axis=2)
+    np.testing.assert_array_equal(lr, want)
+    u = [float(jax.random.uniform(jax.random.fold_in(key, a), ())) for a in (0, 2, 4)]
+    np.testing.assert_allclose(lr[0, 0], np.arange(5) + y + np.repeat(u, [2, 2, 1]), rtol=1e-6)
+    whole = D.chunked_log_ratios(fn, x, y, key, chunk=10)
+    np.testing.assert_allclose(whole[0, 0], np.arange(5) + y + u[0], rtol=1e-6)
+    with pytest.raises(ValueError, match="chunk"):
+        D.chunked_log_ratios(fn, x, y, key, chunk=0)
+    with pytest.raises(ValueError, match="agree"):
+        D.chunked_log_ratios(fn, x, y[:3], key, chunk=2)
