@@ -8,6 +8,7 @@ trace-estimator study at equal step cost.
         --out runs/density-eval-small [--sweep] [--estimators]
 
 Thin over the library: :mod:`gradjax.density` (log-density, ratios, GAN-test, judge independence),
+:mod:`gradjax.density_report` (entries over keys, mean ± std over training seeds),
 :mod:`gradjax.sampling` (ascent / Langevin / denoising), :mod:`gradjax.discriminative` (pixel perturbation), and
 :mod:`experiments.density_models` (its ``DensityRunner`` trains the sweep's and the study's score-matching models,
 ``load_trained`` loads the four models). The GAN-test judge is a classifier of another architecture
