@@ -9,10 +9,11 @@
 # 2. benchmarks/accelerator.py: measured matmul rates, analytic-FLOP utilisation, exact vs TF32 vs bfloat16 (time,
 #    map agreement, completeness), CE and gradient-norm train steps, a short digits training per precision.
 # 3. benchmarks/peers_captum.py --device cuda --preset imagenet: gradjax vs PyTorch/Captum saliency on the same GPU,
-#    VGG-16-BN, batch 8 of 224x224 (needs torch with CUDA and captum; skipped with a message if absent);
+#    VGG-16-BN, then (3b) the CIFAR ResNet-18 twin, batch 8 of 224x224 (needs torch with CUDA and captum; ends
+#    with a message if absent);
 # 4. benchmarks/peers_train_steps.py --device cuda: gradjax vs PyTorch train steps (CE, grad-norm, Jacobian,
 #    full-gradient and score matching) on a CIFAR-size VGG-16-BN, batch 64 (needs torch with CUDA).
-# Each part has its own time limit; parts 1+2 end in ~10 minutes, parts 3+4 in ~5 more: where one command may run
+# Each part has its own time limit; parts 1+2 end in ~10 minutes, parts 3+4 in ~8 more: where one command may run
 # at most 10 minutes, run them as two commands, PARTS="1 2" and PARTS="3 4". Logs and JSON go to $OUT.
 set -u
 cd "$(dirname "$0")/.."
@@ -37,11 +38,13 @@ if [ "${SMOKE:-0}" = "1" ]; then
   BENCH_ARGS="--smoke"
   TEST_ARGS="-n 0 -k composes_with_an_outer_jit"
   PEERS_CAPTUM_ARGS="--device cpu --smoke"
+  PEERS_RESNET_ARGS="--device cpu --preset smoke-resnet"
   PEERS_TRAIN_ARGS="--device cpu --smoke"
 else
   BENCH_ARGS="--steps 16 --repeats 5 --train-epochs 2"
   TEST_ARGS="-n 4 --dist loadfile"
   PEERS_CAPTUM_ARGS="--device cuda --preset imagenet"
+  PEERS_RESNET_ARGS="--device cuda --preset imagenet-resnet"
   PEERS_TRAIN_ARGS="--device cuda --preset cifar"
 fi
 
@@ -61,6 +64,9 @@ if want 3; then
 echo "== 3. benchmarks/peers_captum.py $PEERS_CAPTUM_ARGS"
 timeout 180 python -m benchmarks.peers_captum $PEERS_CAPTUM_ARGS --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/gpu_check_peers_captum.log"
 echo "peers_captum exit: ${PIPESTATUS[0]}" | tee -a "$OUT/gpu_check_peers_captum.log"
+echo "== 3b. benchmarks/peers_captum.py $PEERS_RESNET_ARGS"
+timeout 150 python -m benchmarks.peers_captum $PEERS_RESNET_ARGS --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/gpu_check_peers_captum_resnet.log"
+echo "peers_captum (resnet) exit: ${PIPESTATUS[0]}" | tee -a "$OUT/gpu_check_peers_captum_resnet.log"
 fi
 
 if want 4; then

@@ -91,6 +91,78 @@ def torch_vgg(model_name: str, width: float, in_channels: int, num_classes: int,
     return torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), head).eval()
 
 
+class _SamePad(torch.nn.Module):
+    """lax's 'SAME' padding of a stride-2 3x3 convolution on an even size: (0, 1) per axis (PyTorch's
+    ``padding=1`` would shift the grid by one pixel)."""
+
+    def forward(self, x):
+        return torch.nn.functional.pad(x, (0, 1, 0, 1))
+
+
+class _TorchBasicBlock(torch.nn.Module):
+    """The PyTorch twin of :class:`gradjax.models.resnet.BasicBlock` (ReLU)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.pad = _SamePad() if stride == 2 else torch.nn.Identity()
+        self.conv1 = torch.nn.Conv2d(c_in, c_out, 3, stride, padding=0 if stride == 2 else 1, bias=False)
+        self.bn1, self.act1 = torch.nn.BatchNorm2d(c_out, eps=1e-5), torch.nn.ReLU()
+        self.conv2 = torch.nn.Conv2d(c_out, c_out, 3, 1, padding=1, bias=False)
+        self.bn2, self.act2 = torch.nn.BatchNorm2d(c_out, eps=1e-5), torch.nn.ReLU()
+        self.shortcut = None
+        if stride != 1 or c_in != c_out:
+            self.shortcut = torch.nn.Sequential(torch.nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                                torch.nn.BatchNorm2d(c_out, eps=1e-5))
+
+    def forward(self, x):
+        y = self.bn2(self.conv2(self.act1(self.bn1(self.conv1(self.pad(x))))))
+        return self.act2(y + (x if self.shortcut is None else self.shortcut(x)))
+
+
+def torch_resnet18(width: float, in_channels: int, num_classes: int, variables) -> "torch.nn.Module":
+    """The PyTorch twin of :class:`gradjax.models.resnet.ResNet` (CIFAR ResNet-18, ReLU; eval mode) carrying the
+    Flax weights."""
+    params, stats = variables["params"], variables["batch_stats"]
+    tensor = lambda a: torch.tensor(np.asarray(a))  # noqa: E731
+
+    def conv(m, p):
+        with torch.no_grad():
+            m.weight.copy_(tensor(np.asarray(p["kernel"]).transpose(3, 2, 0, 1)))
+
+    def bn(m, p, st):
+        with torch.no_grad():
+            m.weight.copy_(tensor(p["scale"]))
+            m.bias.copy_(tensor(p["bias"]))
+            m.running_mean.copy_(tensor(st["mean"]))
+            m.running_var.copy_(tensor(st["var"]))
+
+    c0 = max(1, int(round(64 * width)))
+    stem = torch.nn.Conv2d(in_channels, c0, 3, padding=1, bias=False)
+    stem_bn = torch.nn.BatchNorm2d(c0, eps=1e-5)
+    conv(stem, params["stem_conv"])
+    bn(stem_bn, params["stem_bn"], stats["stem_bn"])
+    layers, c_in = [stem, stem_bn, torch.nn.ReLU()], c0
+    for stage in range(4):
+        for j in range(2):
+            c_out, name = c0 * 2 ** stage, f"stage{stage}_block{j}"
+            block = _TorchBasicBlock(c_in, c_out, 2 if (stage > 0 and j == 0) else 1)
+            p, st = params[name], stats[name]
+            conv(block.conv1, p["conv1"])
+            bn(block.bn1, p["bn1"], st["bn1"])
+            conv(block.conv2, p["conv2"])
+            bn(block.bn2, p["bn2"], st["bn2"])
+            if block.shortcut is not None:
+                conv(block.shortcut[0], p["shortcut_conv"])
+                bn(block.shortcut[1], p["shortcut_bn"], st["shortcut_bn"])
+            layers.append(block)
+            c_in = c_out
+    head = torch.nn.Linear(c_in, num_classes)
+    with torch.no_grad():
+        head.weight.copy_(tensor(np.asarray(params["head"]["kernel"]).T))
+        head.bias.copy_(tensor(params["head"]["bias"]))
+    return torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), head).eval()
+
+
 def torch_fullgrad(model: "torch.nn.Module", x: "torch.Tensor", target: "torch.Tensor") -> "torch.Tensor":
     """FullGrad (thesis eq. 3.2) in PyTorch: ``psi(grad_x f * x) + sum_l psi(grad_{z_l} f * b_l)`` with
     ``psi = bilinear upsample (align_corners) o per-example min-max rescale o abs``, channels summed."""
@@ -103,8 +175,8 @@ def torch_fullgrad(model: "torch.nn.Module", x: "torch.Tensor", target: "torch.T
         else:  # eval BatchNorm's implicit bias beta - gamma * mean / sqrt(var + eps)
             biases.append(module.bias - module.weight * module.running_mean / torch.sqrt(module.running_var + module.eps))
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, (torch.nn.Conv2d, torch.nn.BatchNorm2d))]
+    handles = [m.register_forward_hook(hook) for m in model.modules()  # bias-free convolutions: no bias map
+               if isinstance(m, torch.nn.BatchNorm2d) or (isinstance(m, torch.nn.Conv2d) and m.bias is not None)]
     try:
         x = x.clone().requires_grad_(True)
         out = model(x)
@@ -128,6 +200,10 @@ def torch_fullgrad(model: "torch.nn.Module", x: "torch.Tensor", target: "torch.T
 
 PRESETS = {  # name: overrides of the command-line defaults
     "imagenet": {"model": "vgg16", "width": 1.0, "batch_size": 8, "image_size": 224, "classes": 1000, "repeats": 5},
+    "imagenet-resnet": {"model": "resnet18", "width": 1.0, "batch_size": 8, "image_size": 224, "classes": 1000,
+                        "repeats": 5},
+    "smoke-resnet": {"model": "resnet18", "width": 0.125, "batch_size": 2, "image_size": 16, "classes": 10,
+                     "repeats": 1, "smoothgrad_samples": 2},
     "smoke": {"model": "vgg4", "width": 0.125, "batch_size": 2, "image_size": 16, "classes": 10, "repeats": 1,
               "smoothgrad_samples": 2},
 }
@@ -176,7 +252,7 @@ def main(argv=None) -> dict:
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="imagenet: VGG-16-BN, batch 8 of 224x224x3, 1000 classes; smoke: a tiny CPU check")
     p.add_argument("--smoke", action="store_true", help="same as --preset smoke")
-    p.add_argument("--model", default="vgg9", choices=sorted(VGG_CONFIGS))
+    p.add_argument("--model", default="vgg9", choices=sorted(VGG_CONFIGS) + ["resnet18"])
     p.add_argument("--width", type=float, default=0.25)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--image-size", "--size", dest="image_size", type=int, default=32)
@@ -210,7 +286,10 @@ def main(argv=None) -> dict:
     stats = jax.tree_util.tree_map(lambda new: new * 1.05, updated["batch_stats"])
     variables = {"params": variables["params"], "batch_stats": stats}
     handle = saliency.ModelHandle(model.apply, variables)
-    tmodel = torch_vgg(args.model, args.width, args.channels, args.classes, variables).to(device)
+    if args.model == "resnet18":
+        tmodel = torch_resnet18(args.width, args.channels, args.classes, variables).to(device)
+    else:
+        tmodel = torch_vgg(args.model, args.width, args.channels, args.classes, variables).to(device)
     xt = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()).to(device)
 
     logits = np.asarray(handle.logits(x))
@@ -222,8 +301,11 @@ def main(argv=None) -> dict:
     target = jnp.argmax(logits, -1)
     tt = torch.from_numpy(np.array(target)).long().to(device)
     key = jax.random.PRNGKey(3)
-    last_relu = [m for m in tmodel if isinstance(m, torch.nn.ReLU)][-1]
-    n_blocks = sum(1 for layer in VGG_CONFIGS[args.model] if layer != "M")
+    if args.model == "resnet18":  # Grad-CAM at the last residual block's output
+        last_relu, cam_layer = [m for m in tmodel if isinstance(m, _TorchBasicBlock)][-1], "stage3_block1"
+    else:
+        last_relu = [m for m in tmodel if isinstance(m, torch.nn.ReLU)][-1]
+        cam_layer = f"block{sum(1 for layer in VGG_CONFIGS[args.model] if layer != 'M') - 1}"
 
     nhwc = lambda a: np.asarray(a).transpose(0, 2, 3, 1) if np.ndim(a) == 4 else np.asarray(a)
 
@@ -249,7 +331,7 @@ def main(argv=None) -> dict:
         "guided_backprop": (gradjax_fn("guided_backprop", reduce=None),
                             lambda: GuidedBackprop(tmodel).attribute(xt, target=tt)),
         "gradcam (last block)": (
-            gradjax_fn("gradcam", layer=f"block{n_blocks - 1}", align_corners=False),
+            gradjax_fn("gradcam", layer=cam_layer, align_corners=False),
             lambda: LayerAttribution.interpolate(
                 LayerGradCam(tmodel, last_relu).attribute(xt, target=tt, relu_attributions=True),
                 (args.image_size, args.image_size), "bilinear")[:, 0]),
