@@ -62,16 +62,16 @@ fi
 
 if want 3; then
 echo "== 3. benchmarks/peers_captum.py $PEERS_CAPTUM_ARGS"
-timeout 180 python -m benchmarks.peers_captum $PEERS_CAPTUM_ARGS --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/gpu_check_peers_captum.log"
+timeout 160 python -m benchmarks.peers_captum $PEERS_CAPTUM_ARGS --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/gpu_check_peers_captum.log"
 echo "peers_captum exit: ${PIPESTATUS[0]}" | tee -a "$OUT/gpu_check_peers_captum.log"
 echo "== 3b. benchmarks/peers_captum.py $PEERS_RESNET_ARGS"
-timeout 150 python -m benchmarks.peers_captum $PEERS_RESNET_ARGS --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/gpu_check_peers_captum_resnet.log"
+timeout 140 python -m benchmarks.peers_captum $PEERS_RESNET_ARGS --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/gpu_check_peers_captum_resnet.log"
 echo "peers_captum (resnet) exit: ${PIPESTATUS[0]}" | tee -a "$OUT/gpu_check_peers_captum_resnet.log"
 fi
 
 if want 4; then
 echo "== 4. benchmarks/peers_train_steps.py $PEERS_TRAIN_ARGS"
-timeout 150 python -m benchmarks.peers_train_steps $PEERS_TRAIN_ARGS --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/gpu_check_peers_train_steps.log"
+timeout 200 python -m benchmarks.peers_train_steps $PEERS_TRAIN_ARGS --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/gpu_check_peers_train_steps.log"
 echo "peers_train_steps exit: ${PIPESTATUS[0]}" | tee -a "$OUT/gpu_check_peers_train_steps.log"
 fi
 date -u
