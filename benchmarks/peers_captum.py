@@ -12,7 +12,7 @@ attributions of the predicted class on the same batch:
 * Grad-CAM on the last convolutional block — ``captum.attr.LayerGradCam`` + ``LayerAttribution.interpolate``
   (half-pixel bilinear upsampling on both sides);
 * FullGrad (thesis eq. 3.2) — Captum has none; the peer is a PyTorch implementation written here in the style
-  of the reference code (forward hooks on every Conv2d / BatchNorm2d output, one ``torch.autograd.grad`` call for
+  of the reference code (forward hooks on every biased Conv2d / BatchNorm2d output, one ``torch.autograd.grad`` call for
   the input- and all bias-gradients, ``psi = upsample o rescale o abs``).
 
 Timing: every row of both sides round-robin in one loop (:func:`benchmarks._common.interleaved`), median of
