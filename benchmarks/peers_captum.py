@@ -23,14 +23,17 @@ default backend; run with ``JAX_PLATFORMS=cuda``): the peer's timed function end
 (``torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False``; gradjax's models are
 ``precision="highest"`` by default), ``--precision fast`` allows TF32 on both; each row records images/s and the
 peak memory (torch: ``torch.cuda.max_memory_allocated`` reset per row; JAX: the device's ``peak_bytes_in_use`` of
-``memory_stats()``, cumulative over the run, where the backend reports it). ``ratio = peer time / gradjax time`` (> 1: gradjax is faster). ``max |diff| / max |ref|`` compares the
+``memory_stats()``, cumulative over the run, where the backend reports it).
+``ratio = peer time / gradjax time`` (> 1: gradjax is faster). ``max |diff| / max |ref|`` compares the
 two attributions.
 
     pip install torch==2.13.0 captum   # (or: pip install -e ".[bench]")
     python -m benchmarks.peers_captum  # ~2 minutes on 2 CPU cores
     python -m benchmarks.peers_captum --smoke                        # tiny CPU check of the code path (~30 s)
     # on a GPU, JAX must not preallocate 75 % of the memory that torch shares (benchmarks/gpu_check.sh sets this):
-    XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=cuda python -m benchmarks.peers_captum --device cuda --preset imagenet
+    export XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=cuda
+    python -m benchmarks.peers_captum --device cuda --preset imagenet          # VGG-16-BN, batch 8 of 224x224
+    python -m benchmarks.peers_captum --device cuda --preset imagenet-resnet   # CIFAR ResNet-18 twin, 8 of 224x224
 """
 from __future__ import annotations
 
