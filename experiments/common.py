@@ -41,6 +41,7 @@ from gradjax import data as gdata
 from gradjax import distributed as gdist
 from gradjax import train as gtrain
 from gradjax.models import create_model
+from gradjax.statistics import sample_std  # noqa: F401  (the one "± std over runs" convention; used as common.sample_std)
 
 SCALE_NAMES = ("smoke", "small", "paper")
 EMBEDDED = tuple(gdata.EMBEDDED_DATASETS)
@@ -547,18 +548,9 @@ def in_batches(fn: Callable[[Any], Any], x, batch_size: int = 128) -> np.ndarray
 
 
 # ------------------------------------------------------------------------------------------------------ reports
-def sample_std(values, axis: int = 0) -> np.ndarray:
-    """The spread over runs (seeds, keys) along ``axis``: the **sample** standard deviation (``ddof=1``: the root of
-    the unbiased variance, an estimate of the spread of a new run), 0 for a single run. Every "± std" over runs
-    that the experiments report uses this convention (population std, ``ddof=0``, only describes a spread over
-    examples, e.g. per-image statistics)."""
-    v = np.asarray(values, float)
-    return v.std(axis=axis, ddof=1) if v.shape[axis] > 1 else np.zeros_like(v.mean(axis=axis))
-
-
 def mean_std(values: Sequence[float]) -> dict:
-    """``{"mean", "std", "runs"}`` of ``values`` over runs; the std is :func:`sample_std` (``ddof=1``, 0 for one
-    run)."""
+    """``{"mean", "std", "runs"}`` of ``values`` over runs; the std is :func:`gradjax.statistics.sample_std`
+    (``ddof=1``, 0 for one run: the one convention for every "± std" over runs)."""
     v = np.asarray(values, float)
     return {"mean": float(v.mean()), "std": float(sample_std(v)), "runs": v.tolist()}
 

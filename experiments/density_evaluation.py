@@ -324,7 +324,7 @@ def evaluate_models(models: dict, test_ds, es: EvalScale, keys, judge, *, pixel_
                         laccs.append(lacc)
                 entry[obj] = DR.gan_sampler_entry(accs, hists, f_end, stats)
                 if laccs:
-                    res["gan_test_langevin"][obj] = dict(zip(("mean", "std"), DR.mean_std(laccs)), per_key=laccs)
+                    res["gan_test_langevin"][obj] = dict(zip(("mean", "std"), DR.mean_and_std(laccs)), per_key=laccs)
             res["gan_samplers"][name] = entry
             if name == "authors":  # the reported Table 5.1 row (the independent judge)
                 res["gan_test"] = {o: e["judge"] for o, e in entry.items()}

@@ -25,24 +25,17 @@ import jax.numpy as jnp
 
 from gradjax import density as D
 from gradjax import sampling as S
+from gradjax.statistics import sample_std
 
-__all__ = ["sample_std", "mean_std", "ratio_entry", "denoise_errors", "mean_std_entry", "mean_statistics",
+__all__ = ["mean_and_std", "ratio_entry", "denoise_errors", "mean_std_entry", "mean_statistics",
            "sample_report", "gan_sampler_entry", "summarize_seeds"]
 
 
-def sample_std(values, axis: int = 0) -> np.ndarray:
-    """Spread over runs along ``axis``: the sample standard deviation (``ddof=1``), 0 for a single run."""
-    v = np.asarray(values, float)
-    if v.ndim == 0:
-        raise ValueError("sample_std needs at least one axis of runs; got a scalar.")
-    return v.std(axis=axis, ddof=1) if v.shape[axis] > 1 else np.zeros_like(v.mean(axis=axis))
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
+def mean_and_std(values: Sequence[float]) -> tuple[float, float]:
     """``(mean, sample std)`` of ``values`` over runs (:func:`sample_std`; 0 for one run)."""
     v = np.asarray(values, float)
     if v.size == 0:
-        raise ValueError("mean_std needs at least one value.")
+        raise ValueError("mean_and_std needs at least one value.")
     return float(v.mean()), float(sample_std(v))
 
 
@@ -90,7 +83,7 @@ def mean_std_entry(rows: Sequence[Mapping[str, float]]) -> dict:
         raise ValueError("mean_std_entry needs at least one row.")
     if any(set(r) != set(rows[0]) for r in rows):
         raise ValueError("every row must have the same keys.")
-    return {k: mean_std([r[k] for r in rows]) for k in rows[0]}
+    return {k: mean_and_std([r[k] for r in rows]) for k in rows[0]}
 
 
 def mean_statistics(images, reference) -> dict:
@@ -133,7 +126,7 @@ def gan_sampler_entry(accuracies: Mapping[str, Sequence[float]], histograms: Map
         if len(accuracies[j]) == 0 or len(accuracies[j]) != len(histograms[j]):
             raise ValueError(f"judge {j!r}: need one histogram per key and at least one key; got "
                              f"{len(accuracies[j])} accuracies and {len(histograms[j])} histograms.")
-    entry = {j: dict(zip(("mean", "std"), mean_std(accuracies[j])), per_key=list(accuracies[j]),
+    entry = {j: dict(zip(("mean", "std"), mean_and_std(accuracies[j])), per_key=list(accuracies[j]),
                      judge_class_histogram=np.sum(histograms[j], 0).tolist()) for j in accuracies}
     entry["f_y"] = float(np.mean(final_log_density)) if len(final_log_density) else float("nan")
     if statistics:
@@ -146,7 +139,7 @@ def summarize_seeds(per_seed: Mapping, objectives: Sequence[str]) -> dict:
     keys), per objective in ``objectives``. Each part (``gan_test``, ``gan_test_langevin``, ``gan_samplers``,
     ``density_ratios``, ``pixel_own``, ``pixel_baseline``, ``denoise``) is summarized over the seeds that have it,
     counted in ``n_seeds[part]``, so per-seed results of separate runs can be merged; ``(mean, std)`` pairs use the
-    sample std (:func:`mean_std`). Tables 5.1 (GAN-test), Fig. 5.1 (ratios), 5.3 (pixel perturbation), 5.8
+    sample std (:func:`mean_and_std`). Tables 5.1 (GAN-test), Fig. 5.1 (ratios), 5.3 (pixel perturbation), 5.8
     (denoising)."""
     out = {}
     for o in objectives:
@@ -154,11 +147,11 @@ def summarize_seeds(per_seed: Mapping, objectives: Sequence[str]) -> dict:
         have = lambda part: [s for s, r in per_seed.items() if o in r.get(part, {})]  # noqa: E731
         if seeds := have("gan_test"):
             n["gan_test"] = len(seeds)
-            d["gan_test"] = mean_std([per_seed[s]["gan_test"][o]["mean"] for s in seeds])
+            d["gan_test"] = mean_and_std([per_seed[s]["gan_test"][o]["mean"] for s in seeds])
             d["gan_test_key_std"] = float(np.mean([per_seed[s]["gan_test"][o]["std"] for s in seeds]))
         if seeds := have("gan_test_langevin"):
             n["gan_test_langevin"] = len(seeds)
-            d["gan_test_langevin"] = mean_std([per_seed[s]["gan_test_langevin"][o]["mean"] for s in seeds])
+            d["gan_test_langevin"] = mean_and_std([per_seed[s]["gan_test_langevin"][o]["mean"] for s in seeds])
         names = sorted({m for r in per_seed.values() for m in r.get("gan_samplers", {})})
         for name in names:
             seeds = [s for s, r in per_seed.items() if o in r.get("gan_samplers", {}).get(name, {})]
@@ -166,7 +159,7 @@ def summarize_seeds(per_seed: Mapping, objectives: Sequence[str]) -> dict:
                 continue
             e = [per_seed[s]["gan_samplers"][name][o] for s in seeds]
             judges = [j for j in e[0] if isinstance(e[0][j], dict) and "per_key" in e[0][j]]
-            g = {j: mean_std([x[j]["mean"] for x in e]) for j in judges}
+            g = {j: mean_and_std([x[j]["mean"] for x in e]) for j in judges}
             g["n_seeds"] = len(seeds)
             g["f_y"] = float(np.mean([x["f_y"] for x in e]))
             if all("statistics" in x for x in e):
@@ -175,7 +168,7 @@ def summarize_seeds(per_seed: Mapping, objectives: Sequence[str]) -> dict:
         if seeds := have("density_ratios"):
             n["density_ratios"] = len(seeds)
             r = [per_seed[s]["density_ratios"][o] for s in seeds]
-            d["log_ratio_slope"] = mean_std([x["log_ratio_slope"] for x in r])
+            d["log_ratio_slope"] = mean_and_std([x["log_ratio_slope"] for x in r])
             for k in ("median_ratio", "mean_ratio"):
                 d[k] = np.mean([x[k] for x in r], 0).tolist()
                 d[k + "_std"] = sample_std([x[k] for x in r], 0).tolist()
@@ -186,7 +179,7 @@ def summarize_seeds(per_seed: Mapping, objectives: Sequence[str]) -> dict:
                 d[part + "_std"] = sample_std([per_seed[s][part][o] for s in seeds], 0).tolist()
         if seeds := have("denoise"):
             n["denoise"] = len(seeds)
-            d["denoise"] = {k: mean_std([per_seed[s]["denoise"][o][k][0] for s in seeds])
+            d["denoise"] = {k: mean_and_std([per_seed[s]["denoise"][o][k][0] for s in seeds])
                             for k in ("mse_noisy", "mse_denoised", "f_gain")}
         d["n_seeds"] = n
         out[o] = d

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from gradjax import density as D
+from gradjax import statistics as ST
 
 
 def _judge(x):  # class = the image's mean value rounded (3 classes), so the answer is known by hand
@@ -110,14 +111,14 @@ def test_judge_noise_robustness_by_hand():
 
 
 # ---------------------------------------------------------------- gradjax.density_report (moved from the script)
-def test_sample_std_and_mean_std_by_hand():
+def test_sample_std_and_mean_and_std_by_hand():
     from gradjax import density_report as DR
 
-    assert DR.mean_std([1.0, 3.0]) == pytest.approx((2.0, np.sqrt(2.0)))  # ddof 1: sqrt(((1-2)² + (3-2)²) / 1)
-    assert DR.mean_std([5.0]) == (5.0, 0.0)  # one run: no spread
-    np.testing.assert_allclose(DR.sample_std([[0.0, 1.0], [2.0, 1.0]], 0), [np.sqrt(2.0), 0.0])
+    assert DR.mean_and_std([1.0, 3.0]) == pytest.approx((2.0, np.sqrt(2.0)))  # ddof 1: sqrt(((1-2)² + (3-2)²) / 1)
+    assert DR.mean_and_std([5.0]) == (5.0, 0.0)  # one run: no spread
+    np.testing.assert_allclose(ST.sample_std([[0.0, 1.0], [2.0, 1.0]], 0), [np.sqrt(2.0), 0.0])
     with pytest.raises(ValueError, match="at least one"):
-        DR.mean_std([])
+        DR.mean_and_std([])
 
 
 def test_ratio_entry_by_hand():
