@@ -66,15 +66,7 @@ RATE_OF = {"exact": "f32_highest", "tf32": "f32_default", "bf16": "bf16"}
 
 
 # ------------------------------------------------------------------------------------------------ analytic FLOPs
-def _subjaxprs(params):
-    for v in params.values():
-        for item in (v if isinstance(v, (tuple, list)) else (v,)):
-            if hasattr(item, "eqns"):
-                yield item
-            elif hasattr(item, "jaxpr") and hasattr(item.jaxpr, "eqns"):
-                yield item.jaxpr
-
-
+# (sub-programs of scan / cond / pjit / custom_vjp equations: gradjax.precision._subjaxprs, the walk its audit uses)
 def _jaxpr_flops(jaxpr) -> float:
     total = 0.0
     for eqn in jaxpr.eqns:
@@ -89,7 +81,7 @@ def _jaxpr_flops(jaxpr) -> float:
             out = eqn.outvars[0].aval.shape
             o_dim = eqn.params["dimension_numbers"].rhs_spec[0]
             total += 2.0 * math.prod(out) * math.prod(rhs) / rhs[o_dim]
-        inner = sum(_jaxpr_flops(sub) for sub in _subjaxprs(eqn.params))
+        inner = sum(_jaxpr_flops(sub) for sub in P._subjaxprs(eqn.params))
         if name == "scan":
             inner *= eqn.params["length"]
         elif name == "cond":
