@@ -35,7 +35,6 @@ import optax
 from benchmarks._common import compiled_cost, interleaved, load_note, machine
 from gradjax import train as gtrain
 from gradjax.losses import terms as LT
-from gradjax.losses import score_matching as SM
 from gradjax.models import create_model
 
 VARIANTS = {

@@ -14,7 +14,6 @@ import importlib
 import importlib.util
 import inspect
 import os
-import pkgutil
 import subprocess
 import sys
 import textwrap

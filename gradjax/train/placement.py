@@ -119,8 +119,8 @@ def shard(batch: Mapping[str, Any], mesh: Optional[Mesh] = None, *, axis: str = 
         raise ValueError("this process has no devices in the mesh.")
 
     def put(x):
-        if _spans_processes(x):  # already a global array
-            return x if x.sharding.is_equivalent_to(sharding, x.ndim) else jax.device_put(x, sharding)
+        if _spans_processes(x):  # already a global array: kept or resharded
+            return _put(x, sharding)
         x = x if isinstance(x, jax.Array) else np.asarray(x)
         shape = tuple(x.shape)
         if not shape:
