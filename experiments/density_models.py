@@ -16,7 +16,12 @@ loss ``CE + λ · mean_b reg_b``. Regularizer settings, ``--preset``:
 ``--estimator/--form/--num-probes`` switch the trace estimator (e.g. ``--form antithetic`` removes the hidden
 gradient-norm penalty ``4μ/(Nσ²)‖∇f‖²`` of the one-sided form; :func:`gradjax.losses.score_matching.implied_regularizer`
 reports the coefficients each run really applies). ``--bn-policy frozen|train`` picks the BatchNorm policy of the
-extra passes (frozen moments: per-example traces, gradjax's default; train: the authors'). Every run also measures
+extra passes (frozen moments: per-example traces, gradjax's default; train: the authors', each extra pass
+normalized by its own batch moments; the running statistics are updated by the clean pass only).
+``--augment-pad p`` trains on random crops of the zero-padded images (:mod:`gradjax.augment`: the authors'
+``RandomCrop(padding=4)`` at 32 px, without their horizontal flip, which does not suit digits; ``p = 0``, the default,
+trains on the images as they are). ``--authors-training`` is ``--bn-policy train --augment-pad <image size / 8>``:
+the authors' training recipe at any scale (their 200 epochs are ``--epochs``). Every run also measures
 the difference between the two policies' trace estimates on its final model (``bn_policy_gap``).
 
 Output under ``--out``: ``<objective>/seed<k>/{checkpoints/, config.json, metrics.jsonl}`` (orbax checkpoints that
@@ -38,6 +43,7 @@ import optax
 
 from experiments import common
 from experiments.common import environment, markdown_table, write_results
+from gradjax import augment as GA
 from gradjax import data as gdata
 from gradjax import density as D
 from gradjax import model as gm
@@ -181,6 +187,13 @@ def bn_policy_gap(apply_fn, params, model_state, images, labels, key, *, batch_s
     return rows
 
 
+def authors_padding(image_size: int) -> int:
+    """The crop padding of the authors' recipe scaled to ``image_size`` (4 pixels at 32: ``image_size // 8``)."""
+    if int(image_size) <= 0:
+        raise ValueError(f"image_size must be positive; got {image_size}.")
+    return max(1, int(image_size) // 8)
+
+
 # -------------------------------------------------------------------------------------------------- training
 @dataclasses.dataclass
 class RunConfig:
@@ -199,6 +212,7 @@ class RunConfig:
     batch_size: int
     lr: float
     input_range: tuple = (0.0, 1.0)
+    augment_pad: int = 0
 
 
 def _model_of(cfg: RunConfig):
@@ -229,7 +243,10 @@ class DensityRunner:
     seed) with checkpoints and metrics under ``out`` and measures the trained model."""
 
     def __init__(self, scale: DensityScale, train_ds, test_ds, *, preset: str, bn_policy: str = "frozen",
-                 overrides: Optional[dict] = None, progress: bool = False):
+                 overrides: Optional[dict] = None, progress: bool = False, augment_pad: int = 0):
+        if int(augment_pad) < 0:
+            raise ValueError(f"augment_pad must be >= 0; got {augment_pad}.")
+        self.augment_pad = int(augment_pad)
         self.scale, self.train_ds, self.test_ds = scale, train_ds, test_ds
         self.preset, self.bn_policy, self.overrides, self.progress = preset, bn_policy, overrides or {}, progress
         self.bs = min(scale.batch_size, len(train_ds))
@@ -249,6 +266,7 @@ class DensityRunner:
         if objective not in self._trainers:
             loss_fn = LT.make_loss_fn(self.model.apply, make_terms(objective, self.settings(objective)),
                                            policy=self.bn_policy)
+            loss_fn = GA.augmented_loss_fn(loss_fn, padding=self.augment_pad)
             self._trainers[objective] = common.Trainer(self.model, loss_fn, self.tx,
                                                        num_classes=self.train_ds.num_classes, batch_size=self.bs,
                                                        epochs=self.scale.epochs, init_fn=self.init_fn)
@@ -262,7 +280,7 @@ class DensityRunner:
         os.makedirs(run_dir, exist_ok=True)
         cfg = RunConfig(objective, seed, self.settings(objective), self.bn_policy, sc.model, train_ds.num_classes,
                         sc.width, "softplus", 10.0, tuple(train_ds.image_shape), sc.dataset, sc.epochs, self.bs,
-                        sc.lr)
+                        sc.lr, augment_pad=self.augment_pad)
         common.write_results(run_dir, dataclasses.asdict(cfg), stem="config")
         trainer = self.trainer_for(objective)
         t0 = time.time()
@@ -301,6 +319,10 @@ def parse_args(argv=None):
     p.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES))
     p.add_argument("--preset", choices=sorted(PRESETS), default="thesis")
     p.add_argument("--bn-policy", choices=["frozen", "train"], default="frozen")
+    p.add_argument("--augment-pad", type=int, default=0,
+                   help="random crops of the images zero-padded by this many pixels (0: no augmentation)")
+    p.add_argument("--authors-training", action="store_true",
+                   help="the authors' recipe: --bn-policy train --augment-pad <image size / 8>")
     p.add_argument("--estimator", choices=SM.ESTIMATORS, default=None)
     p.add_argument("--form", choices=["one_sided", "antithetic", "control_variate"], default=None)
     p.add_argument("--num-probes", type=int, default=None)
@@ -326,8 +348,12 @@ def main(argv=None) -> dict:
     train_ds, test_ds = load_raw_splits(scale, data_dir=args.data_dir)
     overrides = dict(lam=args.lam, mu=args.mu, tau=args.tau, sigma=args.sigma, estimator=args.estimator,
                      form=args.form, num_probes=args.num_probes)
-    trainer = DensityRunner(scale, train_ds, test_ds, preset=args.preset, bn_policy=args.bn_policy,
-                            overrides=overrides, progress=args.progress and not args.no_progress)
+    bn_policy, augment_pad = args.bn_policy, args.augment_pad
+    if args.authors_training:
+        bn_policy, augment_pad = "train", args.augment_pad or authors_padding(train_ds.image_shape[0])
+    trainer = DensityRunner(scale, train_ds, test_ds, preset=args.preset, bn_policy=bn_policy,
+                            overrides=overrides, progress=args.progress and not args.no_progress,
+                            augment_pad=augment_pad)
     runs = []
     for objective in args.objectives:
         for seed in args.seeds or [args.seed]:
@@ -350,7 +376,7 @@ def main(argv=None) -> dict:
         gap = {"model": f"{last['objective']}/seed{last['seed']}",
                "rows": bn_policy_gap(trainer.model.apply, state.params, state.model_state, test_ds.images,
                                      test_ds.labels, jax.random.PRNGKey(0))}
-    results = {"scale": scale.asdict(), "preset": args.preset, "bn_policy": args.bn_policy,
+    results = {"scale": scale.asdict(), "preset": args.preset, "bn_policy": bn_policy, "augment_pad": augment_pad,
                "overrides": {k: v for k, v in overrides.items() if v is not None}, "runs": runs, "summary": summary,
                "bn_policy_gap": gap, "environment": environment(),
                "command": common.command("density_models", argv)}

@@ -118,14 +118,19 @@ def run(scale: common.Scale, out: str, *, seed: int = 0, lam: Optional[float] = 
             "finetune_seconds": time.time() - t1, "eval_examples": n}
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None):
+    """The command line (``--scale small``, the default, runs on the real MNIST digits)."""
     p = common.base_parser(__doc__.split("\n")[0], default_dataset=None, overrides=("width", "activation"))
     p.add_argument("--lam", type=float, default=None, help="weight of L_fool (the thesis does not give it)")
     p.add_argument("--finetune-lr", type=float, default=None, help="Adam learning rate of the fine-tuning")
     p.add_argument("--pretrain-epochs", type=int, default=None)
     p.add_argument("--finetune-epochs", type=int, default=None)
     p.add_argument("--progress", action="store_true")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     scale = SCALES[args.scale]
     if args.dataset is not None:
         scale = dataclasses.replace(scale, dataset=args.dataset)
