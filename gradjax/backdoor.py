@@ -14,9 +14,16 @@ patch to ``t``. The input-agnostic perturbation of ``t`` (:func:`gradjax.input_a
   estimator of the standard deviation for normal data), a class being flagged when ``a_k > 2`` on the suspicious
   side (as in Neural Cleanse, Wang et al., IEEE S&P 2019);
 * trigger localization by thresholding the heat map (:func:`localize`) scored by intersection-over-union with the
-  planted patch (:func:`iou`).
+  planted patch (:func:`iou`);
+* a **calibrated decision** (issue 26): a per-model score from the per-class statistic — either the within-model
+  MAD index above, or the class's deviation from its own distribution over *clean reference models* trained the
+  same way (:func:`reference_anomaly_index`, :func:`model_score`) — flagged when it exceeds a threshold chosen on
+  reference clean models for a stated false-alarm rate (:func:`false_alarm_threshold`, with the references' own
+  scores taken leave-one-out, :func:`reference_scores`), and its ROC over evaluated trojaned / clean models where a
+  detection counts only with the right target (:func:`roc`, :func:`detection_rates`).
 
-All functions are pure ``jax.numpy`` (jittable) unless said otherwise.
+All functions are pure ``jax.numpy`` (jittable) unless said otherwise; the calibration / ROC functions work on a
+handful of per-model numbers and are plain NumPy.
 """
 from __future__ import annotations
 
@@ -24,13 +31,16 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 Array = jax.Array
 
 __all__ = ["ClassStatistics", "Detection", "radius_for_success", "success_area", "critical_index",
            "minimal_successful_map", "energy_concentration", "window_compactness", "class_statistics",
-           "mad_anomaly_index", "flag_anomalies", "detect", "localize", "iou", "MAD_CONSISTENCY", "SIDES"]
+           "mad_anomaly_index", "flag_anomalies", "detect", "localize", "iou", "MAD_CONSISTENCY", "SIDES",
+           "reference_anomaly_index", "model_score", "reference_scores", "false_alarm_threshold", "detection_rates",
+           "roc", "ROC"]
 
 MAD_CONSISTENCY = 1.4826
 SIDES = ("low", "high", "both")
@@ -190,3 +200,115 @@ def iou(mask_a: Array, mask_b: Array) -> Array:
     inter = jnp.sum(a & b, axis=(-2, -1))
     union = jnp.sum(a | b, axis=(-2, -1))
     return jnp.where(union > 0, inter / jnp.maximum(union, 1), 0.0)
+
+
+# ------------------------------------------------------------------------------------ calibrated decision (issue 26)
+def _check_side(side: str) -> None:
+    if side not in SIDES:
+        raise ValueError(f"side must be one of {SIDES}; got {side!r}.")
+
+
+def reference_anomaly_index(values, reference, *, side: str = "low") -> np.ndarray:
+    """Deviation of each class's statistic from the same class over clean reference models, in robust standard
+    deviations, signed towards the suspicious ``side``:
+
+        z_k = sgn * (s_k - median_r S[r, k]) / (1.4826 * median_r |S[r, k] - median_r S[r, k]|)
+
+    with ``sgn = -1`` for ``"low"`` (small values suspicious, e.g. a log radius or a mask norm), ``+1`` for
+    ``"high"``; ``"both"`` takes ``|.|``. A zero MAD is floored as in :func:`mad_anomaly_index`.
+    ``values [..., K]``, ``reference [R, K]`` (``R >= 2`` clean models) ``-> [..., K]``. NumPy."""
+    _check_side(side)
+    v = np.asarray(values, np.float64)
+    ref = np.asarray(reference, np.float64)
+    if ref.ndim != 2 or ref.shape[0] < 2:
+        raise ValueError(f"reference must be [R, K] with R >= 2 clean models; got shape {ref.shape}.")
+    if v.shape[-1] != ref.shape[1]:
+        raise ValueError(f"values have {v.shape[-1]} classes, reference {ref.shape[1]}.")
+    med = np.median(ref, axis=0)
+    mad = np.median(np.abs(ref - med), axis=0)
+    scale = MAD_CONSISTENCY * np.maximum(mad, 1e-6 * np.maximum(np.abs(med), 1.0))
+    z = (v - med) / scale
+    return {"low": -z, "high": z, "both": np.abs(z)}[side]
+
+
+def model_score(values, *, side: str = "low", reference=None) -> tuple[np.ndarray, np.ndarray]:
+    """``(score, suspect)`` of one or more models from their per-class statistic ``values [..., K]``: the largest
+    suspicious-side anomaly index over classes and the class that attains it. Without ``reference``: the
+    within-model MAD index (:func:`mad_anomaly_index`, classes on the other side of the median count as 0); with
+    ``reference [R, K]`` (clean models trained the same way): :func:`reference_anomaly_index`. NumPy."""
+    _check_side(side)
+    v = np.asarray(values, np.float64)
+    if reference is None:
+        a = np.asarray(mad_anomaly_index(jnp.asarray(v, jnp.float32)), np.float64)
+        med = np.median(v, axis=-1, keepdims=True)
+        ok = {"low": v < med, "high": v > med, "both": np.ones(v.shape, bool)}[side]
+        a = np.where(ok, a, 0.0)
+    else:
+        a = reference_anomaly_index(v, reference, side=side)
+    return np.max(a, axis=-1), np.argmax(a, axis=-1)
+
+
+def reference_scores(reference, *, side: str = "low", calibrate_on_references: bool = True) -> np.ndarray:
+    """Scores ``[R]`` of the clean reference models themselves, the sample a threshold is chosen on. With
+    ``calibrate_on_references`` (for :func:`model_score` with ``reference``) each model is scored against the
+    *other* ``R - 1`` references (leave-one-out, so it is not compared with itself, as an unseen clean model would
+    not be); otherwise with the within-model MAD index. NumPy."""
+    ref = np.asarray(reference, np.float64)
+    if ref.ndim != 2 or ref.shape[0] < 3:
+        raise ValueError(f"reference must be [R, K] with R >= 3 clean models; got shape {ref.shape}.")
+    if not calibrate_on_references:
+        return model_score(ref, side=side)[0]
+    idx = np.arange(ref.shape[0])
+    return np.array([model_score(ref[i], side=side, reference=ref[idx != i])[0] for i in idx])
+
+
+def false_alarm_threshold(scores, false_alarm: float) -> float:
+    """The smallest threshold ``tau`` among the given clean-model ``scores`` such that at most
+    ``floor(false_alarm * R)`` of them exceed it (a model is flagged when ``score > tau``): the empirical
+    ``1 - false_alarm`` quantile, so on these models the false-alarm rate is ``<= false_alarm`` by construction.
+    NumPy."""
+    s = np.sort(np.asarray(scores, np.float64).ravel())
+    if s.size == 0 or not np.all(np.isfinite(s)):
+        raise ValueError("scores must be a non-empty array of finite values.")
+    if not 0 <= false_alarm < 1:
+        raise ValueError(f"false_alarm must lie in [0, 1); got {false_alarm}.")
+    allowed = int(np.floor(false_alarm * s.size + 1e-9))
+    return float(s[s.size - 1 - allowed])
+
+
+def detection_rates(threshold: float, trojaned_scores, correct_target, clean_scores) -> tuple[float, float]:
+    """``(detection, false_alarm)`` at ``threshold``: the share of trojaned models with ``score > threshold`` *and*
+    the right target (``correct_target[i]``: the model's suspect class is the planted target), and the share of
+    clean models with ``score > threshold``. NumPy."""
+    t = np.asarray(trojaned_scores, np.float64)
+    ok = np.asarray(correct_target, bool)
+    c = np.asarray(clean_scores, np.float64)
+    if t.shape != ok.shape:
+        raise ValueError(f"trojaned_scores {t.shape} and correct_target {ok.shape} differ in shape.")
+    return float(np.mean((t > threshold) & ok)), float(np.mean(c > threshold))
+
+
+class ROC(NamedTuple):
+    """:func:`roc`'s result: false_alarm ``[P]`` and detection ``[P]`` (non-decreasing, from ``(0, 0)`` to
+    ``(1, share of trojans with the right suspect)``), thresholds ``[P]`` (``inf`` first), auc ``float``."""
+
+    false_alarm: np.ndarray
+    detection: np.ndarray
+    thresholds: np.ndarray
+    auc: float
+
+
+def roc(trojaned_scores, correct_target, clean_scores) -> ROC:
+    """ROC of the decision ``score > threshold`` over every threshold: detection (with the right target, as in
+    :func:`detection_rates`) against the false-alarm rate on clean models. ``auc`` is the trapezoid area under it
+    (1 for a statistic whose every trojaned score, all with the right target, exceeds every clean one; a wrong
+    target can never count, so it caps the curve at the share of right suspects). NumPy."""
+    t = np.asarray(trojaned_scores, np.float64).ravel()
+    c = np.asarray(clean_scores, np.float64).ravel()
+    if t.size == 0 or c.size == 0:
+        raise ValueError("roc needs at least one trojaned and one clean model.")
+    thresholds = np.concatenate([[np.inf], np.unique(np.concatenate([t, c]))[::-1], [-np.inf]])
+    pts = np.array([detection_rates(th, t, np.asarray(correct_target, bool).ravel(), c) for th in thresholds])
+    det, fa = pts[:, 0], pts[:, 1]
+    auc = float(np.sum(0.5 * (det[1:] + det[:-1]) * np.diff(fa)))
+    return ROC(false_alarm=fa, detection=det, thresholds=thresholds, auc=auc)
