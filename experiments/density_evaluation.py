@@ -54,6 +54,7 @@ from gradjax import discriminative as P
 from gradjax import gradients as G
 from gradjax import sampling as S
 from gradjax import viz
+from gradjax.statistics import paired_comparison
 
 OBJECTIVES = DM.OBJECTIVES
 SHORT = {"baseline": "baseline", "score_matching": "SM", "anti_score_matching": "anti-SM", "gradient_norm": "GN"}
@@ -69,6 +70,10 @@ THESIS_TABLE_5_2 = {  # (lambda, mu) -> (accuracy %, GAN-test %), CIFAR-100 — 
     (1e-5, 1e-2): (73.29, 68.94), (1e-5, 1e-3): (75.37, 85.64), (1e-5, 1e-4): (76.40, 63.96),
     (1e-5, 1e-5): (74.80, 78.41), (1e-6, 1e-2): (75.43, 82.81), (1e-6, 1e-3): (75.90, 66.11),
     (1e-6, 1e-4): (76.77, 65.91), (1e-6, 1e-5): (75.91, 65.52)}
+
+TABLE_5_2_LAMS = tuple(sorted({l for l, _ in THESIS_TABLE_5_2}, reverse=True))
+TABLE_5_2_MUS = tuple(sorted({m for _, m in THESIS_TABLE_5_2}, reverse=True))
+"""The thesis's Table 5.2 grid (thesis L1802–1815): λ ∈ {1e-2 … 1e-6}, μ ∈ {1e-2 … 1e-5} (``--full-grid``)."""
 
 ESTIMATOR_STUDY = (  # equal step cost: two extra network evaluations per example for every row
     ("taylor one-sided (eq. 5.9), 2 probes", dict(estimator="taylor", form="one_sided", num_probes=2)),
@@ -421,9 +426,12 @@ def _denoise_grid(clean, noisy, denoised: dict, path: str):
 
 
 # ------------------------------------------------------------------------------------------- sweep and study
-def train_score_matching(scale, train_ds, test_ds, out: str, *, seed: int, preset: str = "thesis", **overrides):
-    """One score-matching model through :class:`experiments.density_models.DensityRunner` (the one trainer)."""
-    tr = DM.DensityRunner(scale, train_ds, test_ds, preset=preset, overrides=overrides)
+def train_score_matching(scale, train_ds, test_ds, out: str, *, seed: int, preset: str = "thesis",
+                         bn_policy: str = "frozen", augment_pad: int = 0, **overrides):
+    """One score-matching model through :class:`experiments.density_models.DensityRunner` (the one trainer), with
+    the BatchNorm policy and crop padding of the evaluated models (the sweep trains as they were trained)."""
+    tr = DM.DensityRunner(scale, train_ds, test_ds, preset=preset, overrides=overrides, bn_policy=bn_policy,
+                          augment_pad=augment_pad)
     r = tr.run("score_matching", seed, out)
     _, state, _ = DM.load_trained(r["run_dir"])
     log = os.path.join(r["run_dir"], "metrics.jsonl")  # absent when training diverged before the first log line
@@ -469,6 +477,11 @@ def parse_args(argv=None):
     p.add_argument("--sweep", action="store_true", help="train and evaluate the lambda x mu grid (Table 5.2)")
     p.add_argument("--lams", nargs="+", type=float, default=[1e-2, 1e-3, 1e-4])
     p.add_argument("--mus", nargs="+", type=float, default=[1e-2, 1e-3, 1e-4])
+    p.add_argument("--full-grid", action="store_true",
+                   help="the sweep over the thesis's whole Table 5.2 grid (lambda 1e-2..1e-6 x mu 1e-2..1e-5)")
+    p.add_argument("--export", default=None, metavar="JSON",
+                   help="write the numbers-only summary with paired comparisons over training seeds (needs --models "
+                        "with its results.json and --aggregate with the evaluation results.json files) and exit")
     p.add_argument("--estimators", action="store_true", help="the trace-estimator study at equal step cost")
     p.add_argument("--sweep-epochs", type=int, default=None)
     p.add_argument("--study-keys", type=int, default=1, help="GAN-test keys per sweep / study model (the first N)")
@@ -476,6 +489,8 @@ def parse_args(argv=None):
     p.add_argument("--progress", action="store_true")
     args = p.parse_args(argv)
     args.seeds = args.seeds or [0]  # training seeds of the models to evaluate
+    if args.full_grid:
+        args.lams, args.mus = list(TABLE_5_2_LAMS), list(TABLE_5_2_MUS)
     return args
 
 
@@ -508,10 +523,106 @@ def aggregate(paths, out: str, command: str) -> dict:
     return results
 
 
+# ------------------------------------------------------------------------------- numbers-only export (issue 25)
+ORDERINGS = {  # the thesis's orderings, best first (§5.5 accuracy, Table 5.1, Fig. 5.1: flatter = higher slope)
+    "accuracy": ("baseline", "gradient_norm", "anti_score_matching", "score_matching"),
+    "gan_test": ("gradient_norm", "score_matching", "baseline", "anti_score_matching"),
+    "log_ratio_slope": ("score_matching", "gradient_norm", "baseline", "anti_score_matching"),
+}
+"""Best-first orderings the thesis claims, per measure (the density-ratio claim, L1622–1624, is "SM and GN flatter
+than the baseline, anti-SM steepest": the slope of the mean log-ratio, closer to 0 = flatter)."""
+
+
+def paired_orderings(values: dict, order) -> list[dict]:
+    """Every pair ``(a, b)`` with ``a`` before ``b`` in the claimed ``order`` (best first), compared over the same
+    training seeds with :func:`gradjax.statistics.paired_comparison` (``values[obj]``: one number per seed, same seed
+    order for every objective). ``claim_held``: ``"yes"`` when the verdict is ``a>b``, ``"reversed"`` when ``a<b``,
+    ``"tie"`` when not resolved at this number of seeds."""
+    rows = []
+    order = [o for o in order if o in values]
+    for i, a in enumerate(order):
+        for b in order[i + 1:]:
+            pc = paired_comparison(values[a], values[b])
+            rows.append({"a": a, "b": b, **pc.as_dict(),
+                         "claim_held": {"a>b": "yes", "a<b": "reversed", "tie": "tie"}[pc.verdict]})
+    return rows
+
+
+def export_summary(models_results: dict, eval_results: dict) -> dict:
+    """Numbers-only summary of a chapter-5 run: per objective the per-seed accuracy (eval mode and batch
+    statistics), ‖∇f_y‖², trace, and from the evaluation the per-seed GAN-test of every sampler/judge, the median
+    density ratios and the log-ratio slope; then :func:`paired_orderings` of every measure with a claimed order
+    (GAN-test: the authors' sampler with the informative noise-augmented judge when it ran, else the judge)."""
+    runs = models_results["runs"]
+    seeds = sorted({r["seed"] for r in runs})
+    objs = [o for o in OBJECTIVES if any(r["objective"] == o for r in runs)]
+    by = {(r["objective"], r["seed"]): r for r in runs}
+    out = {"seeds": seeds, "scale": models_results.get("scale"), "bn_policy": models_results.get("bn_policy"),
+           "augment_pad": models_results.get("augment_pad", 0), "command_models": models_results.get("command"),
+           "command_eval": eval_results.get("command"), "per_objective": {}}
+    for o in objs:
+        e = {k: [float(by[(o, s)][k]) for s in seeds] for k in ("test_accuracy", "test_accuracy_batch_stats",
+                                                                 "grad_sq_norm_mean", "trace_mean", "train_seconds")}
+        e["steps"] = [int(by[(o, s)]["steps"]) for s in seeds]
+        out["per_objective"][o] = e
+    per_seed = {int(k): v for k, v in eval_results.get("per_seed", {}).items()}
+    eseeds = [s for s in seeds if s in per_seed]
+    for o in objs:
+        e = out["per_objective"][o]
+        if eseeds and all("gan_samplers" in per_seed[s] for s in eseeds):
+            for smp in per_seed[eseeds[0]]["gan_samplers"]:
+                for j, v in per_seed[eseeds[0]]["gan_samplers"][smp][o].items():
+                    if isinstance(v, dict) and "mean" in v:
+                        e[f"gan_test/{smp}/{j}"] = [float(per_seed[s]["gan_samplers"][smp][o][j]["mean"])
+                                                    for s in eseeds]
+        if eseeds and all("density_ratios" in per_seed[s] for s in eseeds):
+            e["noise_stds"] = list(per_seed[eseeds[0]]["density_ratios"][o]["noise_stds"])
+            e["median_ratio"] = [list(map(float, per_seed[s]["density_ratios"][o]["median_ratio"])) for s in eseeds]
+            e["log_ratio_slope"] = [float(per_seed[s]["density_ratios"][o]["log_ratio_slope"]) for s in eseeds]
+        for part in ("pixel_own", "pixel_baseline"):
+            if eseeds and all(part in per_seed[s] for s in eseeds):
+                e[part] = [list(map(float, per_seed[s][part][o])) for s in eseeds]
+        if eseeds and all("denoise" in per_seed[s] for s in eseeds):
+            e["denoise_mse"] = [float(per_seed[s]["denoise"][o]["mse_denoised"][0]) for s in eseeds]
+    out["eval_seeds"] = eseeds
+    if eseeds:
+        out["pixel_fractions"] = per_seed[eseeds[0]].get("pixel_fractions")
+    po = out["per_objective"]
+    comps = {"accuracy": paired_orderings({o: po[o]["test_accuracy"] for o in objs}, ORDERINGS["accuracy"])}
+    gan_key = next((k for k in ("gan_test/authors/noise_judge", "gan_test/authors/judge")
+                    if all(k in po[o] for o in objs)), None)
+    if gan_key:
+        out["gan_test_reported"] = gan_key
+        comps["gan_test"] = paired_orderings({o: po[o][gan_key] for o in objs}, ORDERINGS["gan_test"])
+    if all("log_ratio_slope" in po[o] for o in objs):
+        comps["log_ratio_slope"] = paired_orderings({o: po[o]["log_ratio_slope"] for o in objs},
+                                                    ORDERINGS["log_ratio_slope"])
+    out["paired"] = comps
+    return out
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     command = "python -m experiments.density_evaluation " + " ".join(
         argv if argv is not None else __import__("sys").argv[1:])
+    if args.export:
+        if not (args.models and args.aggregate):
+            raise ValueError("--export needs --models (with results.json) and --aggregate (evaluation results).")
+        with open(os.path.join(args.models, "results.json")) as fh:
+            mres = json.load(fh)
+        ev = {"per_seed": {}, "command": []}
+        for path in args.aggregate:
+            with open(path) as fh:
+                r = json.load(fh)
+            for sd, parts in r["per_seed"].items():
+                ev["per_seed"].setdefault(str(sd), {}).update(parts)
+            ev["command"].append(r.get("command"))
+        summary = export_summary(mres, ev)
+        os.makedirs(os.path.dirname(os.path.abspath(args.export)), exist_ok=True)
+        with open(args.export, "w") as fh:
+            json.dump(summary, fh, indent=1, allow_nan=True)
+        print(json.dumps(summary["paired"], indent=1))
+        return summary
     if args.aggregate:
         return aggregate(args.aggregate, args.out or os.path.join("runs", f"density-eval-{args.scale}"), command)
     es = EVAL_SCALES[args.scale]
@@ -585,7 +696,9 @@ def main(argv=None) -> dict:
                 for mu in args.mus:
                     r, st, _, sps = train_score_matching(sw_scale, sw_train, sw_test,
                                                                 os.path.join(out, "sweep", f"lam{lam:g}_mu{mu:g}"),
-                                                                seed=args.seeds[0], lam=lam, mu=mu)
+                                                                seed=args.seeds[0], lam=lam, mu=mu,
+                                                                bn_policy=cfg0.bn_policy,
+                                                                augment_pad=cfg0.augment_pad)
                     rows.append(_trained_row(r, st, compiled, judge, judge_states, es, test_ds, study_keys,
                                              dict(lam=lam, mu=mu, seconds_per_step=sps), **study_eval))
                     results["sweep"] = {"scale": sw_scale.asdict(), "rows": rows}
