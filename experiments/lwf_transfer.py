@@ -21,29 +21,53 @@ Also reported: the relative reduction of the Jacobian loss during training (the 
 Layer pairs (student VGG-9 path, teacher CIFAR-ResNet-18 path) — equal spatial size at 32x32 inputs:
 level 1 = (block0:pool, stage1_block1) 16x16, level 2 = (block1:pool, stage2_block1) 8x8, level 3 =
 (block3:pool, stage3_block1) 4x4. The thesis pairs "after the first residual block" with "after the second
-max-pool" of ImageNet-size networks; our CIFAR-style ResNet has no stem downsampling, so its first matching pair
-with the VGG is level 1 (the VGG after its *first* max-pool) — the default, like the thesis's level "1".
+max-pool" of ImageNet-size networks; our CIFAR-style ResNet-18 has no stem downsampling, so the VGG's second
+max-pool meets the ResNet's stage 2 (level 2, the small default); level 1 (the VGG after its *first* max-pool)
+was the small default until 2026-12-04.
 
     python -m experiments.lwf_transfer --scale smoke|small|paper [--tables 2.3,2.4,2.5] [--seeds S] [--out DIR]
 
-Paper scale: any TFDS source/target pair (``--source cifar100 --target cifar10`` by default; thesis: ImageNet ->
-MIT Scenes, ResNet-34 -> VGG-9, SGD momentum 0.9, lr 1e-3 / 10 at epochs 40 and 60 of 75, batch 8).
+Small scale: the Jacobian pair is the student VGG's output after its *second* max-pool (thesis L978, "level 1" of
+the thesis) paired with the CIFAR ResNet-18 layer of the same spatial size, ``level 2`` of :data:`LEVELS`
+(``block1:pool``, ``stage2_block1``, 8x8 at 32x32); ``--jacobian-pair "level 1"`` picks another pair. (Until 2026-12-04 the
+small default was level 1 = after the *first* max-pool; the numbers in docs/RESULTS.md from 2026-11-23 used it.)
+
+Paper scale (:data:`PRESETS` ``["paper"]``) encodes the thesis protocol (§2.6.3, §2.12.2-2.12.3): teacher
+ResNet-34 (stages 3/4/6/3, ImageNet stem: 7x7 stride-2 conv + 3x3 stride-2 max-pool, :class:`ImageNetStemResNet`),
+student two-head VGG-9, SGD momentum 0.9, lr 1e-3 divided by 10 after epochs 40 and 60 of 75, batch 8, weights
+10 / 0, the attention-Jacobian after ResNet stage 1 / VGG's second max-pool with an average-pooling window of
+s/5 at stride 1, attention at the four equal-size pairs, and Table 2.4's four (teacher, student) depths
+:data:`THESIS_PAIRS` ((7, 2), (15, 4), (27, 6), (33, 8)). **Not available here**: the thesis's ImageNet-pretrained
+ResNet-34 (no pretrained weights; the teacher is trained on the source task by this script) and MIT-67 (MIT
+Indoor Scenes is not in TFDS and not on this machine). The closest substitution is configurable: ``--source`` /
+``--target`` (default CIFAR-100 -> CIFAR-10 through TFDS; ``--source imagenet2012`` with a local TFDS copy).
 """
 from __future__ import annotations
 
 import os
 import time
 
+import flax.linen as nn
+import jax
 import numpy as np
 
 from experiments import common
 from gradjax import data as gdata
 from gradjax.losses import terms as LT
 from gradjax.models import create_model
+from gradjax.models.layers import Activation, TappedBatchNorm, TappedConv, TappedDense, global_average_pool
+from gradjax.models.resnet import BasicBlock
 from gradjax.models.two_head import TwoHeadVGG, source_slice, target_slice
 from gradjax.models.vgg import VGG_CONFIGS
 
 LEVELS = {1: ("block0:pool", "stage1_block1"), 2: ("block1:pool", "stage2_block1"), 3: ("block3:pool", "stage3_block1")}
+"""(student VGG layer, CIFAR-ResNet layer) pairs of equal spatial size (small/smoke scale, CIFAR-stem teacher)."""
+THESIS_PAIRS = {"(7, 2)": ("block1:pool", "stage0_block2"), "(15, 4)": ("block3:pool", "stage1_block3"),
+                "(27, 6)": ("block5:pool", "stage2_block5"), "(33, 8)": ("block7:pool", "stage3_block2")}
+"""Table 2.4 (L764): (teacher ResNet-34 depth, student VGG-9 depth) -> (student layer, teacher layer). ResNet-34
+depth 7/15/27/33 = the stem conv + 3/7/13/16 basic blocks (2 convs each) = the end of stages 0-3; VGG-9 depth
+2/4/6/8 = its 2nd/4th/6th/8th conv, each followed by max-pool 2/3/4/5. With the ImageNet stem (/4) the pairs have
+equal spatial size (56/28/14/7 at 224x224; 8/4/2/1 at 32x32). "(7, 2)" is the thesis default (L978)."""
 WINDOWS = {"Full": ("full", 5), "s/3": (None, 3), "s/5": (None, 5), "s/7": (None, 7), "None": ("none", 5)}
 METHODS = ("CE", "CE pretrained (oracle)", "CE + A", "CE + {A+J}", "CE + {A+att}", "CE + {A+att+J}")
 
@@ -60,35 +84,88 @@ THESIS_24 = {"(7,2)": (22.39, 25.88), "(15,4)": (21.98, 15.59), "(27,6)": (20.45
 THESIS_25 = {"Full": 20.00, "s/3": 21.20, "s/5": 21.87, "s/7": 21.09, "None": 19.74}
 
 
+class ImageNetStemResNet(nn.Module):
+    """ResNet with the ImageNet stem (7x7 stride-2 conv -> BN -> ReLU -> 3x3 stride-2 max-pool) before the basic-
+    block stages of :class:`gradjax.models.ResNet` (same block and module names ``stage{i}_block{j}``);
+    ``stage_sizes=(3, 4, 6, 3)`` is ResNet-34, the thesis's LwF teacher (§2.6.3). ``__call__(x [B, H, W, C],
+    train=False) -> logits [B, num_classes]``."""
+
+    num_classes: int
+    stage_sizes: tuple = (3, 4, 6, 3)
+    width: float = 1.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        if x.ndim != 4:
+            raise ValueError(f"ImageNetStemResNet needs NHWC images [B, H, W, C]; got shape {tuple(x.shape)}.")
+        c0 = max(1, int(round(64 * self.width)))
+        x = TappedConv(c0, (7, 7), (2, 2), use_bias=False, tap_group="stem_conv_bn", name="stem_conv")(x)
+        x = TappedBatchNorm(tap_group="stem_conv_bn", name="stem_bn")(x, train=train)
+        x = Activation("relu", name="stem_act")(x)
+        x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
+        for stage, n_blocks in enumerate(self.stage_sizes):
+            for j in range(n_blocks):
+                x = BasicBlock(c0 * 2 ** stage, 2 if (stage > 0 and j == 0) else 1,
+                               name=f"stage{stage}_block{j}")(x, train=train)
+        return TappedDense(self.num_classes, name="head")(global_average_pool(x))
+
+
+def build_teacher(name: str, num_classes: int, *, width: float):
+    """The LwF teacher: ``"resnet34-imagenet"`` (:class:`ImageNetStemResNet`, the thesis's ResNet-34 layout), else
+    :func:`gradjax.models.create_model` (``"resnet18"``: the CIFAR-stem ResNet-18 of the small scale)."""
+    if name == "resnet34-imagenet":
+        return ImageNetStemResNet(num_classes, (3, 4, 6, 3), width)
+    return create_model(name, num_classes, width=width)
+
+
+def layer_pairs(pre: common.Scale) -> dict:
+    """``{label: (student layer, teacher layer)}`` of a preset: :data:`THESIS_PAIRS` for the ImageNet-stem
+    ResNet-34 teacher, else :data:`LEVELS` (``"level k"``)."""
+    if pre.get("pairs") == "thesis":
+        return dict(THESIS_PAIRS)
+    return {f"level {k}": v for k, v in LEVELS.items()}
+
+
 _DIGITS = dict(source="mnist_digits", target="digits", source_classes=(0, 1, 2, 3, 4),
-               target_classes=(5, 6, 7, 8, 9), teacher="resnet18", weight=10.0, optimizer="adam")
+               target_classes=(5, 6, 7, 8, 9), teacher="resnet18", weight=10.0, optimizer="adam", pairs="levels",
+               jacobian_pair="level 2", window=None, divisor=5)
 PRESETS = {  # model: the two-head student's VGG; extra: the source / target tasks, teacher, budgets, ablation n
     "smoke": common.Scale(model="vgg9", width=1 / 16, seeds=1, batch_size=8, lr=1e-3, max_test=64,
                           extra=dict(_DIGITS, n_per_class=(5,), teacher_steps=2, student_steps=2, ablation_n=5)),
     "small": common.Scale(model="vgg9", width=1 / 16, seeds=2, batch_size=32, lr=1e-3,
                           extra=dict(_DIGITS, n_per_class=(5, 10, 50), teacher_steps=300, student_steps=120,
                                      ablation_n=10)),
-    "paper": common.Scale(model="vgg9", width=1.0, seeds=2, batch_size=8, lr=1e-3,
+    # the thesis protocol (§2.6.3, L978-984); ImageNet-pretrained ResNet-34 and MIT-67 are NOT available here:
+    # the source/target below are the configurable substitution (--source/--target), see the module docstring.
+    "paper": common.Scale(model="vgg9", width=1.0, seeds=2, batch_size=8, lr=1e-3, epochs=75,
                           extra=dict(source="cifar100", target="cifar10", source_classes=tuple(range(100)),
-                                     target_classes=tuple(range(10)), teacher="resnet18", weight=10.0,
-                                     optimizer="sgd", n_per_class=(5, 10, 25, 50, 0), teacher_steps=0,
-                                     student_steps=0, ablation_n=10)),
+                                     target_classes=tuple(range(10)), thesis_source="imagenet2012",
+                                     thesis_target="MIT-67 (not available here)", teacher="resnet34-imagenet",
+                                     weight=10.0, optimizer="sgd", momentum=0.9, lr_drop_epochs=(40, 60),
+                                     pairs="thesis", jacobian_pair="(7, 2)", window=None, divisor=5,
+                                     n_per_class=(5, 10, 25, 50, 0), teacher_steps=0, student_steps=0,
+                                     ablation_n=10)),
 }
 
 
-def method_terms(method: str, nt: int, ns: int, *, level: int = 1, window=None, divisor: int = 5,
+def method_terms(method: str, nt: int, ns: int, *, pairs: dict, jacobian_pair: str, window=None, divisor: int = 5,
                  w: float = 10.0) -> list:
+    """The loss terms of a Table 2.3 ``method``: target-head CE, source-head activation matching (A), attention
+    matching (eq. 2.8) at every pair of ``pairs`` (att), the attention-Jacobian (§2.5.2, eq. 2.9) at
+    ``pairs[jacobian_pair]`` with the average-pooling ``window``/``divisor`` (J); every active weight ``w``."""
+    if jacobian_pair not in pairs:
+        raise ValueError(f"jacobian_pair {jacobian_pair!r} is not one of the pairs {list(pairs)}.")
     tgt, src = target_slice(nt), source_slice(nt, ns)
     terms = [LT.cross_entropy_term(w, head=tgt)]
     if method in ("CE", "CE pretrained (oracle)"):
         return terms
     terms.append(LT.activation_matching_term(w, head=src))
     if "att" in method:
-        terms.append(LT.attention_matching_term(w, pairs=list(LEVELS.values())))
+        terms.append(LT.attention_matching_term(w, pairs=list(pairs.values())))
     if "J" in method:
-        s_layer, t_layer = LEVELS[level]
+        s_layer, t_layer = pairs[jacobian_pair]
         terms.append(LT.attention_jacobian_matching_term(w, student_layer=s_layer, teacher_layer=t_layer, window=window,
-                                                   divisor=divisor))
+                                                         divisor=divisor))
     return terms
 
 
@@ -109,6 +186,8 @@ def main(argv=None) -> dict:
     p.add_argument("--target", default=None, help="target-task dataset (student)")
     p.add_argument("--methods", default=",".join(METHODS), help="Table 2.3 methods (comma-separated)")
     p.add_argument("--n-per-class", default=None, help="Table 2.3 subset sizes, comma-separated (0 = all)")
+    p.add_argument("--jacobian-pair", default=None, help="label of the Jacobian's layer pair (default: the "
+                   "scale's: 'level 2' = VGG after its second max-pool at small scale, '(7, 2)' at paper scale)")
     args = p.parse_args(argv)
     methods = common.parse_methods(args.methods, METHODS)
     pre = common.resolve_scale(args, PRESETS)
@@ -132,14 +211,19 @@ def main(argv=None) -> dict:
         if args.steps:
             return args.steps
         if not fixed:  # paper: 75 epochs
-            return 75 * max(1, -(-n_examples // pre.batch_size))
+            return pre.epochs * max(1, -(-n_examples // pre.batch_size))
         return fixed
 
     def tx(steps):
-        return common.adam_step_decay(pre.lr, steps) if pre.optimizer == "adam" else common.sgd_step_decay(pre.lr, steps)
+        if pre.optimizer == "adam":
+            return common.adam_step_decay(pre.lr, steps)
+        drops = tuple(e / pre.epochs for e in pre.get("lr_drop_epochs", (40, 60))) if pre.epochs else (40 / 75, 60 / 75)
+        return common.sgd_step_decay(pre.lr, steps, drops, momentum=pre.get("momentum", 0.9))
 
     # ---- teacher on the source task
-    teacher = create_model(pre.teacher, ns_, width=pre.width)
+    teacher = build_teacher(pre.teacher, ns_, width=pre.width)
+    pairs = layer_pairs(pre)
+    jpair = args.jacobian_pair or pre.jacobian_pair
     ts = steps_for(len(s_train), pre.teacher_steps)
     tstate = common.Trainer(teacher, LT.make_loss_fn(teacher.apply, [LT.cross_entropy_term()]), tx(ts), steps=ts,
                           batch_size=min(pre.batch_size * 2, 128),
@@ -169,7 +253,8 @@ def main(argv=None) -> dict:
         steps = steps_for(len(sub), pre.student_steps)
         key = (method, steps, tuple(sorted(kw.items())))
         if key not in trainers:
-            loss = LT.make_loss_fn(student.apply, method_terms(method, nt_, ns_, w=pre.weight, **kw),
+            opts = {"pairs": pairs, "jacobian_pair": jpair, "window": pre.window, "divisor": pre.divisor, **kw}
+            loss = LT.make_loss_fn(student.apply, method_terms(method, nt_, ns_, w=pre.weight, **opts),
                                   teacher_apply_fn=teacher.apply, metrics_head=tgt)
             trainers[key] = common.Trainer(student, loss, tx(steps), steps=steps, batch_size=pre.batch_size,
                                            num_classes=nt_, init_fn=student_init)
@@ -203,11 +288,11 @@ def main(argv=None) -> dict:
     m_abl = "CE + {A+att+J}"
     if "2.4" in tables:
         r24 = {}
-        for lvl, (sl, tl) in LEVELS.items():
-            runs = [run(m_abl, pre.ablation_n, s, level=lvl) for s in range(seeds)]
-            r24[f"level {lvl} ({sl}, {tl})"] = {"accuracy": common.mean_std([a for a, _ in runs]),
-                                                "grad_loss_reduction": common.mean_std([g / 100 for _, g in runs])}
-            print(f"2.4 level {lvl}: {r24[f'level {lvl} ({sl}, {tl})']}", flush=True)
+        for lbl, (sl, tl) in pairs.items():
+            runs = [run(m_abl, pre.ablation_n, s, jacobian_pair=lbl) for s in range(seeds)]
+            r24[f"{lbl} ({sl}, {tl})"] = {"accuracy": common.mean_std([a for a, _ in runs]),
+                                          "grad_loss_reduction": common.mean_std([g / 100 for _, g in runs])}
+            print(f"2.4 {lbl}: {r24[f'{lbl} ({sl}, {tl})']}", flush=True)
         results["table2_4"] = r24
         md += ["", f"Table 2.4 — depth of the Jacobian pair, {m_abl}, {pre.ablation_n} per class", "",
                common.markdown_table(["pair (student, teacher)", "accuracy %", "grad-loss reduction %"],
@@ -222,14 +307,14 @@ def main(argv=None) -> dict:
                                        for s in range(seeds)])
             print(f"2.5 window {name}: {common.fmt(r25[name])}", flush=True)
         results["table2_5"] = r25
-        md += ["", f"Table 2.5 — pooling window of the attention-Jacobian, {m_abl}, level 1, {pre.ablation_n} per "
+        md += ["", f"Table 2.5 — pooling window of the attention-Jacobian, {m_abl}, pair {jpair}, {pre.ablation_n} per "
                f"class", "", common.markdown_table(list(WINDOWS), [[common.fmt(r25[k]) for k in WINDOWS]]),
                "", "Thesis: " + ", ".join(f"{k} {v}" for k, v in THESIS_25.items())]
     table = "\n".join(md)
     res = {"tables": tables, "scale": args.scale, "source": source, "target": target,
            "source_classes": pre.source_classes, "target_classes": pre.target_classes, "teacher": pre.teacher,
            "student": pre.model, "width": pre.width, "seeds": seeds, "weights": pre.weight,
-           "levels": LEVELS, "student_steps": sorted({k[1] for k in trainers}), "teacher_steps": ts,
+           "pairs": pairs, "jacobian_pair": jpair, "student_steps": sorted({k[1] for k in trainers}), "teacher_steps": ts,
            "optimizer": pre.optimizer, "results": results,
            "thesis": {"2.3": THESIS_23, "2.4": THESIS_24, "2.5": THESIS_25}, "wall_s": time.time() - t0}
     return common.finish(out, res, table, script="lwf_transfer", argv=argv)
