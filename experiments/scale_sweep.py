@@ -94,8 +94,11 @@ def _load() -> list[float]:
 
 
 def run_sweep(script: str, budgets: Sequence[tuple[str, list[str]]], claims: Sequence[tuple[str, str]],
-              shared: Sequence[str], *, out: str, results_key: str = "results", workdir: str | None = None) -> dict:
-    """Run ``script`` once per budget, compare, write ``out`` (after every budget) and return the summary."""
+              shared: Sequence[str], *, out: str, results_key: str = "results", workdir: str | None = None,
+              resume: bool = False) -> dict:
+    """Run ``script`` once per budget, compare, write ``out`` (after every budget) and return the summary.
+    ``resume``: budgets already in ``out`` with the same arguments (and the same shared arguments) are kept, not
+    re-run (an interrupted sweep continues; a budget can be added later)."""
     if len(budgets) < 1:
         raise ValueError("give at least one --budget.")
     mod = importlib.import_module(f"experiments.{script}")
@@ -104,7 +107,20 @@ def run_sweep(script: str, budgets: Sequence[tuple[str, list[str]]], claims: Seq
                "budgets": {}, "trend": {}, "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "command": "python -m experiments.scale_sweep " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
                "units": "differences in percentage points (accuracy x 100)"}
+    done = {}
+    if resume and os.path.exists(out):
+        with open(out) as f:
+            old = json.load(f)
+        if old.get("script") != script or old.get("shared_args") != list(shared):
+            raise ValueError(f"--resume: {out} is a sweep of {old.get('script')} with other shared arguments.")
+        done = old["budgets"]
+        summary["started_utc"] = old.get("started_utc", summary["started_utc"])
+        summary["commands"] = old.get("commands", [old.get("command")]) + [summary["command"]]
     for name, extra in budgets:
+        if name in done and done[name]["args"] == list(extra):
+            summary["budgets"][name] = done[name]
+            print(f"budget {name}: kept from {out}", flush=True)
+            continue
         t0, load0 = time.time(), _load()
         res = mod.main(list(shared) + list(extra) + ["--out", os.path.join(workdir, name)])
         results = res[results_key] if results_key == "results" else res["results"][results_key]
@@ -116,19 +132,31 @@ def run_sweep(script: str, budgets: Sequence[tuple[str, list[str]]], claims: Seq
                              for c, v in cols.items()} for r, cols in results.items() if isinstance(cols, dict)},
             "paired": compare_budget(results, claims)}
         print(f"budget {name}: {summary['budgets'][name]['wall_s']} s", flush=True)
+        _summarize(summary, out)
+    _summarize(summary, out, quiet=True)
+    return summary
+
+
+def _summarize(summary: dict, out: str, quiet: bool = False) -> None:
+    """Print the last budget's verdicts, recompute the trend (first vs last budget) and the mean difference of
+    every claim at every budget (``gap_by_budget``), and write ``out``."""
+    if summary["budgets"] and not quiet:
+        name = list(summary["budgets"])[-1]
         for claim, cols in summary["budgets"][name]["paired"].items():
             print("  " + claim + ": " + ", ".join(f"n={c} {v['mean']:+.1f}±{v['std']:.1f} t={v['t']:.2f} "
                                                   f"{v['verdict']}" for c, v in cols.items()), flush=True)
-        names = list(summary["budgets"])
-        if len(names) >= 2:
-            first, last = summary["budgets"][names[0]]["paired"], summary["budgets"][names[-1]]["paired"]
-            summary["trend"] = {"from": names[0], "to": names[-1],
-                                "claims": {cl: {c: trend(first[cl][c], last[cl][c]) for c in last[cl]} for cl in last}}
-        summary["finished_utc"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(summary, f, indent=1, default=float)
-    return summary
+    names = list(summary["budgets"])
+    summary["gap_by_budget"] = {cl: {c: {b: round(summary["budgets"][b]["paired"][cl][c]["mean"], 2) for b in names}
+                                     for c in summary["budgets"][names[-1]]["paired"][cl]}
+                                for cl in summary["claims"]} if names else {}
+    if len(names) >= 2:
+        first, last = summary["budgets"][names[0]]["paired"], summary["budgets"][names[-1]]["paired"]
+        summary["trend"] = {"from": names[0], "to": names[-1],
+                            "claims": {cl: {c: trend(first[cl][c], last[cl][c]) for c in last[cl]} for cl in last}}
+    summary["finished_utc"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(summary, f, indent=1, default=float)
 
 
 def main(argv=None) -> dict:
@@ -144,9 +172,10 @@ def main(argv=None) -> dict:
     p.add_argument("--results-key", default="results", help="'results' or a key inside it (lwf_transfer: table2_3)")
     p.add_argument("--out", required=True, help="the summary JSON")
     p.add_argument("--workdir", default=None, help="where each budget's run writes (default: a temp dir)")
+    p.add_argument("--resume", action="store_true", help="keep the budgets already in --out (same arguments)")
     a = p.parse_args(argv)
     return run_sweep(a.script, [parse_budget(b) for b in a.budget], [parse_claim(c) for c in a.claim], shared,
-                     out=a.out, results_key=a.results_key, workdir=a.workdir)
+                     out=a.out, results_key=a.results_key, workdir=a.workdir, resume=a.resume)
 
 
 if __name__ == "__main__":
