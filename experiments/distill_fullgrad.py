@@ -168,6 +168,8 @@ def main(argv=None) -> dict:
                            methods=METHODS, per_class=True)
     p.add_argument("--teacher-cache", default=None, help="directory to store/reuse the trained teacher (default: "
                    "runs/ch4_teachers, none at smoke scale)")
+    p.add_argument("--student-steps", type=int, default=None, help="the students' step budget only (the teacher keeps "
+                   "--steps / the scale's; for experiments.scale_sweep)")
     p.add_argument("--weight", type=float, default=WEIGHT, help="weight of every matching term (thesis: 10; CE "
                    "keeps 10) — for sensitivity diagnostics, reported beside the thesis setting")
     args = p.parse_args(argv)
@@ -194,7 +196,7 @@ def main(argv=None) -> dict:
             accs, pen = [], []
             for s in range(seeds):
                 sub = gdata.n_per_class_subset(train, n, seed=s)
-                steps = steps_for(pre, len(sub), pre.student_steps, args.steps)
+                steps = steps_for(pre, len(sub), pre.student_steps, args.student_steps or args.steps)
                 key = (m, steps)
                 if key not in trainers:
                     trainers[key] = student_trainer(student_model, teacher_model, m, pairs, pre=pre, steps=steps,

@@ -186,6 +186,8 @@ def main(argv=None) -> dict:
     p.add_argument("--target", default=None, help="target-task dataset (student)")
     p.add_argument("--methods", default=",".join(METHODS), help="Table 2.3 methods (comma-separated)")
     p.add_argument("--n-per-class", default=None, help="Table 2.3 subset sizes, comma-separated (0 = all)")
+    p.add_argument("--student-steps", type=int, default=None, help="the students' step budget only (the teacher and "
+                   "the oracle's pretraining keep --steps / the scale's; for experiments.scale_sweep)")
     p.add_argument("--jacobian-pair", default=None, help="label of the Jacobian's layer pair (default: the "
                    "scale's: 'level 2' = VGG after its second max-pool at small scale, '(7, 2)' at paper scale)")
     args = p.parse_args(argv)
@@ -207,9 +209,9 @@ def main(argv=None) -> dict:
     tgt = target_slice(nt_)
     per_class_max = int(np.bincount(t_train.labels).min())
 
-    def steps_for(n_examples, fixed):
-        if args.steps:
-            return args.steps
+    def steps_for(n_examples, fixed, override=None):
+        if override or args.steps:
+            return override or args.steps
         if not fixed:  # paper: 75 epochs
             return pre.epochs * max(1, -(-n_examples // pre.batch_size))
         return fixed
@@ -250,7 +252,7 @@ def main(argv=None) -> dict:
 
     def run(method, n, seed, **kw):
         sub = gdata.n_per_class_subset(t_train, n, seed=seed) if n else t_train
-        steps = steps_for(len(sub), pre.student_steps)
+        steps = steps_for(len(sub), pre.student_steps, args.student_steps)
         key = (method, steps, tuple(sorted(kw.items())))
         if key not in trainers:
             opts = {"pairs": pairs, "jacobian_pair": jpair, "window": pre.window, "divisor": pre.divisor, **kw}
