@@ -159,6 +159,41 @@ def _summarize(summary: dict, out: str, quiet: bool = False) -> None:
         json.dump(summary, f, indent=1, default=float)
 
 
+def _cell(v: dict) -> str:
+    return f"{v['mean']:+.1f} ± {v['std']:.1f} (t {v['t']:.2f}, {v['verdict']})"
+
+
+def markdown(summary: dict) -> str:
+    """The sweep's two RESULTS tables, generated from the summary JSON: (1) test accuracy % (mean ± sample std over
+    seeds) of every row (as columns) at every budget and column (as rows); (2) every claim's paired difference a − b (percentage points,
+    mean ± std, t, verdict) at every budget and its trend from the first budget to the last."""
+    names = list(summary["budgets"])
+    first = summary["budgets"][names[0]]
+    cols = list(next(iter(first["accuracy"].values())))
+    rows_ = list(first["accuracy"])
+    acc_header = ["budget", "n"] + rows_
+    acc_rows = [[b, c] + [f"{100 * summary['budgets'][b]['accuracy'][r][c]['mean']:.1f} ± "
+                          f"{100 * summary['budgets'][b]['accuracy'][r][c]['std']:.1f}" for r in rows_]
+                for b in names for c in cols]
+    pair_header = ["claim (thesis)", "n"] + [f"{b}: a − b (t, verdict)" for b in names]
+    if summary.get("trend"):
+        pair_header.append(f"trend {summary['trend']['from']} → {summary['trend']['to']} (mean, t)")
+    pair_rows = []
+    for cl in summary["claims"]:
+        for c in cols:
+            row = [cl.replace(">", " > "), c] + [_cell(summary["budgets"][b]["paired"][cl][c]) for b in names]
+            if summary.get("trend"):
+                t = summary["trend"]["claims"][cl][c]
+                row.append(f"{t['direction']} ({t['mean']:+.1f}, t {t['t']:.2f})")
+            pair_rows.append(row)
+
+    def table(header, rows):
+        return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                         + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
+
+    return table(acc_header, acc_rows) + "\n\n" + table(pair_header, pair_rows)
+
+
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     shared = []
@@ -173,7 +208,13 @@ def main(argv=None) -> dict:
     p.add_argument("--out", required=True, help="the summary JSON")
     p.add_argument("--workdir", default=None, help="where each budget's run writes (default: a temp dir)")
     p.add_argument("--resume", action="store_true", help="keep the budgets already in --out (same arguments)")
+    p.add_argument("--markdown", action="store_true", help="only print the RESULTS tables of --out (no runs)")
     a = p.parse_args(argv)
+    if a.markdown:
+        with open(a.out) as f:
+            summary = json.load(f)
+        print(markdown(summary))
+        return summary
     return run_sweep(a.script, [parse_budget(b) for b in a.budget], [parse_claim(c) for c in a.claim], shared,
                      out=a.out, results_key=a.results_key, workdir=a.workdir, resume=a.resume)
 

@@ -183,3 +183,46 @@ def test_scale_sweep_parsing_and_trend():
     assert cmp2["verdict"] == "a<b"
     assert scale_sweep.trend(cmp2, cmp)["direction"] == "toward thesis"
     assert scale_sweep.trend(cmp, cmp2)["direction"] == "away from thesis"
+
+
+def test_scale_sweep_runs_resumes_and_writes(tmp_path, monkeypatch):
+    """run_sweep end to end on a stand-in script (no training): one main() per budget with the budget's arguments,
+    per-budget paired verdicts, the trend first -> last budget, and --resume keeping finished budgets."""
+    import json
+    import types
+
+    calls = []
+
+    def fake_main(argv):
+        steps = int(argv[argv.index("--student-steps") + 1])
+        calls.append(steps)
+        gap = {1: -0.10, 2: -0.05, 4: 0.02}[steps]  # A - B per seed grows with the budget
+        base = np.array([0.50, 0.60, 0.70])
+        jitter = np.array([0.0, 0.01, -0.01])
+        return {"teacher_accuracy": 0.9, "student_steps": [steps],
+                "results": {"A": {5: {"mean": 0, "std": 0, "runs": list(base + gap + jitter)}},
+                            "B": {5: {"mean": 0, "std": 0, "runs": list(base)}}}}
+
+    monkeypatch.setitem(__import__("sys").modules, "experiments._fake_sweep_target",
+                        types.SimpleNamespace(main=fake_main))
+    out = str(tmp_path / "sweep.json")
+    budgets = [("x1", ["--student-steps", "1"]), ("x2", ["--student-steps", "2"]), ("x4", ["--student-steps", "4"])]
+    summ = scale_sweep.run_sweep("_fake_sweep_target", budgets, [("A", "B")], ["--scale", "smoke"], out=out,
+                                 workdir=str(tmp_path))
+    assert calls == [1, 2, 4]
+    paired = {b: summ["budgets"][b]["paired"]["A>B"]["5"] for b in ("x1", "x2", "x4")}
+    assert paired["x1"]["verdict"] == "a<b" and paired["x4"]["verdict"] == "a>b"
+    assert paired["x1"]["mean"] == pytest.approx(-10.0) and paired["x4"]["mean"] == pytest.approx(2.0)
+    assert summ["trend"]["claims"]["A>B"]["5"]["direction"] == "toward thesis"
+    assert summ["gap_by_budget"]["A>B"]["5"] == {"x1": -10.0, "x2": -5.0, "x4": 2.0}
+    with open(out) as f:
+        assert json.load(f)["budgets"].keys() == {"x1", "x2", "x4"}
+    md = scale_sweep.markdown(summ)
+    assert "| A > B | 5 | -10.0 ± 1.0 (t -17.32, a<b) | -5.0 ± 1.0 (t -8.66, a<b) | +2.0 ± 1.0 (t 3.46, a>b) |" in md
+    calls.clear()
+    scale_sweep.run_sweep("_fake_sweep_target", budgets, [("A", "B")], ["--scale", "smoke"], out=out,
+                          workdir=str(tmp_path), resume=True)
+    assert calls == []  # every budget kept
+    with pytest.raises(ValueError, match="other shared arguments"):
+        scale_sweep.run_sweep("_fake_sweep_target", budgets, [("A", "B")], ["--scale", "small"], out=out,
+                              resume=True)
