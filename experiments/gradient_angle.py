@@ -65,6 +65,8 @@ def plot_curves(path: str, curves: dict, *, title: str) -> None:
 
 def main(argv=None) -> dict:
     p = common.base_parser(__doc__.splitlines()[0], default_dataset=None, seeds="count", overrides=("steps", "batch_size"))
+    p.add_argument("--student-steps", type=int, default=None, help="the students' step budget only (the cached "
+                   "teacher keeps --steps / the scale's)")
     p.add_argument("--parts", default="a,b", help="which panels: a, b or a,b")
     p.add_argument("--methods", default=",".join(FIG_A_METHODS), help="panel (a) objectives (distill_fullgrad "
                    "method names)")
@@ -96,7 +98,7 @@ def main(argv=None) -> dict:
         trainer = None
         for s in range(seeds):
             sub = gdata.n_per_class_subset(train, n, seed=s)
-            steps = DF.steps_for(pre, len(sub), pre.student_steps, args.steps)
+            steps = DF.steps_for(pre, len(sub), pre.student_steps, args.student_steps or args.steps)
             if trainer is None or trainer.steps != steps:
                 trainer = DF.student_trainer(model, teacher_model, method, pairs, pre=pre, steps=steps,
                                              num_classes=K, angle=True)
