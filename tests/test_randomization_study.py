@@ -145,9 +145,9 @@ def test_fullgrad_digits_seeds_aggregates_mean_and_std_over_seeds(tmp_path, monk
     def fake_run(args):  # the per-seed results.json structure of fullgrad_digits.run
         seen.append((args.seed, args.out))
         s = float(args.seed)
-        return {"test_accuracy": 0.9 + s / 100,
+        return {"test_accuracy": 0.9 + s / 100, "num_eights": 10, "total_seconds": 1.0,
                 "table_3_2": {n: {str(f): (s + f, 0.0) for f in FD.TABLE_FRACTIONS} for n in FD.TABLE_METHODS},
-                "table_3_1": {n: (10 * s, 1.0) for n in FD.TABLE_METHODS},
+                "table_3_1": {n: (10 * s + (n == "fullgrad_noabs") * (1 + s), 1.0) for n in FD.TABLE_METHODS},
                 "perturbation_curves": {n: [list(FD.CURVE_FRACTIONS), [s] * len(FD.CURVE_FRACTIONS)]
                                         for n in FD.TABLE_METHODS}}
 
@@ -157,6 +157,10 @@ def test_fullgrad_digits_seeds_aggregates_mean_and_std_over_seeds(tmp_path, monk
     assert seen == [(1, str(out / "seed1")), (3, str(out / "seed3"))]
     summary = json.loads((out / "results_seeds.json").read_text())
     assert summary["table_3_1"]["gradient"] == [10.0, 30.0]
+    # Table 3.1's thesis claim (no abs flips best) as a paired comparison over the seeds: differences 2 and 4
+    p = summary["table_3_1_paired_noabs"]["gradient"]
+    assert p["differences"] == [2.0, 4.0] and p["mean"] == 3.0 and p["wins"] == 2
+    assert p["t"] == pytest.approx(3.0 / (np.sqrt(2.0) / np.sqrt(2.0))) and p["verdict"] == "tie"  # t 3 < 6.314
     md = (out / "results_seeds.md").read_text()
     assert "| gradient | 20.000 ± 14.142 |" in md  # Table 3.1: mean ± sample std (ddof 1) over seeds
     assert "| random | 2.500 ± 1.414 | 2.700 ± 1.414 | 2.900 ± 1.414 |" in md  # Table 3.2 at RF 0.5 / 0.7 / 0.9

@@ -156,3 +156,46 @@ def test_morf_degrades_faster_and_lerf_slower_than_random(digits_linear):
     assert np.all(a_m[1:] < a_r[1:] - 0.1), (a_m, a_r)
     assert np.all(a_l[1:] > a_r[1:] + 0.02), (a_l, a_r)
     assert a_m[-1] < 0.4 and a_l[-1] > 0.9
+
+
+def test_roar_sanity_road_mode_reports_what_road_and_paired_comparison_give(tmp_path):
+    """``roar_sanity --road`` (issue 25): one trained model per seed, no retraining; the reported accuracies are
+    ``metrics.road`` of the restored seed model, and every ordering verdict is ``statistics.paired_comparison`` of
+    the per-seed scores (accuracy averaged over the fractions above 0), oriented "positive = FullGrad better"."""
+    import os
+
+    from experiments import common, roar_sanity
+    from gradjax import saliency
+    from gradjax.statistics import paired_comparison
+
+    out = str(tmp_path / "road")
+    argv = ["--scale", "smoke", "--dataset", "digits", "--epochs", "1", "--out", out]
+    res = roar_sanity.main(argv + ["--road", "--seeds", "0", "1", "--fractions", "0", "0.5", "--road-images", "64",
+                                   "--roar-methods", "gradient", "fullgrad", "--no-progress"])
+    assert os.path.getsize(os.path.join(out, "road.md")) > 0 and res["n_test"] == 64 and res["seeds"] == [0, 1]
+    assert res["methods"] == ["gradient", "fullgrad", "random"] and set(res["road"]) == set(M.ROAD_ORDERS)
+    for o in M.ROAD_ORDERS:
+        for m, st in res["road"][o].items():
+            per_seed = np.asarray(st["per_seed"])  # [seed, fraction]
+            assert per_seed.shape == (2, 2), (o, m)
+            np.testing.assert_allclose(per_seed[:, 0], res["clean_accuracy"])  # 0 % removed: the clean accuracy
+            np.testing.assert_allclose(st["score_per_seed"], per_seed[:, 1])  # the only fraction above 0
+        for m in ("gradient", "random"):
+            fg, other = (np.asarray(res["road"][o][k]["score_per_seed"]) for k in ("fullgrad", m))
+            want = paired_comparison(other, fg) if o == "morf" else paired_comparison(fg, other)
+            assert res["paired_vs_fullgrad"][o][m] == want.as_dict(), (o, m)
+    # the reported MoRF accuracy of gradient maps at 50 % is metrics.road on the restored seed-1 model
+    args = common.base_parser("restore", default_dataset=None).parse_args(argv)  # the data split of --seed 0
+    scale = common.resolve_scale(args, roar_sanity.PRESETS)
+    common.resolve_dataset(args, scale)
+    train, test = common.load_splits(args, scale)
+    state, _, model = common.train_classifier(train, test, scale, seed=1, progress=False,
+                                              checkpoint_dir=os.path.join(out, "checkpoints_seed1"))
+    handle = saliency.ModelHandle(model.apply, state.variables)
+    key = jax.random.PRNGKey(1)
+    x, y = test.images[:64], test.labels[:64]
+    maps = np.asarray(saliency.jit_method("gradient")(handle, jnp.asarray(x), key=key))
+    span = float(np.max(train.images) - np.min(train.images))
+    r = M.road(jax.jit(handle.logits), x, y, maps, fractions=[0.0, 0.5], order="morf",
+               key=jax.random.fold_in(key, 2), noise_std=0.01 * span)
+    assert res["road"]["morf"]["gradient"]["per_seed"][1] == pytest.approx(list(r.accuracies), abs=1e-6)
