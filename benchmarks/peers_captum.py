@@ -42,14 +42,13 @@ from benchmarks._common import configure_xla
 XLA_PRESET = configure_xla()
 
 import argparse
-import json
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks._common import interleaved, load_note, machine
+from benchmarks._common import interleaved, load_note, machine, pin_torch_threads, write_result
 from gradjax import saliency
 from gradjax.models import create_model
 from gradjax.models.vgg import VGG_CONFIGS
@@ -225,8 +224,8 @@ def set_torch_precision(device: "torch.device", precision: str) -> None:
     fast = precision == "fast"
     torch.backends.cuda.matmul.allow_tf32 = fast
     torch.backends.cudnn.allow_tf32 = fast
-    if device.type == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)
+    if device.type == "cpu":  # the cores benchmarks._common.pin_threads pinned XLA to (--threads N)
+        pin_torch_threads(torch)
 
 
 def timed_peer(fn, device: "torch.device"):
@@ -267,6 +266,11 @@ def main(argv=None) -> dict:
     p.add_argument("--precision", default="exact", choices=["exact", "fast"],
                    help="exact: float32 products on both sides (no TF32); fast: TF32 allowed on both")
     p.add_argument("--xla", default="default", help="XLA:CPU flag preset (benchmarks/_common.py)")
+    p.add_argument("--threads", default=None, help="cores for XLA and torch (default: all; benchmarks/_common.py)")
+    p.add_argument("--conv-impl", default="lax", choices=["lax", "im2col", "im2col_small", "im2col_gemm"],
+                   help="gradjax's convolutions (create_model(conv_impl=...), gradjax.models.cpu_ops; lax = default)")
+    p.add_argument("--pool-impl", default="lax", choices=["lax", "mask"],
+                   help="gradjax's max-pools (create_model(pool_impl=...); lax = default)")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"))
     args = p.parse_args(argv)
     if CAPTUM_ERROR is not None:
@@ -279,8 +283,9 @@ def main(argv=None) -> dict:
     device = torch_device(args.device)
     set_torch_precision(device, args.precision)
 
+    impls = {} if args.model == "resnet18" else {"conv_impl": args.conv_impl, "pool_impl": args.pool_impl}
     model = create_model(args.model, args.classes, width=args.width,
-                         precision="highest" if args.precision == "exact" else "default")
+                         precision="highest" if args.precision == "exact" else "default", **impls)
     x = jax.random.normal(jax.random.PRNGKey(0), (args.batch_size, args.image_size, args.image_size, args.channels))
     variables = model.init(jax.random.PRNGKey(1), x[:1], train=False)
     # Non-trivial BatchNorm statistics (so the implicit BN biases and their FullGrad maps are not zero): the running
@@ -382,7 +387,8 @@ def main(argv=None) -> dict:
     else:
         where = f"CPU ({os.cpu_count()} cores)"
     lines = [f"{args.model} width {args.width}, batch {args.batch_size}x{args.image_size}x{args.image_size}x"
-             f"{args.channels}, {args.classes} classes, {where}, medians of {args.repeats} interleaved rounds, "
+             f"{args.channels}, {args.classes} classes, gradjax conv/pool `{args.conv_impl}/{args.pool_impl}`, "
+             f"{where}, medians of {args.repeats} interleaved rounds, "
              f"{load_note(loads)}; XLA preset `{XLA_PRESET}`; jax {jax.__version__}, torch {torch.__version__} "
              f"({torch.get_num_threads()} threads); logits agree to {logit_diff:.1e} (relative).", "",
              "| method | gradjax ms | PyTorch/Captum ms | peer / gradjax (goal ≥ 1.0) | gradjax img/s | peer img/s "
@@ -401,13 +407,11 @@ def main(argv=None) -> dict:
                                                       "xla_preset": XLA_PRESET}),
               "loads": loads, "logit_rel_diff": logit_diff, "jax_peak_bytes": peak_jax, "rows": rows,
               "table": table}
-    os.makedirs(args.out, exist_ok=True)
     suffix = "" if XLA_PRESET == "default" else "-" + XLA_PRESET
     suffix += "" if args.preset is None else "-" + args.preset
     suffix += "" if args.precision == "exact" else "-" + args.precision
-    with open(os.path.join(args.out, f"peers_captum-{args.device}{suffix}.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    return result
+    suffix += "" if (args.conv_impl, args.pool_impl) == ("lax", "lax") else f"-{args.conv_impl}-{args.pool_impl}"
+    return write_result(os.path.join(args.out, f"peers_captum-{args.device}{suffix}.json"), result, loads)
 
 
 if __name__ == "__main__":

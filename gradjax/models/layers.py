@@ -48,6 +48,7 @@ import flax.linen as nn
 from jax import lax
 
 from gradjax import precision as _precision
+from gradjax.models import cpu_ops as _cpu_ops
 
 TAP = "tap"
 """Name of the perturbation / bias entry of every tap (its module path identifies the layer)."""
@@ -160,7 +161,8 @@ def _same_pads(n: int, k: int, s: int) -> tuple[int, int]:
 class TappedConv(nn.Module):
     """2-D convolution (NHWC, 'SAME' output size) ``z = W * x + b`` with ``b`` exposed as a bias tap (kind
     ``"conv"``); ``padding`` is one of :data:`PADDINGS` (default ``"zero"``); ``precision``, ``dtype``,
-    ``emulate``, ``tap_group`` as :class:`TappedDense`."""
+    ``emulate``, ``tap_group`` as :class:`TappedDense`; ``conv_impl`` one of
+    :data:`gradjax.models.cpu_ops.CONV_IMPLS` (default ``"lax"``; the im2col forms apply to stride 1)."""
 
     features: int
     kernel_size: Sequence[int] = (3, 3)
@@ -173,6 +175,7 @@ class TappedConv(nn.Module):
     dtype: Optional[Dtype] = None
     emulate: Optional[str] = None
     tap_group: Optional[str] = None
+    conv_impl: str = "lax"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -188,9 +191,12 @@ class TappedConv(nn.Module):
             x = jnp.pad(x, ((0, 0), *pads, (0, 0)), mode={"reflect": "reflect", "circular": "wrap"}[self.padding])
             pad = "VALID"
         prec, (x, kernel) = _matmul_inputs(self.precision, self.emulate, x, kernel)
-        z = lax.conv_general_dilated(
-            x, kernel, window_strides=tuple(self.strides), padding=pad,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=prec)
+        if self.conv_impl != "lax" and tuple(self.strides) == (1, 1):  # opt-in CPU form, stride 1 only
+            z = _cpu_ops.conv(self.conv_impl, x, kernel, padding=pad, precision=prec)
+        else:
+            z = lax.conv_general_dilated(
+                x, kernel, window_strides=tuple(self.strides), padding=pad,
+                dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=prec)
         if not self.use_bias:
             return z
         b = self.param("bias", self.bias_init, (self.features,)).astype(z.dtype)
@@ -293,12 +299,16 @@ class Activation(nn.Module):
         raise ValueError(f"unknown activation {self.kind!r}; expected 'relu' or 'softplus'.")
 
 
-def max_pool(x: jax.Array) -> jax.Array:
-    """2x2 max-pooling with stride 2 (thesis §2.12.1)."""
+def max_pool(x: jax.Array, *, impl: str = "lax") -> jax.Array:
+    """2x2 max-pooling with stride 2 (thesis §2.12.1); ``impl`` one of :data:`gradjax.models.cpu_ops.POOL_IMPLS`
+    (``"mask"``: :func:`gradjax.models.cpu_ops.max_pool_mask`, identical values and gradients)."""
     if x.shape[1] < 2 or x.shape[2] < 2:
         raise ValueError(
             f"max-pooling needs spatial size >= 2, got {x.shape[1]}x{x.shape[2]}: the input is too small for this "
             "architecture (VGG-9/11/13/16 need 32x32 inputs; resize the images, e.g. gradjax.data.load_digits(size=32)).")
+    if impl != "lax":
+        _cpu_ops.check_impl("pool_impl", impl, _cpu_ops.POOL_IMPLS)
+        return _cpu_ops.max_pool_mask(x)
     return nn.max_pool(x, window_shape=(2, 2), strides=(2, 2))
 
 

@@ -49,13 +49,14 @@ class ConvBlock(nn.Module):
     precision: PrecisionLike = "highest"
     dtype: Any = None
     emulate: Optional[str] = None
+    conv_impl: str = "lax"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         group = "" if self.use_bn else None
         x = TappedConv(self.features, (3, 3), use_bias=self.conv_bias, padding=self.padding,
                        precision=self.precision, dtype=self.dtype, emulate=self.emulate, tap_group=group,
-                       name="conv")(x)
+                       conv_impl=self.conv_impl, name="conv")(x)
         if self.use_bn:
             x = TappedBatchNorm(axis_name=self.axis_name, tap_group=group, name="bn")(x, train=train)
         return Activation(self.activation, self.beta, name="act")(x)
@@ -65,7 +66,8 @@ def vgg_trunk(x: jax.Array, layers: Sequence[Layer], *, train: bool, width: floa
               beta: float = 10.0, use_bn: bool = True, axis_name: Optional[str] = None,
               dropout: float = 0.0, dropout_block: Optional[int] = None,
               dropout_block_rate: float = 0.5, padding: str = "zero", precision: PrecisionLike = "highest",
-              dtype: Any = None, emulate: Optional[str] = None) -> jax.Array:
+              dtype: Any = None, emulate: Optional[str] = None, conv_impl: str = "lax",
+              pool_impl: str = "lax") -> jax.Array:
     """The VGG feature stack ``[B, H, W, C] -> [B, h, w, c]``: a :class:`ConvBlock` per channel count (named
     ``block{i}``) and 2x2 max-pooling (then ``Dropout(dropout)`` when ``dropout > 0``) per ``"M"``. Called inside a
     compact ``__call__`` (:class:`VGG`, :class:`gradjax.models.two_head.TwoHeadVGG`), so the blocks are submodules of
@@ -75,7 +77,8 @@ def vgg_trunk(x: jax.Array, layers: Sequence[Layer], *, train: bool, width: floa
     — the "dropout on that layer" baseline of thesis Table 4.3 (p = 0.5). Dropout has no parameters, so module
     paths do not change. ``ValueError`` when ``i`` is not a block index. ``padding``: the convolutions' border
     rule (:data:`gradjax.models.layers.PADDINGS`). ``precision``, ``dtype``, ``emulate``: every convolution's
-    (:class:`gradjax.models.layers.TappedConv`, :mod:`gradjax.precision`)."""
+    (:class:`gradjax.models.layers.TappedConv`, :mod:`gradjax.precision`). ``conv_impl`` / ``pool_impl``: the
+    convolutions' and max-pools' implementation (:mod:`gradjax.models.cpu_ops`; default ``"lax"``)."""
     n_blocks = sum(1 for layer in layers if layer != "M")
     if dropout_block is not None and not 0 <= dropout_block < n_blocks:
         raise ValueError(f"dropout_block must be a block index in [0, {n_blocks}); got {dropout_block}.")
@@ -84,13 +87,13 @@ def vgg_trunk(x: jax.Array, layers: Sequence[Layer], *, train: bool, width: floa
     i = 0
     for layer in layers:
         if layer == "M":
-            x = max_pool(x)
+            x = max_pool(x, impl=pool_impl)
             if dropout:
                 x = nn.Dropout(dropout, deterministic=not train)(x)
         else:
             x = ConvBlock(max(1, int(round(layer * width))), activation, beta, use_bn, axis_name=axis_name,
                           padding=padding, precision=precision, dtype=dtype, emulate=emulate,
-                          name=f"block{i}")(x, train=train)
+                          conv_impl=conv_impl, name=f"block{i}")(x, train=train)
             if i == dropout_block and dropout_block_rate > 0:
                 x = nn.Dropout(dropout_block_rate, deterministic=not train)(x)
             i += 1
@@ -121,6 +124,8 @@ class VGG(nn.Module):
         parameters and BatchNorm, float32 logits).
       emulate: ``"gpu"`` / ``"tpu"``: round the products' inputs as that chip would (CPU tests of reduced precision,
         :func:`gradjax.precision.emulate_rounding`).
+      conv_impl: ``"lax"`` (default) or an im2col form of :data:`gradjax.models.cpu_ops.CONV_IMPLS` (CPU speed,
+        same values); pool_impl: ``"lax"`` or ``"mask"`` (:func:`gradjax.models.cpu_ops.max_pool_mask`).
 
     ``__call__(x [B, H, W, C], train=False) -> logits [B, num_classes]``. Blocks are named ``block{i}``, the
     Dense layer ``head``.
@@ -140,6 +145,8 @@ class VGG(nn.Module):
     precision: PrecisionLike = "highest"
     dtype: Any = None
     emulate: Optional[str] = None
+    conv_impl: str = "lax"
+    pool_impl: str = "lax"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -148,7 +155,8 @@ class VGG(nn.Module):
         x = vgg_trunk(x, self.layers, train=train, width=self.width, activation=self.activation, beta=self.beta,
                       use_bn=self.use_bn, axis_name=self.axis_name, dropout=self.dropout,
                       dropout_block=self.dropout_block, dropout_block_rate=self.dropout_block_rate,
-                      padding=self.padding, precision=self.precision, dtype=self.dtype, emulate=self.emulate)
+                      padding=self.padding, precision=self.precision, dtype=self.dtype, emulate=self.emulate,
+                      conv_impl=self.conv_impl, pool_impl=self.pool_impl)
         logits = TappedDense(self.num_classes, precision=self.precision, dtype=self.dtype, emulate=self.emulate,
                              name="head")(global_average_pool(x))
         return logits if self.dtype is None else logits.astype(jnp.float32)
