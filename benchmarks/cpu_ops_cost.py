@@ -86,13 +86,13 @@ def main(argv=None) -> dict:
         out = np.asarray(fn())
         ref_name = f"{m.split(' chunk')[0]} | {variants[0]}"
         ref = np.asarray(fns[ref_name]())
-        agreement[name] = 0.0 if m.startswith("smoothgrad") else float(
+        agreement[name] = float(
             np.max(np.abs(out - ref)) / max(np.max(np.abs(ref)), 1e-30))
     med, runs, loads = interleaved(fns, args.repeats, warmup=0, rotate=True)
     lines = [f"{args.model} width {args.width}, batch {args.batch_size}x{args.image_size}x{args.image_size}x3, "
              f"IG {args.ig_steps} steps, SmoothGrad² {args.smoothgrad_samples} samples; medians of {args.repeats} "
              f"rotated round-robin rounds, {load_note(loads)}; XLA preset `{XLA_PRESET}`. Entry: ms (speed-up over "
-             f"`{variants[0]}`); maps: max |diff| / max |default| (SmoothGrad²: same key, same noise).", "",
+             f"`{variants[0]}`); maps: max |diff| / max |default|.", "",
              "| method | " + " | ".join(f"`{q}`" for q in variants) + " | max map diff |",
              "|---|" + "---|" * (len(variants) + 1)]
     rows = {}

@@ -38,7 +38,6 @@ from benchmarks._common import configure_xla
 XLA_PRESET = configure_xla()
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import statistics  # noqa: E402
@@ -48,7 +47,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks._common import interleaved, load_note, machine  # noqa: E402
+from benchmarks._common import interleaved, load_note, machine, write_result  # noqa: E402
 from gradjax import saliency as S  # noqa: E402
 from gradjax import trace as T  # noqa: E402
 from gradjax.gradients import logits_and_target_gradient  # noqa: E402
@@ -103,6 +102,7 @@ def main(argv=None) -> dict:
     p.add_argument("--trace-keys", type=int, default=12)
     p.add_argument("--skip", default="", help="comma-separated parts to skip: saliency,accuracy,trace")
     p.add_argument("--xla", default="default")
+    p.add_argument("--threads", default=None, help="cores for XLA (default: all; benchmarks/_common.py)")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"))
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -191,10 +191,8 @@ def main(argv=None) -> dict:
         print(tables[-1], flush=True)
 
     result["table"] = "\n\n".join(tables)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"peers_jax-{jax.default_backend()}.json"), "w") as f:
-        json.dump(result, f, indent=2, default=float)
-    return result
+    loads = [a for part in ("pair", "ig_accuracy", "trace") for a in result.get(part, {}).get("loads", [])]
+    return write_result(os.path.join(args.out, f"peers_jax-{jax.default_backend()}.json"), result, loads)
 
 
 def ig_accuracy(args, h, x, target, key, pair_ig_s=None) -> dict:
