@@ -27,7 +27,7 @@ Never part of CI. Writes ``benchmarks/results/accelerator-<backend>-<preset>.jso
 """
 from __future__ import annotations
 
-from benchmarks._common import configure_xla
+from benchmarks._common import configure_xla, load_record
 
 XLA_PRESET = configure_xla()
 
@@ -246,7 +246,7 @@ def main(argv=None) -> dict:
               "training": training, "table": table}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"accelerator-{jax.default_backend()}-{preset}.json"), "w") as f:
-        json.dump(result, f, indent=2, default=float)
+        json.dump({**result, "load": load_record()}, f, indent=2, default=float)
     return result
 
 

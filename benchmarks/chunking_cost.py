@@ -19,7 +19,7 @@ Writes ``benchmarks/results/chunking_cost-<backend>-b<B>.json``.
 """
 from __future__ import annotations
 
-from benchmarks._common import configure_xla
+from benchmarks._common import configure_xla, load_record
 
 XLA_PRESET = configure_xla()
 
@@ -115,7 +115,7 @@ def main(argv=None) -> dict:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"chunking_cost-{jax.default_backend()}-b{args.batch_size}"
                                      f"{'' if XLA_PRESET == 'default' else '-' + XLA_PRESET}.json"), "w") as f:
-        json.dump(result, f, indent=2)
+        json.dump({**result, "load": load_record(loads)}, f, indent=2, default=float)
     return result
 
 

@@ -23,6 +23,10 @@ import json
 import os
 import time
 
+from benchmarks._common import load_record, pin_threads  # noqa: E402
+
+pin_threads()  # XLA's threads (PJRT_NPROC, affinity) before JAX starts; records the load before
+
 import jax
 import numpy as np
 import optax
@@ -165,7 +169,7 @@ def main(argv=None) -> dict:
             "date": time.strftime("%Y-%m-%d")}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "fullgrad_matching_cost.json"), "w") as f:
-        json.dump({"meta": meta, "results": out}, f, indent=2)
+        json.dump({"meta": meta, "results": out, "load": load_record()}, f, indent=2, default=float)
     with open(os.path.join(args.out, "fullgrad_matching_cost.md"), "w") as f:
         f.write(table + "\n")
     print(table)

@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks._common import interleaved, load_note, machine
+from benchmarks._common import interleaved, load_note, load_record, machine
 from benchmarks.peers_captum import jax_peak_bytes, set_torch_precision, timed_peer, torch_device, torch_vgg
 from gradjax import train as gtrain
 from gradjax.losses import terms as LT
@@ -293,7 +293,7 @@ def main(argv=None) -> dict:
     suffix = f"-{args.preset}" + ("" if args.precision == "exact" else "-" + args.precision)
     suffix += "" if args.bn_policy == "frozen" else "-bn" + args.bn_policy
     with open(os.path.join(args.out, f"peers_train_steps-{args.device}{suffix}.json"), "w") as f:
-        json.dump(result, f, indent=2)
+        json.dump({**result, "load": load_record(loads)}, f, indent=2, default=float)
     return result
 
 

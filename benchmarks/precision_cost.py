@@ -25,6 +25,10 @@ import os
 import time
 import warnings
 
+from benchmarks._common import load_record, pin_threads  # noqa: E402
+
+pin_threads()  # XLA's threads (PJRT_NPROC, affinity) before JAX starts; records the load before
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -116,7 +120,8 @@ def main(argv=None) -> dict:
     print(table)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "precision_cost.json"), "w") as f:
-        json.dump({"config": vars(args), "rows": rows, "table": table}, f, indent=2)
+        json.dump({"config": vars(args), "rows": rows, "table": table, "load": load_record()}, f, indent=2,
+                  default=float)
     return {"rows": rows, "table": table}
 
 

@@ -24,6 +24,10 @@ import statistics
 import time
 from typing import Callable
 
+from benchmarks._common import load_record, pin_threads  # noqa: E402
+
+pin_threads()  # XLA's threads (PJRT_NPROC, affinity) before JAX starts; records the load before
+
 import jax
 import jax.numpy as jnp
 
@@ -127,7 +131,7 @@ def main(argv=None) -> dict:
               "table": table}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"saliency_cost-{jax.default_backend()}.json"), "w") as f:
-        json.dump(result, f, indent=2)
+        json.dump({**result, "load": load_record()}, f, indent=2, default=float)
     return result
 
 

@@ -17,7 +17,7 @@ Writes ``benchmarks/results/scaling-<backend>.json`` and the PNG (``--png``).
 """
 from __future__ import annotations
 
-from benchmarks._common import configure_xla
+from benchmarks._common import configure_xla, load_record
 
 XLA_PRESET = configure_xla()
 
@@ -121,7 +121,7 @@ def main(argv=None) -> dict:
               "sweeps": sweeps, "oom_batch_estimate": oom_batch, "table": table}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"scaling-{jax.default_backend()}.json"), "w") as f:
-        json.dump(result, f, indent=2)
+        json.dump({**result, "load": load_record()}, f, indent=2, default=float)
     return result
 
 

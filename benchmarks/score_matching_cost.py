@@ -27,6 +27,10 @@ import argparse
 import json
 import os
 
+from benchmarks._common import load_record, pin_threads  # noqa: E402
+
+pin_threads()  # XLA's threads (PJRT_NPROC, affinity) before JAX starts; records the load before
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,7 +115,7 @@ def main(argv=None) -> dict:
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"score_matching_cost-{jax.default_backend()}.json")
     with open(path, "w") as fh:
-        json.dump(res, fh, indent=2)
+        json.dump({**res, "load": load_record(loads)}, fh, indent=2, default=float)
     print(f"\nforward F = {1e3 * forward_s:.2f} ms; CE step = {res['ce_step_in_forwards']:.2f} F; "
           f"{args.repeats} rotated rounds, {load_note(loads)}")
     print("| variant | step min (ms) | × CE time (min) | × CE (median) | × CE FLOPs | × CE temp memory | "

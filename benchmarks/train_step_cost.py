@@ -29,6 +29,10 @@ import json
 import os
 import time
 
+from benchmarks._common import load_record, pin_threads  # noqa: E402
+
+pin_threads()  # XLA's threads (PJRT_NPROC, affinity) before JAX starts; records the load before
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -147,7 +151,7 @@ def main(argv=None) -> dict:
             **machine()}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "train_step_cost.json"), "w") as f:
-        json.dump({"meta": meta, "results": out}, f, indent=2)
+        json.dump({"meta": meta, "results": out, "load": load_record(loads)}, f, indent=2, default=float)
     with open(os.path.join(args.out, "train_step_cost.md"), "w") as f:
         f.write(table + "\n")
     print(table)
