@@ -1,0 +1,46 @@
+"""docs/RESULTS.md's chapter-3 numbers (issue 25) agree with the raw results committed under docs/results/ch3_*.json
+(no computation: the files are the runs' own results.json, cut to numbers)."""
+import pytest
+
+from gradjax.statistics import paired_comparison
+from tests.results_check import assert_reported, results_json, section
+
+MAIN_HEADING = "The main job on real MNIST digits"
+ROAD_HEADING = "ROAD (leak-free ROAR)"
+
+
+def test_main_job_tables_match_the_raw_run():
+    raw = results_json("ch3_main_job")
+    text = section(MAIN_HEADING)
+    assert raw["dataset"] == "mnist_digits" and raw["scale"] == "small"
+    assert_reported(text, 100 * raw["test_accuracy"], 1, what="test accuracy (%)")
+    assert_reported(text, raw["total_seconds"] / 60, 1, what="wall minutes")
+    for method, rows in raw["table_3_2"].items():
+        for fraction, (mean, std) in rows.items():
+            assert_reported(text, mean, 3, what=f"Table 3.2 {method} RF {fraction} mean")
+            assert_reported(text, std, 3, what=f"Table 3.2 {method} RF {fraction} std")
+    for method, (mean, std) in raw["table_3_1"].items():
+        assert_reported(text, mean, 2, what=f"Table 3.1 {method} mean")
+        assert_reported(text, std, 2, what=f"Table 3.1 {method} std")
+
+
+def test_road_tables_and_verdicts_match_the_raw_run():
+    raw = results_json("ch3_road")
+    text = section(ROAD_HEADING)
+    assert len(raw["seeds"]) >= 3
+    for order, methods in raw["road"].items():
+        for method, st in methods.items():
+            for i, f in enumerate(raw["fractions"]):
+                if f > 0:
+                    assert_reported(text, st["mean"][i], 3, what=f"ROAD {order} {method} at {f}")
+    for order, methods in raw["paired_vs_fullgrad"].items():
+        for method, p in methods.items():
+            fg = raw["road"][order]["fullgrad"]["score_per_seed"]
+            other = raw["road"][order][method]["score_per_seed"]
+            # the verdict in the file is paired_comparison's of the per-seed scores (positive = FullGrad better)
+            want = paired_comparison(other, fg) if order == "morf" else paired_comparison(fg, other)
+            assert p["verdict"] == want.verdict and p["mean"] == pytest.approx(want.mean, abs=1e-12)
+            assert_reported(text, p["mean"], 3, what=f"paired {order} {method} mean difference")
+            row = [line for line in text.splitlines()
+                   if line.startswith(f"| {order.upper()} | {method} |")]
+            assert len(row) == 1 and row[0].rstrip(" |").endswith(p["verdict"]), (order, method, row)
