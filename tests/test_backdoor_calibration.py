@@ -91,7 +91,9 @@ def test_reference_scores_are_leave_one_out():
 def test_experiment_smoke(tmp_path):
     from experiments import backdoor_calibrated as exp
 
-    res = exp.main(["--scale", "smoke", "--heads", "flatten", "--out", str(tmp_path)])
+    # the 8x8 digits option (cheap); the default mnist_digits path is what the RESULTS run exercises
+    res = exp.main(["--scale", "smoke", "--dataset", "digits", "--heads", "flatten", "--out", str(tmp_path)])
+    assert res["dataset"] == "digits"
     h = res["heads"]["flatten"]
     for meth in ("input_agnostic", "neural_cleanse"):
         r = h["decision"][meth]["reference"]
