@@ -226,3 +226,37 @@ def test_scale_sweep_runs_resumes_and_writes(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="other shared arguments"):
         scale_sweep.run_sweep("_fake_sweep_target", budgets, [("A", "B")], ["--scale", "small"], out=out,
                               resume=True)
+
+
+def test_paper_lwf_objective_traces_with_the_thesis_pairs():
+    """The paper preset's CE + {A+att+J} (attention at Table 2.4's four pairs, attention-Jacobian at (7, 2), window
+    s/5) with the ImageNet-stem ResNet-34 teacher and the two-head VGG-9 student: traced (jax.eval_shape, nothing
+    compiled) to a finite scalar loss — every pair exists and has matching spatial sizes."""
+    from gradjax.losses import terms as LT
+    from gradjax.models.two_head import TwoHeadVGG, target_slice
+    from gradjax.models.vgg import VGG_CONFIGS
+    from gradjax.train import StepContext
+
+    pre = lwf_transfer.PRESETS["paper"]
+    nt, ns = 3, 4
+    teacher = lwf_transfer.build_teacher(pre.teacher, ns, width=1 / 16)
+    student = TwoHeadVGG(VGG_CONFIGS[pre.model], nt, ns, width=1 / 16)
+    terms = lwf_transfer.method_terms("CE + {A+att+J}", nt, ns, pairs=lwf_transfer.layer_pairs(pre),
+                                      jacobian_pair=pre.jacobian_pair, window=pre.window, divisor=pre.divisor,
+                                      w=pre.weight)
+    assert [t.weight for t in terms] == [10.0] * 4
+    loss_fn = LT.make_loss_fn(student.apply, terms, teacher_apply_fn=teacher.apply, metrics_head=target_slice(nt))
+    x = jnp.zeros((2, 32, 32, 3))
+
+    def run():
+        sv = student.init(jax.random.PRNGKey(0), x)
+        tv = teacher.init(jax.random.PRNGKey(1), x)
+        params, state = sv["params"], {k: v for k, v in sv.items() if k != "params"}
+        ctx = StepContext(jax.random.PRNGKey(2), jnp.int32(0), {"teacher": tv})
+        loss, _ = loss_fn(params, state, {"image": x, "label": jnp.array([0, 1])}, ctx)
+        return loss
+
+    out = jax.eval_shape(run)
+    assert out.shape == () and out.dtype == jnp.float32
+    with pytest.raises(ValueError, match="jacobian_pair"):
+        lwf_transfer.method_terms("CE + {A+J}", nt, ns, pairs=lwf_transfer.layer_pairs(pre), jacobian_pair="level 1")
