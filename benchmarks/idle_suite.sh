@@ -39,7 +39,8 @@ run jax python -m benchmarks.peers_jax --repeats 5 --trace-keys 12 --skip accura
 # 3. per layer type, forward / input-gradient / weight-gradient, gradjax vs PyTorch
 run layers python -m benchmarks.layer_profile --repeats 5 --conv-impls lax,lax-nchw,im2col,im2col-ad --out "$OUT"
 # 4. the opt-in CPU ops end to end, and IG images per call
-run cpu_ops python -m benchmarks.cpu_ops_cost --repeats 5 --out "$OUT"
+run cpu_ops python -m benchmarks.cpu_ops_cost --repeats 5 --variants lax/lax,lax/mask,im2col_small/mask \
+  --ig-chunks auto,256 --out "$OUT"
 # 5. IG time to accuracy, ReLU and softplus VGG, every rule vs the peers' defaults
 run ig python -m benchmarks.ig_time_to_accuracy --repeats 3 --out "$OUT"
 echo "idle_suite: elapsed per part (s):"
