@@ -2,7 +2,10 @@
 # The idle re-measurement of issue 27 in one command: every CPU peer table and the per-layer profile, on a machine
 # that nothing else is using. Run from the repository root with the venv active:
 #
-#     bash benchmarks/idle_suite.sh                  # ~15-20 min on 2 idle cores; JSON in benchmarks/results/
+#     bash benchmarks/idle_suite.sh                  # ~15-20 min on 2 idle cores (estimated); JSON in benchmarks/results/
+#
+# Estimated idle minutes per part (from loaded runs' CPU time): captum ~3, captum_fast ~3, jax ~3, layers ~2-3,
+# cpu_ops ~3, ig ~3-4 (loaded: 640 s wall, 228 s CPU). The suite prints the real elapsed time of every part.
 #     OUT=/tmp/idle bash benchmarks/idle_suite.sh    # elsewhere
 #     PARTS="captum jax" bash benchmarks/idle_suite.sh   # a subset (captum captum_fast jax layers cpu_ops ig)
 #
@@ -27,9 +30,10 @@ run() {  # name, then the command
   case " $PARTS " in *" $name "*) ;; *) return 0 ;; esac
   local t0; t0=$(date +%s)
   echo "=== $name: $* ($(date -u +%H:%M:%S))"
-  "$@"
+  local rc=0
+  "$@" || rc=$?  # a failing part is reported, the others still run
   ELAPSED[$name]=$(( $(date +%s) - t0 ))
-  echo "=== $name: ${ELAPSED[$name]} s"
+  echo "=== $name: ${ELAPSED[$name]} s$([ "$rc" = 0 ] || echo ", FAILED (exit $rc)")"
 }
 # 1. gradjax vs PyTorch + Captum, the default model (the issue's table), and with the opt-in CPU ops
 run captum python -m benchmarks.peers_captum --repeats 5 --out "$OUT"
