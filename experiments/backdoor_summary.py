@@ -23,6 +23,16 @@ def _mean(v):
     return float(np.mean(v)) if len(v) else None
 
 
+def _best_at(v: dict, clean_scores, false_alarm: float) -> float:
+    """The ROC's highest detection (right target) among thresholds whose false-alarm rate on the clean evaluated
+    models is ``<= false_alarm`` (an oracle threshold: what the statistic allows, not what the calibrated rule
+    achieved)."""
+    from gradjax import backdoor as bd
+
+    curve = bd.roc(v["scores"], v["suspect_is_target"], clean_scores)
+    return float(np.max(curve.detection[curve.false_alarm <= false_alarm + 1e-12]))
+
+
 def compact(res: dict) -> dict:
     out = {"dataset": res["dataset"], "scale": res["scale"], "false_alarm": res["false_alarm"],
            "radius": res["radius"], "total_seconds": res["total_seconds"], "heads": {},
@@ -46,7 +56,8 @@ def compact(res: dict) -> dict:
                     "threshold": r["threshold"], "reference_false_alarm": r["reference_false_alarm"],
                     "clean_false_alarm": r["clean_false_alarm"], "reference_scores": r["reference_scores"],
                     "clean_scores": r["clean_scores"],
-                    "kinds": {k: {f: v[f] for f in ("n", "detection", "auc", "scores", "suspect_is_target")}
+                    "kinds": {k: {**{f: v[f] for f in ("n", "detection", "auc", "scores", "suspect_is_target")},
+                                  "best_detection_at_false_alarm": _best_at(v, r["clean_scores"], res["false_alarm"])}
                               for k, v in r["kinds"].items()}}
         cm = h["class_maps"]
         o["class_maps"] = {"own_accuracy": _mean(cm["own_accuracy"]), "cross_model_accuracy": _mean(cm["cross_model_accuracy"]),
@@ -72,10 +83,11 @@ def tables(c: dict) -> str:
                          f"{r['threshold']:.2f}", f"{r['reference_false_alarm']:.2f}", f"{r['clean_false_alarm']:.2f}"]
                 for k in ("corner", "random", "blend"):
                     v = r["kinds"].get(k)
-                    cells.append("—" if v is None else f"{v['detection']:.2f} / {v['auc']:.2f} (n={v['n']})")
+                    cells.append("—" if v is None else f"{v['detection']:.2f} / {v['best_detection_at_false_alarm']:.2f} / "
+                                 f"{v['auc']:.2f} (n={v['n']})")
                 rows.append(cells)
     det = common.markdown_table(["head", "method", "score", "threshold", "FA refs", "FA clean eval",
-                                 "corner: det. / AUC", "random: det. / AUC", "blend: det. / AUC"], rows)
+                                 "corner: det. / best det. at FA <= 0.1 / AUC", "random: same", "blend: same"], rows)
     rows = []
     for head, h in c["heads"].items():
         for k in ("corner", "random", "blend"):
