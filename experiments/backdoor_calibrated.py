@@ -54,10 +54,10 @@ POISON_RATE = 0.1
 BLEND_ALPHA = 0.2
 
 SCALES = {
-    "smoke": dict(n_reference=4, n_clean=2, n_trojan={"corner": 2, "random": 2, "blend": 2}, chunk=2, epochs=1,
-                  max_train=512, width=4, gap=dict(last_width=8, epochs=1, lr=2e-3), ia=dict(steps=3, samples=4, fidelity_samples=8, curve_fractions=(0.5, 0.25),
-                                                    curve_steps=2, refine_steps=1),
-                  nc=dict(steps=3, batch_size=4), nc_images=16),
+    "smoke": dict(n_reference=3, n_clean=2, n_trojan={"corner": 1, "random": 1, "blend": 1}, chunk=4, epochs=1,
+                  max_train=512, width=4, gap=dict(last_width=8, epochs=1, lr=2e-3), ia=dict(steps=2, samples=4, fidelity_samples=8, curve_fractions=(0.5,),
+                                                    curve_steps=1, refine_steps=1),
+                  nc=dict(steps=2, batch_size=4), nc_images=16),
     "small": dict(n_reference=10, n_clean=10, n_trojan={"corner": 10, "random": 5, "blend": 5}, chunk=5, epochs=3,
                   max_train=None, width=4, gap=dict(last_width=32, epochs=8, lr=4e-3), ia=dict(steps=30, samples=8, fidelity_samples=48,
                                                    curve_fractions=tuple(round(0.7 ** k, 4) for k in range(1, 9)),

@@ -88,6 +88,7 @@ def test_reference_scores_are_leave_one_out():
         bd.reference_scores(ref[:2])
 
 
+@pytest.mark.usefixtures("fast_compilation")
 def test_experiment_smoke(tmp_path):
     from experiments import backdoor_calibrated as exp
 
