@@ -210,9 +210,11 @@ def _check_side(side: str) -> None:
 
 def reference_anomaly_index(values, reference, *, side: str = "low") -> np.ndarray:
     """Deviation of each class's statistic from the same class over clean reference models, in robust standard
-    deviations, signed towards the suspicious ``side``:
+    deviations, signed towards the suspicious ``side`` (issue 26's per-class calibration).
 
-        z_k = sgn * (s_k - median_r S[r, k]) / (1.4826 * median_r |S[r, k] - median_r S[r, k]|)
+    The index is::
+
+        z_k = sgn * (s_k - med_k) / (1.4826 * MAD_k),   med_k = median_r S[r, k],   MAD_k = median_r abs(S[r, k] - med_k)
 
     with ``sgn = -1`` for ``"low"`` (small values suspicious, e.g. a log radius or a mask norm), ``+1`` for
     ``"high"``; ``"both"`` takes ``|.|``. A zero MAD is floored as in :func:`mad_anomaly_index`.
