@@ -46,6 +46,7 @@ class PairedComparison:
     differences: tuple
 
     def as_dict(self) -> dict:
+        """The fields as a JSON-ready dict (``differences`` as a list)."""
         d = asdict(self)
         d["differences"] = list(self.differences)
         return d
