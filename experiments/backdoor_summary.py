@@ -144,6 +144,7 @@ def plot_roc(c: dict, path: str) -> None:
             ax.set_ylabel("detected, right target", fontsize=7)
             ax.set_title(f"{METHODS[meth]}, {head} head", fontsize=8)
             ax.legend(fontsize=5, loc="lower right")
+    fig.tight_layout()
     fig.savefig(path, dpi=100, bbox_inches="tight")
 
 
