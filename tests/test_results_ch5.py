@@ -1,0 +1,64 @@
+"""docs/RESULTS.md's chapter-5 numbers of issue 25 (the authors' training recipe, 3 seeds; the baseline's budget
+axis) against the raw numbers under docs/results/ch5_*.json. Reads files only (no training): milliseconds."""
+import numpy as np
+import pytest
+
+from gradjax.statistics import paired_comparison, sample_std
+from tests.results_check import assert_reported, results_json, section
+
+SHORT = {"baseline": "baseline", "score_matching": "SM", "anti_score_matching": "anti-SM", "gradient_norm": "GN"}
+HEADING = "Issue 25: the four models trained with the authors' recipe"
+
+
+@pytest.fixture(scope="module")
+def text():
+    return section(HEADING)
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    return results_json("ch5_authors_recipe")
+
+
+def test_accuracy_gradient_norm_and_trace_as_reported(text, recipe):
+    assert recipe["seeds"] == [0, 1, 2] and recipe["bn_policy"] == "train" and recipe["augment_pad"] == 2
+    for o, e in recipe["per_objective"].items():
+        for key, k, dec in (("test_accuracy", 100, 1), ("test_accuracy_batch_stats", 100, 1),
+                            ("grad_sq_norm_mean", 1, 1), ("trace_mean", 1, 1)):
+            v = np.asarray(e[key], float) * k
+            assert_reported(text, v.mean(), dec, what=f"{o} {key} mean")
+            assert_reported(text, float(sample_std(v)), dec, what=f"{o} {key} sample std")
+
+
+def test_gan_test_and_density_ratios_as_reported(text, recipe):
+    for o, e in recipe["per_objective"].items():
+        for key in ("gan_test/authors/noise_judge", "gan_test/authors/judge"):
+            if key in e:
+                v = 100 * np.asarray(e[key], float)
+                assert_reported(text, v.mean(), 1, what=f"{o} {key}")
+                assert_reported(text, float(sample_std(v)), 1, what=f"{o} {key} std")
+        if "log_ratio_slope" in e:
+            v = np.asarray(e["log_ratio_slope"], float)
+            assert_reported(text, v.mean(), 1, what=f"{o} log-ratio slope")
+
+
+def test_every_ordering_verdict_is_the_paired_comparison_of_the_stored_seeds(text, recipe):
+    po = recipe["per_objective"]
+    key = {"accuracy": "test_accuracy", "gan_test": recipe.get("gan_test_reported"),
+           "log_ratio_slope": "log_ratio_slope", "pixel_baseline_mean": "pixel_baseline_mean"}
+    assert recipe["paired"], "no paired comparisons stored"
+    for measure, rows in recipe["paired"].items():
+        for r in rows:
+            pc = paired_comparison(po[r["a"]][key[measure]], po[r["b"]][key[measure]])
+            assert pc.verdict == r["verdict"] and pc.t == pytest.approx(r["t"])
+            assert f"{SHORT[r['a']]} vs {SHORT[r['b']]}: {r['claim_held']}" in text, (measure, r["a"], r["b"])
+            assert f"t = {r['t']:.2f}" in text
+
+
+def test_budget_axis_of_the_baseline_as_reported(text):
+    b = results_json("ch5_budget")
+    assert len(b["budgets"]) >= 3
+    for row in b["budgets"]:
+        v = 100 * np.asarray(row["test_accuracy"], float)
+        assert_reported(text, v.mean(), 1, what=f"baseline at {row['epochs']} epochs")
+        assert f"{row['steps']} steps" in text
