@@ -41,3 +41,19 @@ def test_localization_timing_and_maps_match(data):
         assert_reported(text, m["cosine_other_class"], 3, what=f"{head} cosine other class")
     for name, c in res["comparisons"].items():
         assert_reported(text, c["mean"], 3, what=f"comparison {name}")
+
+
+def test_ia_budget_paragraph_matches(data):
+    _, text = data
+    res = results_json("backdoor_ia_budget3")
+    h = res["heads"]["flatten"]
+    corner = {rule: h["decision"]["input_agnostic"][rule]["kinds"]["corner"] for rule in ("reference", "within")}
+    for rule, v in corner.items():
+        assert_reported(text, v["auc"], 2, what=f"budget x3 IA {rule} AUC")
+        assert_reported(text, v["best_detection_at_false_alarm"], 2, what=f"budget x3 IA {rule} best detection")
+    assert_reported(text, h["iou"]["corner"]["ia_iou"], 2, what="budget x3 IA IoU")
+    assert_reported(text, h["iou"]["corner"]["ia_iou_area"], 2, what="budget x3 IA IoU (area)")
+    s = h["seconds_per_model"]
+    assert_reported(text, s["input_agnostic"], 2, what="budget x3 IA s/model")
+    assert_reported(text, s["neural_cleanse"], 2, what="budget x3 NC s/model")
+    assert_reported(text, s["input_agnostic"] / s["neural_cleanse"], 2, what="budget x3 IA/NC ratio")
