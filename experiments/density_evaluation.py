@@ -529,11 +529,14 @@ ORDERINGS = {  # the thesis's orderings, best first (§5.5 accuracy, Table 5.1, 
     "gan_test": ("gradient_norm", "score_matching", "baseline", "anti_score_matching"),
     "log_ratio_slope": ("score_matching", "gradient_norm", "baseline", "anti_score_matching"),
     "pixel_baseline_mean": ("score_matching", "gradient_norm", "baseline", "anti_score_matching"),
+    "denoise_mse": ("score_matching", "gradient_norm", "baseline", "anti_score_matching"),
 }
 """Best-first orderings the thesis claims, per measure (the density-ratio claim, L1622–1624, is "SM and GN flatter
 than the baseline, anti-SM steepest": the slope of the mean log-ratio, closer to 0 = flatter; Fig. 5.3b, L1655–1658,
 "SM ≈ GN > baseline > anti-SM": the baseline model's accuracy under each model's gradient ranking, averaged over the
-removed fractions, higher = better gradients; the SM–GN pair of both is not a claim)."""
+removed fractions, higher = better gradients; the SM–GN pair of both is not a claim; Fig. 5.8, L1794–1798, "SM
+gives the most realistic denoised samples": the MSE to the clean image after the ascent, compared negated, only the
+pairs with SM are claims)."""
 
 
 def paired_orderings(values: dict, order) -> list[dict]:
@@ -604,6 +607,9 @@ def export_summary(models_results: dict, eval_results: dict) -> dict:
     if all("pixel_baseline_mean" in po[o] for o in objs):
         comps["pixel_baseline_mean"] = paired_orderings({o: po[o]["pixel_baseline_mean"] for o in objs},
                                                         ORDERINGS["pixel_baseline_mean"])
+    if all("denoise_mse" in po[o] for o in objs):  # Fig. 5.8, "SM denoises best": lower MSE = better (negated)
+        comps["denoise_mse"] = paired_orderings({o: [-v for v in po[o]["denoise_mse"]] for o in objs},
+                                                ORDERINGS["denoise_mse"])
     out["paired"] = comps
     return out
 

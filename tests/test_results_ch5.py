@@ -45,11 +45,14 @@ def test_gan_test_and_density_ratios_as_reported(text, recipe):
 def test_every_ordering_verdict_is_the_paired_comparison_of_the_stored_seeds(text, recipe):
     po = recipe["per_objective"]
     key = {"accuracy": "test_accuracy", "gan_test": recipe.get("gan_test_reported"),
-           "log_ratio_slope": "log_ratio_slope", "pixel_baseline_mean": "pixel_baseline_mean"}
+           "log_ratio_slope": "log_ratio_slope", "pixel_baseline_mean": "pixel_baseline_mean",
+           "denoise_mse": "denoise_mse"}
     assert recipe["paired"], "no paired comparisons stored"
     for measure, rows in recipe["paired"].items():
         for r in rows:
-            pc = paired_comparison(po[r["a"]][key[measure]], po[r["b"]][key[measure]])
+            sign = -1.0 if measure == "denoise_mse" else 1.0  # lower MSE = better: compared negated
+            pc = paired_comparison(sign * np.asarray(po[r["a"]][key[measure]]),
+                                   sign * np.asarray(po[r["b"]][key[measure]]))
             assert pc.verdict == r["verdict"] and pc.t == pytest.approx(r["t"])
             assert f"{SHORT[r['a']]} vs {SHORT[r['b']]}: {r['claim_held']}" in text, (measure, r["a"], r["b"])
             assert f"t = {r['t']:.2f}" in text
