@@ -44,3 +44,28 @@ def test_road_tables_and_verdicts_match_the_raw_run():
             row = [line for line in text.splitlines()
                    if line.startswith(f"| {order.upper()} | {method} |")]
             assert len(row) == 1 and row[0].rstrip(" |").endswith(p["verdict"]), (order, method, row)
+
+
+BUDGET_HEADING = "Table 3.1 over training budgets"
+
+
+def test_table_3_1_budget_axis_matches_the_raw_runs():
+    import numpy as np
+
+    raw = results_json("ch3_table3_1_budgets")
+    text = section(BUDGET_HEADING)
+    assert len(raw["budgets"]) >= 3
+    for b in raw["budgets"]:
+        assert len(b["seeds"]) >= 3
+        assert_reported(text, 100 * float(np.mean(b["test_accuracy"])), 1, what=f"accuracy at {b['epochs']} epochs")
+        noabs = b["table_3_1"]["fullgrad_noabs"]
+        for method, per_seed in b["table_3_1"].items():
+            v = np.asarray(per_seed, float)
+            assert_reported(text, v.mean(), 2, what=f"Table 3.1 {method} at {b['epochs']} epochs")
+            assert_reported(text, v.std(ddof=1), 2, what=f"Table 3.1 {method} std at {b['epochs']} epochs")
+            if method != "fullgrad_noabs":
+                want = paired_comparison(noabs, per_seed)  # a>b: FullGrad (no abs) flips better (thesis claim)
+                p = b["paired_noabs"][method]
+                assert p["verdict"] == want.verdict and p["mean"] == pytest.approx(want.mean, abs=1e-9)
+                row = [line for line in text.splitlines() if line.startswith(f"| {b['epochs']} | {method} |")]
+                assert len(row) == 1 and row[0].rstrip(" |").endswith(p["verdict"]), (b["epochs"], method, row)
