@@ -37,6 +37,10 @@ def test_gan_test_and_density_ratios_as_reported(text, recipe):
                 v = 100 * np.asarray(e[key], float)
                 assert_reported(text, v.mean(), 1, what=f"{o} {key}")
                 assert_reported(text, float(sample_std(v)), 1, what=f"{o} {key} std")
+        if "denoise_mse" in e:
+            v = np.asarray(e["denoise_mse"], float)
+            assert_reported(text, v.mean(), 4, what=f"{o} denoising MSE")
+            assert_reported(text, float(sample_std(v)), 4, what=f"{o} denoising MSE std")
         if "log_ratio_slope" in e:
             v = np.asarray(e["log_ratio_slope"], float)
             assert_reported(text, v.mean(), 1, what=f"{o} log-ratio slope")
