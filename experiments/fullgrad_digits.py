@@ -9,7 +9,7 @@ Trains (or reuses, from ``--out``/checkpoints) a VGG classifier, computes every 
 * Table 3.2 (pixel perturbation at removal fractions 0.5 / 0.7 / 0.9, black fill) and Table 3.1 (digit
   flipping 8 -> 3, change in log-odds) in ``results.md`` / ``results.json``.
 
-    python -m experiments.fullgrad_digits                    # small scale on mnist_digits, ~5 minutes on 2 CPU cores
+    python -m experiments.fullgrad_digits                    # small scale on mnist_digits, <= ~4 min on 2 idle CPU cores
     python -m experiments.fullgrad_digits --dataset digits   # scikit-learn's 8x8 digits (--epochs 12: the older tables)
     python -m experiments.fullgrad_digits --scale smoke      # seconds
 
