@@ -69,3 +69,20 @@ def test_budget_axis_of_the_baseline_as_reported(text):
         v = 100 * np.asarray(row["test_accuracy"], float)
         assert_reported(text, v.mean(), 1, what=f"baseline at {row['epochs']} epochs")
         assert f"{row['steps']} steps" in text
+
+
+def test_scale_step_of_baseline_and_gn_as_reported(text):
+    e6 = results_json("ch5_authors_recipe_e6")
+    assert set(e6["per_objective"]) == {"baseline", "gradient_norm"} and e6["seeds"] == [0, 1, 2]
+    assert all(s == [186, 186, 186] for s in (e["steps"] for e in e6["per_objective"].values()))
+    po = e6["per_objective"]
+    for o, e in po.items():
+        v = 100 * np.asarray(e["test_accuracy"], float)
+        assert_reported(text, v.mean(), 1, what=f"{o} accuracy at 6 epochs")
+        assert_reported(text, float(np.mean(e["log_ratio_slope"])), 1, what=f"{o} slope at 6 epochs")
+    for measure, key in (("accuracy", "test_accuracy"), ("log_ratio_slope", "log_ratio_slope")):
+        for r in e6["paired"][measure]:
+            pc = paired_comparison(po[r["a"]][key], po[r["b"]][key])
+            assert pc.verdict == r["verdict"]
+            assert f"{SHORT[r['a']]} vs {SHORT[r['b']]}: {r['claim_held']} (mean diff" in text
+            assert f"t = {r['t']:.2f}" in text
