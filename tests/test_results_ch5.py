@@ -88,22 +88,32 @@ def test_scale_step_of_baseline_and_gn_as_reported(text):
             assert f"t = {r['t']:.2f}" in text
 
 
-def test_all_four_models_at_186_steps_as_reported(text):
-    """The second budget point for all four models (6 epochs): means, sample stds and every paired verdict."""
-    e6 = results_json("ch5_authors_recipe_e6_all")
-    po = e6["per_objective"]
-    assert set(po) == set(SHORT) and e6["seeds"] == [0, 1, 2] and e6["eval_seeds"] == [0, 1, 2]
-    assert all(e["steps"] == [186, 186, 186] for e in po.values())
+def _check_four_models(text, name, steps):
+    """Means, sample stds and every paired verdict of one budget point for all four models."""
+    run = results_json(name)
+    po = run["per_objective"]
+    assert set(po) == set(SHORT) and run["seeds"] == [0, 1, 2] and run["eval_seeds"] == [0, 1, 2]
+    assert all(e["steps"] == [steps] * 3 for e in po.values())
     for o, e in po.items():
         for key, k in (("test_accuracy", 100), ("gan_test/authors/noise_judge", 100), ("log_ratio_slope", 1),
                        ("pixel_baseline_mean", 100)):
             v = np.asarray(e[key], float) * k
-            assert_reported(text, v.mean(), 1, what=f"{o} {key} at 186 steps")
-            assert_reported(text, float(sample_std(v)), 1, what=f"{o} {key} sample std at 186 steps")
+            assert_reported(text, v.mean(), 1, what=f"{o} {key} at {steps} steps")
+            assert_reported(text, float(sample_std(v)), 1, what=f"{o} {key} sample std at {steps} steps")
     for measure, key in (("accuracy", "test_accuracy"), ("gan_test", "gan_test/authors/noise_judge"),
                          ("log_ratio_slope", "log_ratio_slope"), ("pixel_baseline_mean", "pixel_baseline_mean")):
-        for r in e6["paired"][measure]:
+        for r in run["paired"][measure]:
             pc = paired_comparison(po[r["a"]][key], po[r["b"]][key])
             assert pc.verdict == r["verdict"] and pc.t == pytest.approx(r["t"])
             assert f"{SHORT[r['a']]} vs {SHORT[r['b']]}: {r['claim_held']} (mean diff" in text
             assert f"t = {r['t']:.2f}" in text
+
+
+def test_all_four_models_at_186_steps_as_reported(text):
+    """The second budget point for all four models (6 epochs)."""
+    _check_four_models(text, "ch5_authors_recipe_e6_all", 186)
+
+
+def test_all_four_models_at_310_steps_as_reported(text):
+    """The third budget point for all four models (10 epochs)."""
+    _check_four_models(text, "ch5_authors_recipe_e10_all", 310)
