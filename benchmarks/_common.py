@@ -247,6 +247,15 @@ def write_result(path: str, result: dict, loads: list[float] | None = None) -> d
     return result
 
 
+def nontrivial_batch_stats(model, variables, x) -> dict:
+    """``variables`` with non-trivial BatchNorm statistics, the benchmarks' one network state: the running
+    statistics of one train-mode pass over ``x``, times 1.05 (so the implicit BN biases, and with them FullGrad's
+    bias maps and the IG path's non-homogeneity, are not zero, as they are at initialisation)."""
+    import jax
+    _, updated = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    return {"params": variables["params"], "batch_stats": jax.tree.map(lambda a: a * 1.05, updated["batch_stats"])}
+
+
 def primitive_count(jaxpr, name: str = "conv_general_dilated") -> int:
     """How many times primitive ``name`` runs in a (closed) jaxpr: nested jaxprs (``pjit``, ``remat``,
     ``custom_jvp``, ...) are walked, a ``scan`` body counts ``length`` times; a ``while`` body once (its trip

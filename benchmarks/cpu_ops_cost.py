@@ -26,7 +26,7 @@ import os  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks._common import interleaved, load_note, machine, write_result  # noqa: E402
+from benchmarks._common import interleaved, load_note, machine, nontrivial_batch_stats, write_result  # noqa: E402
 from gradjax import saliency  # noqa: E402
 from gradjax.models import create_model  # noqa: E402
 
@@ -55,8 +55,7 @@ def main(argv=None) -> dict:
     x = jax.random.normal(jax.random.PRNGKey(0), (args.batch_size, args.image_size, args.image_size, 3))
     base = create_model(args.model, 10, width=args.width)
     v = base.init(jax.random.PRNGKey(1), x[:1], train=False)
-    _, upd = base.apply(v, x, train=True, mutable=["batch_stats"])
-    v = {"params": v["params"], "batch_stats": jax.tree.map(lambda a: a * 1.05, upd["batch_stats"])}
+    v = nontrivial_batch_stats(base, v, x)
     key = jax.random.PRNGKey(3)
     opts = {"gradient": {"reduce": None}, "integrated_gradients": {"steps": args.ig_steps, "reduce": None},
             "smoothgrad_sq": {"samples": args.smoothgrad_samples, "reduce": None},

@@ -48,7 +48,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks._common import interleaved, load_note, machine, pin_torch_threads, write_result
+from benchmarks._common import (interleaved, load_note, machine, nontrivial_batch_stats, pin_torch_threads,
+                                write_result)
 from gradjax import saliency
 from gradjax.models import create_model
 from gradjax.models.vgg import VGG_CONFIGS
@@ -288,11 +289,7 @@ def main(argv=None) -> dict:
                          precision="highest" if args.precision == "exact" else "default", **impls)
     x = jax.random.normal(jax.random.PRNGKey(0), (args.batch_size, args.image_size, args.image_size, args.channels))
     variables = model.init(jax.random.PRNGKey(1), x[:1], train=False)
-    # Non-trivial BatchNorm statistics (so the implicit BN biases and their FullGrad maps are not zero): the running
-    # statistics of one train-mode pass over the batch, perturbed a little.
-    _, updated = model.apply(variables, x, train=True, mutable=["batch_stats"])
-    stats = jax.tree_util.tree_map(lambda new: new * 1.05, updated["batch_stats"])
-    variables = {"params": variables["params"], "batch_stats": stats}
+    variables = nontrivial_batch_stats(model, variables, x)
     handle = saliency.ModelHandle(model.apply, variables)
     if args.model == "resnet18":
         tmodel = torch_resnet18(args.width, args.channels, args.classes, variables).to(device)

@@ -47,7 +47,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks._common import interleaved, load_note, machine, write_result  # noqa: E402
+from benchmarks._common import interleaved, load_note, machine, nontrivial_batch_stats, write_result  # noqa: E402
 from gradjax import saliency as S  # noqa: E402
 from gradjax import trace as T  # noqa: E402
 from gradjax.gradients import logits_and_target_gradient  # noqa: E402
@@ -76,8 +76,7 @@ def nontrivial(model, variables, x, bias_noise: float = 0.02):
     BatchNorm mean is 0, so ``f(a x) = a f(x)`` and every quadrature rule but the left/linspace ones is exact with 2
     nodes (a degenerate benchmark). Here BatchNorm takes the running statistics of one train-mode pass over ``x``
     (x 1.05, as benchmarks/peers_captum.py) and every bias gets ``N(0, bias_noise^2)`` noise."""
-    _, upd = model.apply(variables, x, train=True, mutable=["batch_stats"])
-    stats = jax.tree.map(lambda a: a * 1.05, upd["batch_stats"])
+    stats = nontrivial_batch_stats(model, variables, x)["batch_stats"]
     leaves, treedef = jax.tree_util.tree_flatten_with_path(variables["params"])
     keys = jax.random.split(jax.random.PRNGKey(7), len(leaves))
     params = jax.tree_util.tree_unflatten(treedef, [
