@@ -117,3 +117,33 @@ def test_all_four_models_at_186_steps_as_reported(text):
 def test_all_four_models_at_310_steps_as_reported(text):
     """The third budget point for all four models (10 epochs)."""
     _check_four_models(text, "ch5_authors_recipe_e10_all", 310)
+
+
+def _fake_fooling(seed, before, afters):
+    """A ``results.json`` of experiments.fooling with budgets 1 and 3 (numbers only, no training)."""
+    keys = ("logit_gradient", "loss_gradient_T", "loss_gradient")
+    by = [{"finetune_epochs": e, "finetune_steps": 31 * e, "accuracy_fooled": 0.9, "seconds": 1.0,
+           "energy_after_%": dict(zip(keys, a))} for e, a in zip((1, 3), afters)]
+    return {"scale": {}, "command": "c", "result": {
+        "seed": seed, "lam": 1e4, "mask_fraction": 0.22, "eval_examples": 8, "accuracy_pretrained": 0.95,
+        "pretrain_seconds": 1.0, "energy_before_%": dict(zip(keys, before)), "by_budget": by}}
+
+
+def test_fooling_export_pairs_the_seeds_in_the_thesis_order():
+    from experiments import fooling
+    runs = [_fake_fooling(s, (17, 17, 17), [(30 + s, 25 + s, 20 + 2 * s), (60 + s, 55 - s, 50)]) for s in (2, 0, 1)]
+    out = fooling.export_summary(runs)
+    assert out["seeds"] == [0, 1, 2] and [b["finetune_epochs"] for b in out["budgets"]] == [1, 3]
+    b1 = out["budgets"][0]
+    assert b1["energy_after_%"]["loss_gradient"] == [20, 22, 24]
+    rows = {(r["a"], r["b"]): r for r in b1["paired_order"]}
+    assert set(rows) == {("logit_gradient", "loss_gradient_T"), ("logit_gradient", "loss_gradient"),
+                         ("loss_gradient_T", "loss_gradient")}
+    assert rows[("logit_gradient", "loss_gradient_T")]["claim_held"] == "yes"  # +5 on every seed
+    assert rows[("loss_gradient_T", "loss_gradient")]["differences"] == [5, 4, 3]
+    moved = {r["gradient"]: r for r in out["budgets"][1]["paired_after_vs_before"]}
+    assert moved["loss_gradient"]["differences"] == [33, 33, 33] and moved["loss_gradient"]["verdict"] == "a>b"
+    with pytest.raises(ValueError, match="duplicate"):
+        fooling.export_summary([runs[0], runs[0]])
+    with pytest.raises(ValueError, match="at least two"):
+        fooling.export_summary(runs[:1])
