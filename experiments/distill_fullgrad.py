@@ -172,7 +172,11 @@ def main(argv=None) -> dict:
                    "--steps / the scale's; for experiments.scale_sweep)")
     p.add_argument("--weight", type=float, default=WEIGHT, help="weight of every matching term (thesis: 10; CE "
                    "keeps 10) — for sensitivity diagnostics, reported beside the thesis setting")
+    p.add_argument("--angle", default="", help="comma list of methods that also log Fig. 4.1a's teacher/student "
+                   "input-gradient angle (a metric-only term); their per-seed final angles go to results.json "
+                   "'final_angle' (so a Table 4.1 run doubles as Fig. 4.1a's)")
     args = p.parse_args(argv)
+    angle_methods = set(common.parse_methods(args.angle, METHODS)) if args.angle.strip() else set()
     t0 = time.time()
     if args.n_per_class is None:  # --dataset cifar10 at paper scale: Table 4.2's grid
         args.n_per_class = ",".join(map(str, n_per_class_grid(args.scale, args.dataset or PRESETS[args.scale].dataset)))
@@ -191,6 +195,7 @@ def main(argv=None) -> dict:
     student_init = common.compiled_init(student_model)
     frozen = {"teacher": teacher_vars}
     trainers, results, last_terms = {}, {m: {} for m in methods}, {m: {} for m in methods}
+    final_angle = {m: {} for m in methods if m in angle_methods}  # per-seed angle at the last log point (deg)
     for n in ns:
         for m in methods:
             accs, pen = [], []
@@ -200,12 +205,15 @@ def main(argv=None) -> dict:
                 key = (m, steps)
                 if key not in trainers:
                     trainers[key] = student_trainer(student_model, teacher_model, m, pairs, pre=pre, steps=steps,
-                                                    num_classes=K, weight=args.weight, init_fn=student_init)
+                                                    num_classes=K, weight=args.weight, init_fn=student_init,
+                                                    angle=m in angle_methods)
                 st = trainers[key].run(sub, seed=s, frozen=frozen)
                 accs.append(common.accuracy(student_model.apply, st.variables, test)[0])
                 rec = trainers[key].last_records
                 pen.append({k: (rec[0][k], rec[-1][k]) for k in rec[-1] if k.startswith("term/") or k == "accuracy"})
             results[m][n] = common.mean_std(accs)
+            if m in angle_methods:
+                final_angle[m][n] = common.mean_std([p_["term/angle"][1] for p_ in pen])
             last_terms[m][n] = pen  # (first, last) logged train-batch value of each term, per seed
             print(f"n={n:4d} {m:8s} {common.fmt(results[m][n])}  ({time.time() - t0:.0f} s)", flush=True)
         common.write_results(out, {"partial": True, "results": results, "teacher_accuracy": teacher_acc}, "partial\n")
@@ -228,7 +236,8 @@ def main(argv=None) -> dict:
            "teacher_accuracy": teacher_acc, "teacher_steps": t_steps, "pairs": [list(p_) for p_ in pairs],
            "student_steps": sorted({k[1] for k in trainers}), "batch_size": pre.batch_size, "weight": args.weight, "ce_weight": WEIGHT,
            "optimizer": f"adam {pre.lr} -> {pre.lr / 10} at {pre.drop_at:.0%} of steps", "results": results,
-           "train_terms_first_last": last_terms, "thesis": THESIS, "wall_s": time.time() - t0}
+           "train_terms_first_last": last_terms, "final_angle": final_angle, "thesis": THESIS,
+           "wall_s": time.time() - t0}
     return common.finish(out, res, table, script="distill_fullgrad", argv=argv)
 
 

@@ -14,17 +14,29 @@ gradient). Teacher, objectives, layer pairs and optimizer are those of :mod:`exp
 (same presets, same cached teacher), every run through the one engine.
 
     python -m experiments.gradient_angle --scale smoke|small|paper [--parts a,b] [--seeds S] [--out DIR]
+    python -m experiments.gradient_angle sweep --out SUMMARY.json --budget "x1=A_RESULTS,B_RESULTS" ... [--markdown]
+
+``sweep`` (issue 24): Fig. 4.1 over several student budgets — one run per budget with the same seeds (panel (a)
+from this script or from ``distill_fullgrad --angle iG,FG,iG+Att``, whose runs are Table 4.1's; panel (b) from this
+script with ``--parts b``); :func:`sweep_summary` pairs the per-seed final angles and test accuracies of every
+thesis claim (:data:`SWEEP_CLAIMS`) with :func:`gradjax.statistics.paired_comparison` at each budget, and the
+trend first -> last budget as in :mod:`experiments.scale_sweep`.
 """
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import sys
 import time
+from datetime import datetime, timezone
 
 import numpy as np
 
 from experiments import common
 from experiments import distill_fullgrad as DF
+from experiments.scale_sweep import trend as _trend
+from gradjax.statistics import paired_comparison
 from gradjax import data as gdata
 from gradjax.models import create_model
 
@@ -64,6 +76,9 @@ def plot_curves(path: str, curves: dict, *, title: str) -> None:
 
 
 def main(argv=None) -> dict:
+    argv_ = list(sys.argv[1:] if argv is None else argv)
+    if argv_[:1] == ["sweep"]:
+        return sweep_main(argv_[1:])
     p = common.base_parser(__doc__.splitlines()[0], default_dataset=None, seeds="count", overrides=("steps", "batch_size"))
     p.add_argument("--student-steps", type=int, default=None, help="the students' step budget only (the cached "
                    "teacher keeps --steps / the scale's)")
@@ -109,7 +124,8 @@ def main(argv=None) -> dict:
             for k in trainer.last_records[-1]:
                 if k.startswith("term/") and k != "term/angle" or k == "accuracy":
                     terms.setdefault(k, []).append([r.get(k) for r in trainer.last_records])
-        r = {"student": student, "method": method, "n_per_class": n, "pairs": [list(q) for q in pairs],
+        r = {"student": student, "method": method, "n_per_class": n, "student_steps": steps,
+             "pairs": [list(q) for q in pairs],
              "steps": steps_axis, "runs": curves, "train_curves": terms,
              "final_angle": common.mean_std([c[-1] for c in curves]),
              "test_accuracy": common.mean_std(accs)}
@@ -159,6 +175,159 @@ def main(argv=None) -> dict:
     common.write_results(out, res, table)
     print(table)
     return res
+
+
+# ---------------------------------------------------------------------------------- budget sweep (issue 24)
+ANGLE_FLOOR = 85.0  # L1397: with iG alone "the cosine angle hardly drops below 85°"
+SWEEP_CLAIMS = (  # (panel, quantity, a, b): the thesis's claim "a's quantity exceeds b's" (b may be a constant)
+    ("a", "angle", "iG", ANGLE_FLOOR),      # iG alone stays above 85° (L1397)
+    ("a", "angle", "iG", "FG"),             # adding bias-gradient matching lowers the angle (L1398)
+    ("a", "angle", "iG", "iG+Att"),         # adding attention matching lowers the angle (L1398)
+    ("b", "accuracy", "vgg11", "vgg6"),     # larger students are better (L1401: 62.95 > 58.08 > 50.87 %)
+    ("b", "accuracy", "vgg6", "vgg4"),
+    ("b", "angle", "vgg6", "vgg11"),        # ... and better aligned: smaller angle for the larger student
+    ("b", "angle", "vgg4", "vgg6"),
+)
+
+
+def claim_name(panel: str, quantity: str, a: str, b) -> str:
+    """``"b accuracy: vgg11>vgg6"`` — the key of one :data:`SWEEP_CLAIMS` entry in the summary."""
+    return f"{panel} {quantity}: {a}>{b:g}" if isinstance(b, (int, float)) else f"{panel} {quantity}: {a}>{b}"
+
+
+def panel_rows(res: dict, panel: str) -> tuple[dict, int, int]:
+    """``({row: {"angle": [...], "accuracy": [...]}}, n per class, student steps)`` of one run's results: per seed,
+    the final logged angle (deg) and the test accuracy (%). ``res``: this script's results (``res[panel]``) or, for
+    panel (a), a :mod:`experiments.distill_fullgrad` run with ``--angle`` (its ``final_angle``; its only n must
+    be :data:`FIG_N`'s panel-(a) n of the run's scale)."""
+    if res.get(panel):
+        rows = {row: {"angle": [float(c[-1]) for c in r["runs"]], "accuracy": [100 * a for a in r["test_accuracy"]["runs"]]}
+                for row, r in res[panel].items()}
+        r0 = next(iter(res[panel].values()))
+        return rows, int(r0["n_per_class"]), int(r0["student_steps"])
+    if panel == "a" and res.get("final_angle"):
+        n = FIG_N[res["scale"]][0]
+        if n not in [int(k) for k in res["n_per_class"]]:
+            raise ValueError(f"panel (a) needs n = {n} per class; the run has {res['n_per_class']}.")
+        cell = lambda cols: {str(k): v for k, v in cols.items()}[str(n)]["runs"]  # int keys in memory, str in JSON
+        rows = {m: {"angle": list(cell(cols)), "accuracy": [100 * a for a in cell(res["results"][m])]}
+                for m, cols in res["final_angle"].items()}
+        (steps,) = res["student_steps"]
+        return rows, n, int(steps)
+    raise ValueError(f"no panel ({panel}) in these results (keys: {sorted(res)}).")
+
+
+def sweep_summary(budgets: dict, *, sources: dict | None = None, claims=SWEEP_CLAIMS) -> dict:
+    """Fig. 4.1 over student budgets. ``budgets``: ``{name: {"a": results or None, "b": results or None}}`` in
+    budget order (same seeds at every budget). For each budget and claim ``(panel, quantity, a, b)``: the
+    paired comparison (:func:`gradjax.statistics.paired_comparison`) of the per-seed values of ``a`` against ``b``
+    (angles in degrees, accuracies in percentage points; a constant ``b`` is compared seed by seed); the trend of
+    each claim is the paired comparison of its per-seed differences at the last budget that has it against the
+    first (:func:`experiments.scale_sweep.trend`: "toward thesis" when ``a - b`` grew)."""
+    out = {"figure": "4.1", "claims": [claim_name(*c) for c in claims], "budgets": {}, "trend": {},
+           "units": "angles in degrees (final logged value), accuracies in % (test); differences a - b in those units",
+           "angle_floor": ANGLE_FLOOR, "written_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    for name, panels in budgets.items():
+        b = {"student_steps": None, "sources": (sources or {}).get(name, {}), "paired": {}}
+        for panel in ("a", "b"):
+            if panels.get(panel) is None:
+                continue
+            rows, n, steps = panel_rows(panels[panel], panel)
+            if b["student_steps"] not in (None, steps):
+                raise ValueError(f"budget {name}: panels ran {b['student_steps']} and {steps} student steps.")
+            b["student_steps"] = steps
+            b["teacher_accuracy"] = panels[panel]["teacher_accuracy"]
+            b[panel] = {"n_per_class": n, "rows": {r: {q: common.mean_std(v) for q, v in d.items()}
+                                                   for r, d in rows.items()}}
+            for c in claims:
+                if c[0] != panel or c[2] not in rows or not (isinstance(c[3], (int, float)) or c[3] in rows):
+                    continue
+                va = rows[c[2]][c[1]]
+                vb = [float(c[3])] * len(va) if isinstance(c[3], (int, float)) else rows[c[3]][c[1]]
+                b["paired"][claim_name(*c)] = paired_comparison(va, vb).as_dict()
+        out["budgets"][name] = b
+    names = list(out["budgets"])
+    for cl in out["claims"]:
+        have = [nm for nm in names if cl in out["budgets"][nm]["paired"]]
+        out.setdefault("gap_by_budget", {})[cl] = {nm: round(out["budgets"][nm]["paired"][cl]["mean"], 2) for nm in have}
+        if len(have) >= 2:
+            out["trend"][cl] = {"from": have[0], "to": have[-1],
+                                **_trend(out["budgets"][have[0]]["paired"][cl], out["budgets"][have[-1]]["paired"][cl])}
+    return out
+
+
+def sweep_markdown(summary: dict) -> str:
+    """The RESULTS tables of a :func:`sweep_summary`: per budget and row, the per-seed final angles, angle and
+    test accuracy (mean ± sample std); then every claim's paired difference a − b at every budget and its trend."""
+    names = list(summary["budgets"])
+
+    def table(header, rows):
+        return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                         + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
+
+    parts = []
+    for panel, label in (("a", "objective"), ("b", "student")):
+        rows = []
+        for nm in names:
+            bud = summary["budgets"][nm]
+            if panel not in bud:
+                continue
+            for r, v in bud[panel]["rows"].items():
+                rows.append([f"{nm} ({bud['student_steps']})", bud[panel]["n_per_class"], r,
+                             " / ".join(f"{x:.1f}" for x in v["angle"]["runs"]),
+                             f"{v['angle']['mean']:.1f} ± {v['angle']['std']:.1f}",
+                             f"{v['accuracy']['mean']:.1f} ± {v['accuracy']['std']:.1f}"])
+        if rows:
+            parts.append(table([f"({panel}) budget (steps)", "n", label, "final angle per seed (deg)",
+                                "final angle (deg)", "test acc %"], rows))
+    header = ["claim (thesis)"] + [f"{nm}: a − b (t, verdict)" for nm in names] + ["trend (mean, t)"]
+    rows = []
+    for cl in summary["claims"]:
+        cells = []
+        for nm in names:
+            v = summary["budgets"][nm]["paired"].get(cl)
+            cells.append("—" if v is None else f"{v['mean']:+.1f} ± {v['std']:.1f} (t {v['t']:.2f}, {v['verdict']})")
+        t = summary["trend"].get(cl)
+        rows.append([cl.replace(">", " > ")] + cells
+                    + ["—" if t is None else f"{t['direction']} ({t['mean']:+.1f}, t {t['t']:.2f})"])
+    parts.append(table(header, rows))
+    return "\n\n".join(parts)
+
+
+def sweep_main(argv) -> dict:
+    """``sweep --out FILE --budget "NAME=A_RESULTS,B_RESULTS" ...`` (``-`` for a panel not run at that budget):
+    write :func:`sweep_summary` of those results.json files to ``FILE``; ``--markdown``: print its tables only."""
+    p = argparse.ArgumentParser(description="Fig. 4.1 budget sweep summary (paired statistics)")
+    p.add_argument("--out", required=True, help="the summary JSON")
+    p.add_argument("--budget", action="append", default=[], help="NAME=A_RESULTS,B_RESULTS in budget order")
+    p.add_argument("--markdown", action="store_true", help="only print the RESULTS tables of --out")
+    a = p.parse_args(argv)
+    if a.markdown:
+        with open(a.out) as f:
+            summary = json.load(f)
+        print(sweep_markdown(summary))
+        return summary
+    if not a.budget:
+        raise ValueError("give at least one --budget NAME=A_RESULTS,B_RESULTS.")
+    budgets, sources = {}, {}
+    for text in a.budget:
+        name, _, paths = text.partition("=")
+        files = [q.strip() for q in paths.split(",")]
+        if not name or len(files) != 2:
+            raise ValueError(f"a budget is NAME=A_RESULTS,B_RESULTS ('-' for none); got {text!r}.")
+        budgets[name], sources[name] = {}, {}
+        for panel, f in zip("ab", files):
+            if f != "-":
+                with open(f) as fh:
+                    budgets[name][panel] = json.load(fh)
+                sources[name][panel] = budgets[name][panel].get("command", f)
+    summary = sweep_summary(budgets, sources=sources)
+    summary["command"] = "python -m experiments.gradient_angle sweep " + " ".join(argv)
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(summary, f, indent=1, default=float)
+    print(sweep_markdown(summary))
+    return summary
 
 
 if __name__ == "__main__":

@@ -12,12 +12,16 @@ pytestmark = pytest.mark.usefixtures("fast_compilation")
 
 def test_distill_fullgrad_smoke(tmp_path):
     out = str(tmp_path / "t41")
-    res = distill_fullgrad.main(["--scale", "smoke", "--methods", "CE,FG+Att", "--out", out])
+    res = distill_fullgrad.main(["--scale", "smoke", "--methods", "CE,FG+Att", "--angle", "FG+Att", "--out", out])
     for f in ("results.json", "results.md", "table4_1.png"):
         assert os.path.exists(os.path.join(out, f)), f
     with open(os.path.join(out, "results.json")) as f:
         saved = json.load(f)
     assert set(saved["results"]) == {"CE", "FG+Att"}
+    # --angle: Fig. 4.1a's angle logged for FG+Att only, its per-seed final value kept (a metric, in degrees)
+    assert set(saved["final_angle"]) == {"FG+Att"}
+    assert all(0.0 <= v <= 180.0 for cell in saved["final_angle"]["FG+Att"].values() for v in cell["runs"])
+    assert "term/angle" not in saved["train_terms_first_last"]["CE"]["2"][0]
     assert [tuple(p) for p in saved["pairs"]] == [("block0", "block0"), ("block1", "block1"), ("block2", "block2")]
     for per_n in res["results"].values():
         for v in per_n.values():
@@ -100,6 +104,6 @@ def test_gradient_angle_smoke(tmp_path):
     a = res["a"]["FG"]
     assert a["steps"] and all(len(c) == len(a["steps"]) for c in a["runs"])
     assert all(0.0 <= v <= 180.0 for c in a["runs"] for v in c)
-    assert res["b"]["vgg4"] is a
+    assert res["b"]["vgg4"] is a and a["student_steps"] == 4
     with pytest.raises(ValueError, match="--parts"):
         GA.main(["--scale", "smoke", "--parts", "c", "--out", out])
