@@ -53,6 +53,10 @@ THESIS_TABLE_3_2 = {  # MNIST, RF = 0.5 / 0.7 / 0.9
     "fullgrad_noabs": ("0.19 ± 0.19", "0.34 ± 0.23", "0.63 ± 0.27"), "fullgrad_eq3.2": ("—",)}
 CURVE_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 TABLE_FRACTIONS = (0.5, 0.7, 0.9)
+# Thesis Table 3.2 (L1286-1291): integrated gradients < FullGrad < FullGrad (no abs) < gradient < random at every RF
+# (smaller is better). Each pair (a, b) claims a is better (smaller) than b.
+TABLE_3_2_CLAIMS = (("integrated_gradients", "fullgrad"), ("fullgrad", "fullgrad_noabs"),
+                    ("fullgrad_noabs", "gradient"), ("gradient", "random"))
 # signed maps for digit flipping (thesis §3.6: the sign carries the class evidence)
 SIGNED_OPTIONS = {"gradient": {"reduce": "sum"}, "integrated_gradients": {"reduce": "sum"}}
 
@@ -67,7 +71,12 @@ def main(argv=None) -> dict:
                              "with --digit-flip-only)")
     parser.add_argument("--digit-flip-only", action="store_true",
                         help="only Table 3.1 (no gallery, no pixel perturbation): for budget sweeps")
+    parser.add_argument("--pixel-perturbation-only", action="store_true",
+                        help="only Table 3.2 and its curves (the maps of Table 3.2's rows; no gallery, no digit "
+                             "flipping): for budget sweeps")
     args = parser.parse_args(argv)
+    if args.digit_flip_only and args.pixel_perturbation_only:
+        parser.error("--digit-flip-only and --pixel-perturbation-only exclude each other (give neither for both).")
     common.resolve_dataset(args, common.CH3_SCALES[args.scale])
     if args.seeds:
         return run_seeds(args)
@@ -84,21 +93,33 @@ def run_seeds(args) -> dict:
         runs.append(run(a))
     ms = lambda v: "{mean:.3f} ± {std:.3f}".format(**common.mean_std(v))  # noqa: E731  (sample std, ddof 1)
     has32 = all(r["table_3_2"] for r in runs)  # not with --digit-flip-only
+    has31 = all(r["table_3_1"] for r in runs)  # not with --pixel-perturbation-only
     rows32 = [[n] + [ms([r["table_3_2"][n][str(f)][0] for r in runs]) for f in TABLE_FRACTIONS]
               + [" / ".join(THESIS_TABLE_3_2[n])] for n in TABLE_METHODS] if has32 else []
-    rows31 = [[n, ms([r["table_3_1"][n][0] for r in runs]), THESIS_TABLE_3_1[n]] for n in TABLE_METHODS]
+    rows31 = [[n, ms([r["table_3_1"][n][0] for r in runs]), THESIS_TABLE_3_1[n]] for n in TABLE_METHODS] if has31 else []
     accs = [r["test_accuracy"] for r in runs]
     # thesis Table 3.1: FullGrad (no abs) flips digits best; paired over the seeds, a>b = no-abs larger Δ log-odds
     paired31 = {n: paired_comparison([r["table_3_1"]["fullgrad_noabs"][0] for r in runs],
                                      [r["table_3_1"][n][0] for r in runs]).as_dict()
-                for n in TABLE_METHODS if n != "fullgrad_noabs"} if len(runs) >= 2 else {}
+                for n in TABLE_METHODS if n != "fullgrad_noabs"} if len(runs) >= 2 and has31 else {}
+    # thesis Table 3.2: a better (smaller output change) than b; paired over seeds as b - a, so a>b = thesis order
+    paired32 = {f"{a}<{b}": {str(f): paired_comparison([r["table_3_2"][b][str(f)][0] for r in runs],
+                                                       [r["table_3_2"][a][str(f)][0] for r in runs]).as_dict()
+                             for f in TABLE_FRACTIONS}
+                for a, b in TABLE_3_2_CLAIMS} if len(runs) >= 2 and has32 else {}
     md = (f"{len(runs)} seeds {args.seeds} on {args.dataset}; test accuracy {ms(accs)}; mean ± std over seeds of "
           "the per-seed means over images.\n\n"
           + ("Table 3.2 (pixel perturbation, smaller is better):\n\n" + common.markdown_table(
               ["method", "RF = 0.5", "RF = 0.7", "RF = 0.9", "thesis (MNIST, 0.5 / 0.7 / 0.9)"], rows32) + "\n\n"
              if has32 else "")
-          + "Table 3.1 (digit flipping 8 -> 3, Δ log-odds, larger is better):\n\n"
-          + common.markdown_table(["method", "Δ log-odds (ours)", "thesis (MNIST)"], rows31) + "\n"
+          + ("Table 3.2, thesis order paired over seeds (b − a of the output change; a>b: a better, as the thesis "
+             "has it):\n\n" + common.markdown_table(
+                 ["claim (a < b)", "RF", "mean b − a", "t", "a better in", "verdict"],
+                 [[c, f, f"{p['mean']:+.3f}", f"{p['t']:.2f}", f"{p['wins']} / {p['n']}", p["verdict"]]
+                  for c, cols in paired32.items() for f, p in cols.items()]) + "\n\n" if paired32 else "")
+          + ("Table 3.1 (digit flipping 8 -> 3, Δ log-odds, larger is better):\n\n"
+             + common.markdown_table(["method", "Δ log-odds (ours)", "thesis (MNIST)"], rows31) + "\n"
+             if has31 else "")
           + ("\nFullGrad (no abs) minus each method, paired over seeds (`gradjax.statistics.paired_comparison`; "
              "a>b: no abs flips better):\n\n" + common.markdown_table(
                  ["method", "mean difference", "t", "no abs better in", "verdict"],
@@ -108,7 +129,8 @@ def run_seeds(args) -> dict:
                "width": runs[0].get("width"), "num_eights": [r["num_eights"] for r in runs], "test_accuracy": accs,
                "table_3_2": {n: {str(f): [r["table_3_2"][n][str(f)][0] for r in runs] for f in TABLE_FRACTIONS}
                              for n in TABLE_METHODS} if has32 else {},
-               "table_3_1": {n: [r["table_3_1"][n][0] for r in runs] for n in TABLE_METHODS},
+               "table_3_2_paired": paired32,
+               "table_3_1": {n: [r["table_3_1"][n][0] for r in runs] for n in TABLE_METHODS} if has31 else {},
                "table_3_1_paired_noabs": paired31,
                "perturbation_curves": {n: [r["perturbation_curves"][n][1] for r in runs] for n in TABLE_METHODS}
                if has32 else {},
@@ -141,9 +163,12 @@ def run(args) -> dict:
     maps: dict[str, np.ndarray] = {}
     timings: dict[str, float] = {}
     curves, table32 = {}, {}
+    pp_only = getattr(args, "pixel_perturbation_only", False)
+    # --pixel-perturbation-only: just the methods whose maps Table 3.2's rows reuse as they are
+    needed = {m for m, o in TABLE_ROWS.values() if not o} if pp_only else set(saliency.SALIENCY_METHODS)
     if not args.digit_flip_only:
-        for (name, fn), key in tqdm(list(zip(saliency.SALIENCY_METHODS.items(), keys)), desc="saliency methods",
-                                    disable=args.no_progress):
+        for (name, fn), key in tqdm([(item, k) for item, k in zip(saliency.SALIENCY_METHODS.items(), keys)
+                                     if item[0] in needed], desc="saliency methods", disable=args.no_progress):
             t0 = time.time()
             compiled = saliency.jit_method(fn, **common.saliency_options(scale, name))  # compiled once, every batch
             maps[name] = common.in_batches(lambda xb: compiled(handle, xb, key=key), x, 64)
@@ -161,15 +186,16 @@ def run(args) -> dict:
             table32[name] = [(float(c.mean[i]), float(c.std[i])) for i in idx]
         viz.perturbation_curves(curves, os.path.join(out, "pixel_perturbation.png"),
                                 title=f"Pixel perturbation ({args.dataset}, {scale.model})")
-        viz.saliency_gallery(np.asarray(test.denormalize(test.images[:6])), {k: v[:6] for k, v in maps.items()},
-                             os.path.join(out, "gallery.png"), signed=("fullgrad_noabs",),
-                             title=f"Saliency maps ({args.dataset}, {scale.model})")
+        if not pp_only:
+            viz.saliency_gallery(np.asarray(test.denormalize(test.images[:6])), {k: v[:6] for k, v in maps.items()},
+                                 os.path.join(out, "gallery.png"), signed=("fullgrad_noabs",),
+                                 title=f"Saliency maps ({args.dataset}, {scale.model})")
 
     # --- digit flipping 8 -> 3 (thesis §3.10.1, Table 3.1)
     n_eights = args.eights or (None if args.scale == "paper" or args.digit_flip_only else max(8, n_images // 10))
     eights = jnp.asarray(test.images[test.labels == 8][:n_eights])
     table31 = {}
-    for name in tqdm(TABLE_METHODS, desc="digit flipping", disable=args.no_progress):
+    for name in tqdm(() if pp_only else TABLE_METHODS, desc="digit flipping", disable=args.no_progress):
         method, row_opts = TABLE_ROWS[name]
         if method == "random":  # independent random maps for the two classes (the same key would cancel out)
             k8, k3 = jax.random.split(method_keys[method])
@@ -183,20 +209,22 @@ def run(args) -> dict:
 
     rows32 = [[n] + [f"{m:.3f} ± {s:.3f}" for m, s in table32[n]] + [" / ".join(THESIS_TABLE_3_2[n])]
               for n in TABLE_METHODS if n in table32]
-    rows31 = [[n, f"{table31[n][0]:.2f} ± {table31[n][1]:.2f}", THESIS_TABLE_3_1[n]] for n in TABLE_METHODS]
+    rows31 = [[n, f"{table31[n][0]:.2f} ± {table31[n][1]:.2f}", THESIS_TABLE_3_1[n]] for n in TABLE_METHODS
+              if n in table31]
     md = (f"Classifier: {scale.model} (width {scale.width}) on {args.dataset}, test accuracy {acc:.4f}; "
-          f"{0 if args.digit_flip_only else n_images} test images explained; {len(eights)} eights flipped.\n\n"
+          f"{0 if args.digit_flip_only else n_images} test images explained; "
+          f"{0 if pp_only else len(eights)} eights flipped.\n\n"
           + ("" if args.digit_flip_only else
              "Table 3.2 — pixel perturbation, absolute fractional logit change after removing the least salient "
              "pixels (smaller is better):\n\n"
              + common.markdown_table(["method", "RF = 0.5", "RF = 0.7", "RF = 0.9",
                                       "thesis (MNIST, 0.5 / 0.7 / 0.9)"], rows32) + "\n\n")
-          + "Table 3.1 — digit flipping 8 -> 3, drop in log-odds log p8/p3 (larger is better):\n\n"
-          + common.markdown_table(["method", "Δ log-odds (ours)", "thesis (MNIST)"], rows31)
+          + ("" if pp_only else "Table 3.1 — digit flipping 8 -> 3, drop in log-odds log p8/p3 (larger is better):\n\n"
+             + common.markdown_table(["method", "Δ log-odds (ours)", "thesis (MNIST)"], rows31))
           + "\n\nSeconds per method for all images (first call includes compilation):\n\n"
           + common.markdown_table(["method", "seconds"], [[k, v] for k, v in timings.items()]))
     results = {"dataset": args.dataset, "scale": args.scale, "model": scale.model, "width": scale.width,
-               "epochs": scale.epochs, "seed": args.seed, "test_accuracy": acc, "num_images": n_images, "num_eights": int(len(eights)),
+               "epochs": scale.epochs, "seed": args.seed, "test_accuracy": acc, "num_images": n_images, "num_eights": 0 if pp_only else int(len(eights)),
                "table_3_2": {n: dict(zip(map(str, TABLE_FRACTIONS), table32[n])) for n in table32},
                "table_3_1": table31, "perturbation_curves": {k: [list(map(float, a)) for a in v] for k, v in curves.items()},
                "seconds_per_method": timings, "total_seconds": time.time() - t_start,
@@ -204,7 +232,8 @@ def run(args) -> dict:
     common.write_results(out, results, md)
     print(md)
     print(f"\noutputs in {out}: results.md, results.json"
-          + ("" if args.digit_flip_only else ", gallery.png, pixel_perturbation.png"))
+          + ("" if args.digit_flip_only else ", pixel_perturbation.png" if pp_only
+             else ", gallery.png, pixel_perturbation.png"))
     return results
 
 

@@ -69,6 +69,17 @@ def test_fullgrad_digits_smoke(tmp_path):
         assert saved["table_3_2"]["gradient"][str(f)] == pytest.approx(
             (float(curve.mean[i]), float(curve.std[i])), rel=1e-4, abs=1e-6), f
     assert os.listdir(os.path.join(out, "checkpoints")), "the classifier checkpoint is kept for reuse"
+    # --pixel-perturbation-only (budget sweeps of Table 3.2) reuses the checkpoint, computes only Table 3.2's maps,
+    # and gives the same Table 3.2 (same keys), without digit flipping or a gallery
+    os.remove(os.path.join(out, "gallery.png"))
+    pp = fullgrad_digits.main(argv + ["--no-progress", "--num-images", "8", "--pixel-perturbation-only"])
+    assert pp["table_3_1"] == {} and pp["num_eights"] == 0 and not os.path.exists(os.path.join(out, "gallery.png"))
+    assert set(pp["seconds_per_method"]) == {"random", "gradient", "integrated_gradients", "fullgrad", "fullgrad_noabs"}
+    for name, rows in saved["table_3_2"].items():
+        for f, (m, sd) in rows.items():
+            assert pp["table_3_2"][name][f] == pytest.approx((m, sd), rel=1e-5, abs=1e-7), (name, f)
+    with pytest.raises(SystemExit):
+        fullgrad_digits.main(argv + ["--digit-flip-only", "--pixel-perturbation-only"])
 
 
 def test_roar_sanity_smoke(tmp_path):

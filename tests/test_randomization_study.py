@@ -164,3 +164,38 @@ def test_fullgrad_digits_seeds_aggregates_mean_and_std_over_seeds(tmp_path, monk
     md = (out / "results_seeds.md").read_text()
     assert "| gradient | 20.000 ± 14.142 |" in md  # Table 3.1: mean ± sample std (ddof 1) over seeds
     assert "| random | 2.500 ± 1.414 | 2.700 ± 1.414 | 2.900 ± 1.414 |" in md  # Table 3.2 at RF 0.5 / 0.7 / 0.9
+
+
+def test_fullgrad_digits_seeds_pairs_table_3_2_claims(tmp_path, monkeypatch):
+    """``--seeds`` with ``--pixel-perturbation-only``: Table 3.2's thesis order (IG < FullGrad < no abs < gradient <
+    random output change) as paired comparisons over seeds (b − a; a>b = the thesis's order), and no Table 3.1."""
+    import json
+
+    from experiments import fullgrad_digits as FD
+
+    rank = {"integrated_gradients": 0, "fullgrad": 1, "fullgrad_noabs": 2, "gradient": 3, "random": 4,
+            "fullgrad_eq3.2": 5}
+    flip = {"fullgrad": 2, "fullgrad_noabs": 1}  # swap FullGrad and no abs: that claim must come out reversed
+
+    def fake_run(args):
+        s = float(args.seed)
+        val = lambda n, f: (flip.get(n, rank[n]) + 0.1 * s * flip.get(n, rank[n])) * f  # noqa: E731
+        return {"test_accuracy": 0.9, "num_eights": 0, "total_seconds": 1.0, "table_3_1": {},
+                "table_3_2": {n: {str(f): (val(n, f), 0.0) for f in FD.TABLE_FRACTIONS} for n in FD.TABLE_METHODS},
+                "perturbation_curves": {n: [list(FD.CURVE_FRACTIONS), [s] * len(FD.CURVE_FRACTIONS)]
+                                        for n in FD.TABLE_METHODS}}
+
+    monkeypatch.setattr(FD, "run", fake_run)
+    out = tmp_path / "pp"
+    FD.main(["--seeds", "0", "1", "2", "--pixel-perturbation-only", "--out", str(out)])
+    summary = json.loads((out / "results_seeds.json").read_text())
+    assert summary["table_3_1"] == {} and summary["table_3_1_paired_noabs"] == {}
+    paired = summary["table_3_2_paired"]
+    assert list(paired) == ["integrated_gradients<fullgrad", "fullgrad<fullgrad_noabs", "fullgrad_noabs<gradient",
+                            "gradient<random"]
+    ig = paired["integrated_gradients<fullgrad"]["0.5"]  # fullgrad (2 + 0.2 s) * 0.5 minus IG 0
+    assert ig["differences"] == pytest.approx([1.0, 1.1, 1.2]) and ig["verdict"] == "a>b"
+    assert paired["fullgrad<fullgrad_noabs"]["0.9"]["verdict"] == "a<b"  # swapped: reversed, resolved
+    assert paired["gradient<random"]["0.7"]["wins"] == 3
+    md = (out / "results_seeds.md").read_text()
+    assert "Table 3.1" not in md and "| fullgrad<fullgrad_noabs | 0.9 |" in md
