@@ -181,6 +181,7 @@ def _probe_mean(estimate: Callable[[jax.Array], jax.Array], draw: Callable[[jax.
 # ----------------------------------------------------------------------------------------------------------
 # public: HVP and exact trace
 # ----------------------------------------------------------------------------------------------------------
+@_precision.exact_by_default  # float32-exact products unless the caller set a matmul precision
 def hvp(f: ScalarFn, x: jax.Array, v: jax.Array, *, batch_mode: BatchMode = "sum") -> jax.Array:
     """Per-example Hessian-vector product ``(H_b v_b)_b``, shape of ``x`` (Pearlmutter's trick, §5.3.2).
 

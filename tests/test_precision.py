@@ -175,11 +175,16 @@ def test_policy_composes_with_an_outer_jit_for_plain_callables():
         "hutchinson": lambda z: trace.hutchinson_trace(lse, z, key, num_probes=2),
         "hutchpp": lambda z: trace.hutchpp_trace(lse, z, key, num_matvecs=3),
         "taylor": lambda z: trace.taylor_trace(lse, z, key, sigma=0.1, num_probes=2),
+        "hvp": lambda z: trace.hvp(lse, z, jnp.ones_like(z)),
         "ig_delta": lambda z: integrated_gradients_with_delta(f, z, steps=4, reduce=None)[1],
     }
     for name, fn in paths.items():
         report = P.audit(jax.jit(jax.grad(lambda z: fn(z).sum())), x, backend="gpu")
         assert report.exact, (name, report)
+    # the Hessian-vector product itself, traced alone (not only under an outer grad)
+    assert P.audit(jax.jit(lambda z: trace.hvp(lse, z, jnp.ones_like(z))), x, backend="gpu").exact
+    with jax.default_matmul_precision("tensorfloat32"):  # an explicit user choice is still respected
+        assert not P.audit(jax.jit(lambda z: trace.hvp(lse, z, jnp.ones_like(z))), x, backend="gpu").exact
 
 
 # ------------------------------------------------------------------------------------- Taylor round-off floor
