@@ -107,6 +107,23 @@ def _check_four_models(text, name, steps):
             assert pc.verdict == r["verdict"] and pc.t == pytest.approx(r["t"])
             assert f"{SHORT[r['a']]} vs {SHORT[r['b']]}: {r['claim_held']} (mean diff" in text
             assert f"t = {r['t']:.2f}" in text
+    return run
+
+
+def _check_denoising(text, run):
+    """Fig. 5.8 at one budget: each model's MSE after the ascent (mean and sample std, 4 decimals) and the paired
+    verdicts (lower MSE = better, compared negated)."""
+    po = run["per_objective"]
+    for o, e in po.items():
+        v = np.asarray(e["denoise_mse"], float)
+        assert_reported(text, v.mean(), 4, what=f"{o} denoising MSE")
+        assert_reported(text, float(sample_std(v)), 4, what=f"{o} denoising MSE sample std")
+    assert len(run["paired"]["denoise_mse"]) == 6
+    for r in run["paired"]["denoise_mse"]:
+        pc = paired_comparison(-np.asarray(po[r["a"]]["denoise_mse"]), -np.asarray(po[r["b"]]["denoise_mse"]))
+        assert pc.verdict == r["verdict"] and pc.t == pytest.approx(r["t"])
+        assert f"{SHORT[r['a']]} vs {SHORT[r['b']]}: {r['claim_held']} (mean diff {r['mean']:+.4f}, t = {r['t']:.2f}" \
+            in text, (r["a"], r["b"])
 
 
 def test_all_four_models_at_186_steps_as_reported(text):
@@ -147,3 +164,14 @@ def test_fooling_export_pairs_the_seeds_in_the_thesis_order():
         fooling.export_summary([runs[0], runs[0]])
     with pytest.raises(ValueError, match="at least two"):
         fooling.export_summary(runs[:1])
+
+
+def test_denoising_at_186_and_310_steps_as_reported(text):
+    """Fig. 5.8 at the second and third budgets (issue 25 items 3-4), and the 310-vs-93-step trend per model."""
+    runs = [results_json(n) for n in ("ch5_authors_recipe", "ch5_authors_recipe_e6_all", "ch5_authors_recipe_e10_all")]
+    for run in runs[1:]:
+        _check_denoising(text, run)
+    for o in SHORT:
+        pc = paired_comparison(runs[2]["per_objective"][o]["denoise_mse"], runs[0]["per_objective"][o]["denoise_mse"])
+        flat = " ".join(text.replace("-", "−").split())  # the bullets wrap lines
+        assert f"{pc.mean:+.4f}, t = {pc.t:.2f}".replace("-", "−") in flat, o
