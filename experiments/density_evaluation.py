@@ -482,6 +482,8 @@ def parse_args(argv=None):
     p.add_argument("--export", default=None, metavar="JSON",
                    help="write the numbers-only summary with paired comparisons over training seeds (needs --models "
                         "with its results.json and --aggregate with the evaluation results.json files) and exit")
+    p.add_argument("--export-sweep", default=None, metavar="JSON",
+                   help="write the numbers-only Table 5.2 summary of a sweep run (--aggregate its results.json) and exit")
     p.add_argument("--estimators", action="store_true", help="the trace-estimator study at equal step cost")
     p.add_argument("--sweep-epochs", type=int, default=None)
     p.add_argument("--study-keys", type=int, default=1, help="GAN-test keys per sweep / study model (the first N)")
@@ -614,8 +616,71 @@ def export_summary(models_results: dict, eval_results: dict) -> dict:
     return out
 
 
+def export_sweep(results: dict) -> dict:
+    """Numbers-only summary of a ``--sweep`` run (Table 5.2, thesis L1802–1815): per cell the accuracy (eval mode and
+    batch statistics), the GAN-test of the clean and, when it ran, the noise-augmented judge, the slope, and the
+    thesis's cell; then, ours and the thesis's over the same cells, the Spearman rank correlation of each measure with
+    log λ and with log μ (negative: falls as it grows), the share of one-step increases of λ (μ fixed) and of μ (λ
+    fixed) that lower the measure, and the best cell. One training seed: descriptive, no paired verdicts."""
+    from scipy.stats import spearmanr
+    rows = results["sweep"]["rows"]
+    if not rows:
+        raise ValueError("the sweep has no finished cells.")
+    cells = []
+    for r in rows:
+        th = THESIS_TABLE_5_2.get((r["lam"], r["mu"]))
+        cells.append({"lam": r["lam"], "mu": r["mu"], "accuracy": 100 * r["test_accuracy"],
+                      "accuracy_batch_stats": 100 * r["test_accuracy_batch_stats"],
+                      "gan_test_judge": 100 * r["gan_test"]["mean"],
+                      "gan_test_noise_judge": (100 * r["other_gan_tests"]["authors/noise_judge"]
+                                               if "authors/noise_judge" in r.get("other_gan_tests", {}) else None),
+                      "log_ratio_slope": r["log_ratio_slope"], "diverged": r["diverged"] is not None,
+                      "steps": r["steps"], "seconds_per_step": r.get("seconds_per_step"),
+                      "thesis_accuracy": th and th[0], "thesis_gan_test": th and th[1]})
+    gan = "gan_test_noise_judge" if all(c["gan_test_noise_judge"] is not None for c in cells) else "gan_test_judge"
+    lams, mus = sorted({c["lam"] for c in cells}), sorted({c["mu"] for c in cells})
+    at = {(c["lam"], c["mu"]): c for c in cells}
+
+    def trend(key):
+        v = np.array([np.nan if c[key] is None else c[key] for c in cells], float)
+        ok = np.isfinite(v)
+        rho = lambda x: float(spearmanr(np.log10(x[ok]), v[ok]).statistic) if ok.sum() >= 3 else float("nan")
+        fin = lambda c: c is not None and c[key] is not None and np.isfinite(c[key])
+        # one-step increases: (smaller, next larger) lambda at fixed mu, and mu at fixed lambda
+        steps = {"lam": [(at.get((a, m)), at.get((b, m))) for m in mus for a, b in zip(lams, lams[1:])],
+                 "mu": [(at.get((l, a)), at.get((l, b))) for l in lams for a, b in zip(mus, mus[1:])]}
+        falls = {k: [b[key] < a[key] for a, b in st if fin(a) and fin(b)] for k, st in steps.items()}
+        return {"spearman_log_lam": rho(np.array([c["lam"] for c in cells])),
+                "spearman_log_mu": rho(np.array([c["mu"] for c in cells])),
+                "falls_when_lam_grows": [int(sum(falls["lam"])), len(falls["lam"])],
+                "falls_when_mu_grows": [int(sum(falls["mu"])), len(falls["mu"])]}
+
+    def best(key):
+        v = [(c[key], c["lam"], c["mu"]) for c in cells if c[key] is not None and np.isfinite(c[key])]
+        top = max(v)[0] if v else None
+        return {"value": top, "cells": [[l, m] for x, l, m in v if x == top]}
+
+    out = {"cells": cells, "gan_test_reported": gan, "scale": results["sweep"].get("scale"),
+           "seeds": results.get("seeds"), "keys": results.get("keys"), "command": results.get("command"),
+           "seconds": results.get("seconds"), "judge": results.get("judge"), "noise_judge": results.get("noise_judge")}
+    for key, th in (("accuracy", "thesis_accuracy"), (gan, "thesis_gan_test")):
+        out[f"trend/{key}"] = trend(key)
+        out[f"trend/{key}/thesis"] = trend(th)
+        out[f"best/{key}"] = best(key)
+        out[f"best/{key}/thesis"] = best(th)
+    return out
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.export_sweep:
+        if not args.aggregate or len(args.aggregate) != 1:
+            raise ValueError("--export-sweep needs --aggregate with the sweep run's results.json.")
+        with open(args.aggregate[0]) as fh:
+            summary = export_sweep(json.load(fh))
+        with open(args.export_sweep, "w") as fh:
+            json.dump(summary, fh, indent=1, allow_nan=True)
+        return summary
     command = "python -m experiments.density_evaluation " + " ".join(
         argv if argv is not None else __import__("sys").argv[1:])
     if args.export:

@@ -39,6 +39,9 @@ def test_density_evaluation_smoke(models, tmp_path):
     row = res["sweep"]["rows"][0]
     assert (row["lam"], row["mu"]) == (1e-3, 1e-4) and 0.0 <= row["gan_test"]["mean"] <= 1.0
     assert row["other_gan_tests"] == {}  # the authors' sampler and the clean judge only: nothing beyond "gan_test"
+    ex = DE.main(["--export-sweep", str(tmp_path / "sweep.json"), "--aggregate", os.path.join(out, "results.json")])
+    assert ex["gan_test_reported"] == "gan_test_judge" and len(ex["cells"]) == 1
+    assert ex["cells"][0]["accuracy"] == pytest.approx(100 * row["test_accuracy"])
     for png in ("ratios.png", "samples_ascent.png", "samples_langevin.png", "pixel_own.png", "pixel_baseline.png",
                 "gradients.png", "denoise.png"):
         assert os.path.getsize(os.path.join(out, png)) > 1000, png

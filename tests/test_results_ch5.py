@@ -175,3 +175,22 @@ def test_denoising_at_186_and_310_steps_as_reported(text):
         pc = paired_comparison(runs[2]["per_objective"][o]["denoise_mse"], runs[0]["per_objective"][o]["denoise_mse"])
         flat = " ".join(text.replace("-", "−").split())  # the bullets wrap lines
         assert f"{pc.mean:+.4f}, t = {pc.t:.2f}".replace("-", "−") in flat, o
+
+
+def test_sweep_export_finds_the_thesis_table_5_2_pattern_on_the_thesis_numbers():
+    """export_sweep on the thesis's own Table 5.2 (as if it were a run): accuracy falls at every one-step increase of
+    lambda, the best GAN-test cell is (1e-5, 1e-3), a diverged cell's NaN GAN-test is left out."""
+    from experiments import density_evaluation as DE
+    rows = [{"lam": l, "mu": m, "test_accuracy": a / 100, "test_accuracy_batch_stats": a / 100,
+             "gan_test": {"mean": 0.1, "std": 0.0}, "other_gan_tests": {"authors/noise_judge": g / 100},
+             "log_ratio_slope": -1.0, "diverged": None, "steps": 32} for (l, m), (a, g) in DE.THESIS_TABLE_5_2.items()]
+    rows[0] = {**rows[0], "other_gan_tests": {"authors/noise_judge": float("nan")}, "diverged": "step 3"}
+    out = DE.export_sweep({"sweep": {"rows": rows}})
+    assert out["gan_test_reported"] == "gan_test_noise_judge" and len(out["cells"]) == 20
+    acc = out["trend/accuracy"]
+    assert acc == out["trend/accuracy/thesis"] and acc["falls_when_lam_grows"] == [16, 16]
+    assert acc["falls_when_mu_grows"] == [10, 15] and acc["spearman_log_lam"] < -0.8
+    assert out["best/gan_test_noise_judge"]["cells"] == [[1e-5, 1e-3]]
+    assert out["best/gan_test_noise_judge"]["value"] == pytest.approx(85.64)
+    assert out["trend/gan_test_noise_judge"]["falls_when_lam_grows"][1] == 15  # the NaN cell's step left out
+    assert out["cells"][0]["diverged"] and not out["cells"][1]["diverged"]
