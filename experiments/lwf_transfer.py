@@ -26,6 +26,11 @@ max-pool meets the ResNet's stage 2 (level 2, the small default); level 1 (the V
 was the small default until 2026-12-04.
 
     python -m experiments.lwf_transfer --scale smoke|small|paper [--tables 2.3,2.4,2.5] [--seeds S] [--out DIR]
+        [--student-steps N] [--teacher-cache FILE]
+
+``--teacher-cache FILE`` (msgpack): the trained teacher's variables, and the oracle's source-pretrained student in
+``FILE`` with ``.oracle`` before the extension, are loaded when they exist, else trained and saved there — a budget
+sweep (:mod:`experiments.scale_sweep`, ``--student-steps``) then shares one teacher and one oracle start.
 
 Small scale: the Jacobian pair is the student VGG's output after its *second* max-pool (thesis L978, "level 1" of
 the thesis) paired with the CIFAR ResNet-18 layer of the same spatial size, ``level 2`` of :data:`LEVELS`
@@ -49,6 +54,7 @@ import time
 
 import flax.linen as nn
 import jax
+from flax import serialization
 import numpy as np
 
 from experiments import common
@@ -190,6 +196,8 @@ def main(argv=None) -> dict:
                    "the oracle's pretraining keep --steps / the scale's; for experiments.scale_sweep)")
     p.add_argument("--jacobian-pair", default=None, help="label of the Jacobian's layer pair (default: the "
                    "scale's: 'level 2' = VGG after its second max-pool at small scale, '(7, 2)' at paper scale)")
+    p.add_argument("--teacher-cache", default=None, help="msgpack file: load the teacher (and the oracle's pretrained "
+                   "student, FILE with .oracle before the extension) from it when it exists, else train and save")
     args = p.parse_args(argv)
     methods = common.parse_methods(args.methods, METHODS)
     pre = common.resolve_scale(args, PRESETS)
@@ -227,10 +235,25 @@ def main(argv=None) -> dict:
     pairs = layer_pairs(pre)
     jpair = args.jacobian_pair or pre.jacobian_pair
     ts = steps_for(len(s_train), pre.teacher_steps)
-    tstate = common.Trainer(teacher, LT.make_loss_fn(teacher.apply, [LT.cross_entropy_term()]), tx(ts), steps=ts,
-                          batch_size=min(pre.batch_size * 2, 128),
-                          num_classes=ns_).run(s_train, seed=1000)
-    teacher_vars = tstate.variables
+    def cached(path, template, train_fn):  # load ``path`` (msgpack, structure of ``template``) or train and save
+        if path and os.path.exists(path):
+            with open(path, "rb") as f:
+                return serialization.from_bytes(template(), f.read())
+        value = train_fn()
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(serialization.to_bytes(value))
+        return value
+
+    def state_template(init_fn):  # the variables a trained state holds: params + model_state (cf. create_train_state)
+        v = init_fn(jax.random.PRNGKey(0), s_train.images[:2])
+        return {k: x for k, x in v.items() if k not in ("perturbations", "biases")}
+
+    teacher_vars = cached(
+        args.teacher_cache, lambda: state_template(common.compiled_init(teacher)),
+        lambda: common.Trainer(teacher, LT.make_loss_fn(teacher.apply, [LT.cross_entropy_term()]), tx(ts), steps=ts,
+                               batch_size=min(pre.batch_size * 2, 128), num_classes=ns_).run(s_train, seed=1000).variables)
     teacher_acc = common.accuracy(teacher.apply, teacher_vars, s_test)[0]
     print(f"teacher {pre.teacher} on {source} {pre.source_classes}: {100 * teacher_acc:.2f} % "
           f"({time.time() - t0:.0f} s)", flush=True)
@@ -242,27 +265,42 @@ def main(argv=None) -> dict:
     src_head = source_slice(nt_, ns_)
     pretrained = None
     if "2.3" in tables and "CE pretrained (oracle)" in methods:
-        pstate = common.Trainer(student, LT.make_loss_fn(student.apply, [LT.cross_entropy_term(head=src_head)],
-                                                      metrics_head=src_head),
-                              tx(ts), steps=ts, batch_size=min(pre.batch_size * 2, 128),
-                              num_classes=ns_, init_fn=student_init).run(s_train, seed=2000)
-        pretrained = (pstate.params, pstate.model_state)
+        def pretrain():
+            pstate = common.Trainer(student, LT.make_loss_fn(student.apply, [LT.cross_entropy_term(head=src_head)],
+                                                          metrics_head=src_head),
+                                    tx(ts), steps=ts, batch_size=min(pre.batch_size * 2, 128),
+                                    num_classes=ns_, init_fn=student_init).run(s_train, seed=2000)
+            return {"params": pstate.params, "model_state": pstate.model_state}
 
-    trainers = {}
+        def oracle_template():
+            v = state_template(student_init)
+            return {"params": v["params"], "model_state": {k: x for k, x in v.items() if k != "params"}}
+
+        oracle_path = None
+        if args.teacher_cache:
+            stem, ext = os.path.splitext(args.teacher_cache)
+            oracle_path = f"{stem}.oracle{ext or '.msgpack'}"
+        p_cached = cached(oracle_path, oracle_template, pretrain)
+        pretrained = (p_cached["params"], p_cached["model_state"])
+
+    trainers, done = {}, {}
 
     def run(method, n, seed, **kw):
         sub = gdata.n_per_class_subset(t_train, n, seed=seed) if n else t_train
         steps = steps_for(len(sub), pre.student_steps, args.student_steps)
-        key = (method, steps, tuple(sorted(kw.items())))
+        opts = {"jacobian_pair": jpair, "window": pre.window, "divisor": pre.divisor, **kw}
+        key = (method, steps, tuple(sorted(opts.items())))  # the same objective is one trainer and one run per seed
         if key not in trainers:
-            opts = {"pairs": pairs, "jacobian_pair": jpair, "window": pre.window, "divisor": pre.divisor, **kw}
-            loss = LT.make_loss_fn(student.apply, method_terms(method, nt_, ns_, w=pre.weight, **opts),
+            loss = LT.make_loss_fn(student.apply, method_terms(method, nt_, ns_, pairs=pairs, w=pre.weight, **opts),
                                   teacher_apply_fn=teacher.apply, metrics_head=tgt)
             trainers[key] = common.Trainer(student, loss, tx(steps), steps=steps, batch_size=pre.batch_size,
                                            num_classes=nt_, init_fn=student_init)
-        tr = trainers[key]
-        st = tr.run(sub, seed=seed, frozen=frozen, init_params=pretrained if "oracle" in method else None)
-        return common.accuracy(student.apply, st.variables, t_test, head=tgt)[0], _grad_loss_reduction(tr.last_records)
+        if (key, n, seed) not in done:  # e.g. Table 2.5's s/5 is Table 2.4's default pair: trained once
+            tr = trainers[key]
+            st = tr.run(sub, seed=seed, frozen=frozen, init_params=pretrained if "oracle" in method else None)
+            done[key, n, seed] = (common.accuracy(student.apply, st.variables, t_test, head=tgt)[0],
+                                  _grad_loss_reduction(tr.last_records))
+        return done[key, n, seed]
 
     results = {"teacher_accuracy": teacher_acc}
     md = [f"LwF transfer — teacher {pre.teacher} on {source} classes {list(pre.source_classes)} "
@@ -296,6 +334,9 @@ def main(argv=None) -> dict:
                                           "grad_loss_reduction": common.mean_std([g / 100 for _, g in runs])}
             print(f"2.4 {lbl}: {r24[f'{lbl} ({sl}, {tl})']}", flush=True)
         results["table2_4"] = r24
+        for lbl, k in zip(pairs, r24):  # per-seed rows for experiments.scale_sweep (--results-key ablations)
+            results.setdefault("ablations", {})[f"J pair {lbl}"] = {str(pre.ablation_n): r24[k]["accuracy"]}
+            results["ablations"][f"J-loss reduction {lbl}"] = {str(pre.ablation_n): r24[k]["grad_loss_reduction"]}
         md += ["", f"Table 2.4 — depth of the Jacobian pair, {m_abl}, {pre.ablation_n} per class", "",
                common.markdown_table(["pair (student, teacher)", "accuracy %", "grad-loss reduction %"],
                              [[k, common.fmt(v["accuracy"]), common.fmt(v["grad_loss_reduction"])]
@@ -309,6 +350,8 @@ def main(argv=None) -> dict:
                                        for s in range(seeds)])
             print(f"2.5 window {name}: {common.fmt(r25[name])}", flush=True)
         results["table2_5"] = r25
+        for name in WINDOWS:
+            results.setdefault("ablations", {})[f"window {name}"] = {str(pre.ablation_n): r25[name]}
         md += ["", f"Table 2.5 — pooling window of the attention-Jacobian, {m_abl}, pair {jpair}, {pre.ablation_n} per "
                f"class", "", common.markdown_table(list(WINDOWS), [[common.fmt(r25[k]) for k in WINDOWS]]),
                "", "Thesis: " + ", ".join(f"{k} {v}" for k, v in THESIS_25.items())]

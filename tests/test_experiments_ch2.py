@@ -62,10 +62,16 @@ def test_noise_robustness_dropout_placements():
         np.testing.assert_array_equal(models[name].apply(variables, x), models["l2"].apply(variables, x))
 
 
-def test_lwf_transfer_smoke(tmp_path):
+def test_lwf_transfer_smoke(tmp_path, monkeypatch):
     out = str(tmp_path / "lwf")
-    res = lwf_transfer.main(["--scale", "smoke", "--tables", "2.3", "--out", out,
+    cache = str(tmp_path / "cache" / "teacher.msgpack")
+    runs = []  # every Trainer.run: the teacher, the oracle's pretraining, then one per student and seed
+    real_run = lwf_transfer.common.Trainer.run
+    monkeypatch.setattr(lwf_transfer.common.Trainer, "run",
+                        lambda self, *a, **k: runs.append(k.get("seed")) or real_run(self, *a, **k))
+    res = lwf_transfer.main(["--scale", "smoke", "--tables", "2.3", "--out", out, "--teacher-cache", cache,
                              "--methods", "CE pretrained (oracle),CE + {A+att+J}"])
+    assert runs == [1000, 2000, 0, 0]
     _outputs(out, "table2_3.png")
     r = res["results"]["table2_3"]
     assert set(r) == {"CE pretrained (oracle)", "CE + {A+att+J}"}
@@ -73,3 +79,12 @@ def test_lwf_transfer_smoke(tmp_path):
     # disjoint tasks: teacher on source digits 0-4 of one dataset, student on digits 5-9 of another
     assert set(res["source_classes"]).isdisjoint(res["target_classes"])
     assert res["source"] != res["target"]
+    # --teacher-cache: a second run loads the teacher and the oracle's pretrained student instead of training them,
+    # and reproduces the oracle's accuracy (a budget sweep shares one teacher)
+    assert os.path.exists(cache) and os.path.exists(str(tmp_path / "cache" / "teacher.oracle.msgpack"))
+    runs.clear()
+    again = lwf_transfer.main(["--scale", "smoke", "--tables", "2.3", "--out", out + "2", "--teacher-cache", cache,
+                               "--methods", "CE pretrained (oracle)"])
+    assert runs == [0]
+    assert again["results"]["teacher_accuracy"] == res["results"]["teacher_accuracy"]
+    assert again["results"]["table2_3"]["CE pretrained (oracle)"] == r["CE pretrained (oracle)"]
