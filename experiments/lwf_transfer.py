@@ -26,7 +26,7 @@ max-pool meets the ResNet's stage 2 (level 2, the small default); level 1 (the V
 was the small default until 2026-12-04.
 
     python -m experiments.lwf_transfer --scale smoke|small|paper [--tables 2.3,2.4,2.5] [--seeds S] [--out DIR]
-        [--student-steps N] [--teacher-cache FILE]
+        [--student-steps N] [--teacher-cache FILE] [--windows Full,s/3,s/5,s/7,None]
 
 ``--teacher-cache FILE`` (msgpack): the trained teacher's variables, and the oracle's source-pretrained student in
 ``FILE`` with ``.oracle`` before the extension, are loaded when they exist, else trained and saved there — a budget
@@ -196,6 +196,8 @@ def main(argv=None) -> dict:
                    "the oracle's pretraining keep --steps / the scale's; for experiments.scale_sweep)")
     p.add_argument("--jacobian-pair", default=None, help="label of the Jacobian's layer pair (default: the "
                    "scale's: 'level 2' = VGG after its second max-pool at small scale, '(7, 2)' at paper scale)")
+    p.add_argument("--windows", default=",".join(WINDOWS), help="Table 2.5 windows (comma-separated, of "
+                   f"{list(WINDOWS)}; e.g. drop s/7 where it equals None: a window of 1 on an 8x8 map)")
     p.add_argument("--teacher-cache", default=None, help="msgpack file: load the teacher (and the oracle's pretrained "
                    "student, FILE with .oracle before the extension) from it when it exists, else train and save")
     args = p.parse_args(argv)
@@ -203,6 +205,9 @@ def main(argv=None) -> dict:
     pre = common.resolve_scale(args, PRESETS)
     source, target = args.source or pre.source, args.dataset or args.target or pre.target
     tables = [t.strip() for t in args.tables.split(",")]
+    windows = [w.strip() for w in args.windows.split(",")]
+    if not windows or set(windows) - set(WINDOWS):
+        raise ValueError(f"--windows: unknown {sorted(set(windows) - set(WINDOWS))}; choose from {list(WINDOWS)}.")
     seeds = args.seeds or pre.seeds
     out = args.out or os.path.join("runs", f"lwf_transfer-{source}-{target}-{args.scale}")
     os.makedirs(out, exist_ok=True)
@@ -345,15 +350,16 @@ def main(argv=None) -> dict:
                                                                      in THESIS_24.items())]
     if "2.5" in tables:
         r25 = {}
-        for name, (window, divisor) in WINDOWS.items():
+        for name in windows:
+            window, divisor = WINDOWS[name]
             r25[name] = common.mean_std([run(m_abl, pre.ablation_n, s, window=window, divisor=divisor)[0]
                                        for s in range(seeds)])
             print(f"2.5 window {name}: {common.fmt(r25[name])}", flush=True)
         results["table2_5"] = r25
-        for name in WINDOWS:
+        for name in windows:
             results.setdefault("ablations", {})[f"window {name}"] = {str(pre.ablation_n): r25[name]}
         md += ["", f"Table 2.5 — pooling window of the attention-Jacobian, {m_abl}, pair {jpair}, {pre.ablation_n} per "
-               f"class", "", common.markdown_table(list(WINDOWS), [[common.fmt(r25[k]) for k in WINDOWS]]),
+               f"class", "", common.markdown_table(windows, [[common.fmt(r25[k]) for k in windows]]),
                "", "Thesis: " + ", ".join(f"{k} {v}" for k, v in THESIS_25.items())]
     table = "\n".join(md)
     res = {"tables": tables, "scale": args.scale, "source": source, "target": target,
