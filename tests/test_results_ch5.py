@@ -194,3 +194,29 @@ def test_sweep_export_finds_the_thesis_table_5_2_pattern_on_the_thesis_numbers()
     assert out["best/gan_test_noise_judge"]["value"] == pytest.approx(85.64)
     assert out["trend/gan_test_noise_judge"]["falls_when_lam_grows"][1] == 15  # the NaN cell's step left out
     assert out["cells"][0]["diverged"] and not out["cells"][1]["diverged"]
+
+
+FOOL = {"logit_gradient": "logit", "loss_gradient_T": "loss (T = 1e3)", "loss_gradient": "loss"}
+
+
+def test_fooling_three_seeds_and_budgets_as_reported(text):
+    """§5.7.2 fooling (thesis L1729–1731), issue 25: 3 seeds, energies after each fine-tuning budget, paired verdicts."""
+    f = results_json("ch5_fooling")
+    assert f["seeds"] == [0, 1, 2] and len(f["budgets"]) >= 3
+    flat = " ".join(text.split())
+    for k in FOOL:
+        v = np.asarray(f["energy_before_%"][k], float)
+        assert_reported(text, v.mean(), 1, what=f"{k} before fooling")
+    assert_reported(text, 100 * np.mean(f["accuracy_pretrained"]), 1, what="pre-trained accuracy")
+    for b in f["budgets"]:
+        assert f"{b['finetune_steps']} steps" in flat
+        assert_reported(text, 100 * np.mean(b["accuracy_fooled"]), 1, what=f"accuracy at {b['finetune_epochs']}")
+        for k in FOOL:
+            v = np.asarray(b["energy_after_%"][k], float)
+            assert_reported(text, v.mean(), 1, what=f"{k} after {b['finetune_epochs']} epochs")
+            assert_reported(text, float(sample_std(v)), 1, what=f"{k} std after {b['finetune_epochs']} epochs")
+        for r in b["paired_order"]:
+            pc = paired_comparison(b["energy_after_%"][r["a"]], b["energy_after_%"][r["b"]])
+            assert pc.verdict == r["verdict"] and pc.t == pytest.approx(r["t"])
+            s = f"{FOOL[r['a']]} vs {FOOL[r['b']]}: {r['claim_held']} (mean diff {r['mean']:+.2f}, t = {r['t']:.2f}"
+            assert s in flat, s
