@@ -483,7 +483,7 @@ def parse_args(argv=None):
                    help="write the numbers-only summary with paired comparisons over training seeds (needs --models "
                         "with its results.json and --aggregate with the evaluation results.json files) and exit")
     p.add_argument("--export-sweep", default=None, metavar="JSON",
-                   help="write the numbers-only Table 5.2 summary of a sweep run (--aggregate its results.json) and exit")
+                   help="write the numbers-only Table 5.2 summary of sweep runs (--aggregate their results.json) and exit")
     p.add_argument("--estimators", action="store_true", help="the trace-estimator study at equal step cost")
     p.add_argument("--sweep-epochs", type=int, default=None)
     p.add_argument("--study-keys", type=int, default=1, help="GAN-test keys per sweep / study model (the first N)")
@@ -674,10 +674,18 @@ def export_sweep(results: dict) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.export_sweep:
-        if not args.aggregate or len(args.aggregate) != 1:
-            raise ValueError("--export-sweep needs --aggregate with the sweep run's results.json.")
-        with open(args.aggregate[0]) as fh:
-            summary = export_sweep(json.load(fh))
+        if not args.aggregate:
+            raise ValueError("--export-sweep needs --aggregate with the sweep runs' results.json files.")
+        runs = []
+        for path in args.aggregate:
+            with open(path) as fh:
+                runs.append(json.load(fh))
+        cells = {}  # several sweep runs (e.g. a row and a column of the grid): their cells, a later file winning
+        for r in runs:
+            cells.update({(row["lam"], row["mu"]): row for row in r["sweep"]["rows"]})
+        summary = export_sweep({**runs[0], "sweep": {"scale": runs[0]["sweep"]["scale"], "rows": list(cells.values())},
+                                "command": [r.get("command") for r in runs],
+                                "seconds": [r.get("seconds") for r in runs]})
         with open(args.export_sweep, "w") as fh:
             json.dump(summary, fh, indent=1, allow_nan=True)
         return summary
