@@ -185,6 +185,7 @@ SWEEP_CLAIMS = (  # (panel, quantity, a, b): the thesis's claim "a's quantity ex
     ("a", "angle", "iG", "iG+Att"),         # adding attention matching lowers the angle (L1398)
     ("b", "accuracy", "vgg11", "vgg6"),     # larger students are better (L1401: 62.95 > 58.08 > 50.87 %)
     ("b", "accuracy", "vgg6", "vgg4"),
+    ("b", "accuracy", "vgg11", "vgg4"),
     ("b", "angle", "vgg6", "vgg11"),        # ... and better aligned: smaller angle for the larger student
     ("b", "angle", "vgg4", "vgg6"),
 )
