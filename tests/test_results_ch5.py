@@ -220,3 +220,24 @@ def test_fooling_three_seeds_and_budgets_as_reported(text):
             assert pc.verdict == r["verdict"] and pc.t == pytest.approx(r["t"])
             s = f"{FOOL[r['a']]} vs {FOOL[r['b']]}: {r['claim_held']} (mean diff {r['mean']:+.2f}, t = {r['t']:.2f}"
             assert s in flat, s
+
+
+def test_table_5_2_grid_as_reported(text):
+    """Table 5.2's λ × μ grid (thesis L1802–1815) at reduced scale, one seed: every finished cell's accuracy and
+    GAN-test of both judges, the thesis's value beside it, and the trend summaries (ours and the thesis's)."""
+    f = results_json("ch5_table5_2_grid")
+    assert f["gan_test_reported"] == "gan_test_noise_judge" and f["cells"]
+    flat = " ".join(text.split())
+    for c in f["cells"]:
+        row = (f"| {c['lam']:g} | {c['mu']:g} | {c['accuracy']:.1f} / {c['accuracy_batch_stats']:.1f} | "
+               f"{c['gan_test_noise_judge']:.1f} | ")
+        assert row in text, row
+        assert f"| {c['thesis_accuracy']} / {c['thesis_gan_test']} |" in text
+    for key in ("accuracy", "gan_test_noise_judge"):
+        for w in ("", "/thesis"):
+            t = f[f"trend/{key}{w}"]
+            assert f"{t['spearman_log_lam']:.2f}" in flat and f"{t['spearman_log_mu']:.2f}" in flat, (key, w)
+            assert f"{t['falls_when_lam_grows'][0]}/{t['falls_when_lam_grows'][1]}" in flat, (key, w)
+            assert f"{t['falls_when_mu_grows'][0]}/{t['falls_when_mu_grows'][1]}" in flat, (key, w)
+        b = f[f"best/{key}"]
+        assert_reported(text, b["value"], 1, what=f"best {key}")
