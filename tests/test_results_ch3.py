@@ -69,3 +69,37 @@ def test_table_3_1_budget_axis_matches_the_raw_runs():
                 assert p["verdict"] == want.verdict and p["mean"] == pytest.approx(want.mean, abs=1e-9)
                 row = [line for line in text.splitlines() if line.startswith(f"| {b['epochs']} | {method} |")]
                 assert len(row) == 1 and row[0].rstrip(" |").endswith(p["verdict"]), (b["epochs"], method, row)
+
+
+# ----------------------------------------------------------------- Table 3.2 and ROAD over budgets (issue 25)
+
+@pytest.mark.parametrize("name,kind,heading", [
+    ("ch3_table3_2_budgets", "table3_2", "Table 3.2 over training budgets"),
+    ("ch3_road_budgets", "road", "ROAD over training budgets")])
+def test_budget_axes_are_self_consistent_and_generate_the_results_tables(name, kind, heading):
+    """>= 3 budgets, >= 3 paired seeds; every stored verdict and trend recomputed from the per-seed values; the
+    RESULTS tables are exactly ``experiments.budget_axis.markdown`` of the committed file."""
+    from experiments import budget_axis
+
+    raw = results_json(name)
+    assert raw["kind"] == kind and len(raw["budgets"]) >= 3 and len(raw["seeds"]) >= 3
+    assert raw["epochs"] == sorted(raw["epochs"]) and len(set(raw["epochs"])) == len(raw["epochs"])
+    for b in raw["budgets"]:
+        for claim, cols in b["paired"].items():
+            for col, p in cols.items():
+                if kind == "table3_2":
+                    a, c = claim.split("<")
+                    want = paired_comparison(b["table_3_2"][c][col], b["table_3_2"][a][col])  # b - a: thesis order
+                else:
+                    fg, other = b["score_per_seed"][claim]["fullgrad"], b["score_per_seed"][claim][col]
+                    want = paired_comparison(other, fg) if claim == "morf" else paired_comparison(fg, other)
+                assert len(want.differences) >= 3
+                assert p["verdict"] == want.verdict and p["mean"] == pytest.approx(want.mean, abs=1e-9), (claim, col)
+    first, last = raw["budgets"][0]["paired"], raw["budgets"][-1]["paired"]
+    for claim, cols in raw["trend"]["claims"].items():
+        for col, t in cols.items():
+            want = paired_comparison(last[claim][col]["differences"], first[claim][col]["differences"])
+            assert t["verdict"] == want.verdict and t["direction"] == budget_axis.DIRECTION[want.verdict]
+    text = section(heading)
+    for table in budget_axis.markdown(raw).split("\n\n"):
+        assert table in text, f"{heading}: a table differs from budget_axis.markdown({name}.json)"
