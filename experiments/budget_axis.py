@@ -1,7 +1,12 @@
 """Chapter-3 budget axes (issue 25 item 4): collect per-budget multi-seed runs of one chapter-3 script into one
 numbers-only JSON with the paired verdicts at every budget and their trend from the first budget to the last.
 
-Two kinds of runs (each budget = one run directory, or an already-collected JSON file, at its own ``--epochs``):
+Three kinds of runs (each budget = one run directory, or an already-collected JSON file, at its own ``--epochs``
+or ``--width``: ``--axis epochs`` or ``--axis width``):
+
+* ``table3_1`` — ``python -m experiments.fullgrad_digits --digit-flip-only --epochs E --seeds 0 1 2 --out DIR``
+  (``DIR/results_seeds.json``): Table 3.1's digit flipping per method and seed, and FullGrad (no abs) against each
+  method paired over the seeds (thesis L1269–1273: no abs flips best);
 
 * ``table3_2`` — ``python -m experiments.fullgrad_digits --pixel-perturbation-only --epochs E --seeds 0 1 2 --out
   DIR`` (``DIR/results_seeds.json``): Table 3.2's pixel perturbation per method, RF and seed, and the thesis's order
@@ -32,7 +37,8 @@ import numpy as np
 
 from gradjax.statistics import paired_comparison
 
-KINDS = {"table3_2": "results_seeds.json", "road": "road.json"}
+KINDS = {"table3_1": "results_seeds.json", "table3_2": "results_seeds.json", "road": "road.json"}
+AXES = ("epochs", "width")
 DIRECTION = {"a>b": "toward thesis", "a<b": "away from thesis", "tie": "no significant change"}
 
 
@@ -52,6 +58,14 @@ def _budget_table3_2(raw: dict) -> dict:
             "test_accuracy": raw["test_accuracy"], "table_3_2": raw["table_3_2"], "paired": raw["table_3_2_paired"]}
 
 
+def _budget_table3_1(raw: dict) -> dict:
+    if not raw.get("table_3_1_paired_noabs"):
+        raise ValueError("a table3_1 budget needs fullgrad_digits --seeds (>= 2 seeds) with Table 3.1.")
+    return {"epochs": raw["epochs"], "width": raw["width"], "seeds": raw["seeds"],
+            "test_accuracy": raw["test_accuracy"], "num_eights": raw["num_eights"], "table_3_1": raw["table_3_1"],
+            "paired": {"fullgrad_noabs>": raw["table_3_1_paired_noabs"]}}
+
+
 def _budget_road(raw: dict) -> dict:
     return {"epochs": raw["epochs"], "width": raw["width"], "seeds": raw["seeds"], "n_test": raw["n_test"],
             "fractions": raw["fractions"], "clean_accuracy": raw["clean_accuracy"],
@@ -60,16 +74,24 @@ def _budget_road(raw: dict) -> dict:
             "paired": raw["paired_vs_fullgrad"]}
 
 
-def collect(paths: Sequence[str], kind: str) -> dict:
-    """One summary of ``kind`` from the budgets' runs, in the order given (sorted by epochs is checked)."""
+def collect(paths: Sequence[str], kind: str, *, axis: str = "epochs") -> dict:
+    """One summary of ``kind`` from the budgets' runs, in the order given (increasing ``axis`` is checked; the
+    other of epochs / width must be the same in every budget)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {sorted(KINDS)}; got {kind!r}.")
+    if axis not in AXES:
+        raise ValueError(f"axis must be one of {AXES}; got {axis!r}.")
     if len(paths) < 2:
         raise ValueError("a budget axis needs >= 2 budgets (the issue asks for >= 3).")
-    budgets = [(_budget_table3_2 if kind == "table3_2" else _budget_road)(_load(p, kind)) for p in paths]
-    epochs = [b["epochs"] for b in budgets]
+    one = {"table3_1": _budget_table3_1, "table3_2": _budget_table3_2, "road": _budget_road}[kind]
+    budgets = [one(_load(p, kind)) for p in paths]
+    epochs = [b[axis] for b in budgets]
     if epochs != sorted(epochs) or len(set(epochs)) != len(epochs):
-        raise ValueError(f"give the budgets in increasing --epochs order, each once; got epochs {epochs}.")
+        raise ValueError(f"give the budgets in increasing --{axis} order, each once; got {axis} {epochs}.")
+    fixed = [b[AXES[1 - AXES.index(axis)]] for b in budgets]
+    if len(set(fixed)) != 1:
+        raise ValueError(f"along the {axis} axis the other budget ({AXES[1 - AXES.index(axis)]}) must not change; "
+                         f"got {fixed}.")
     seeds = [b["seeds"] for b in budgets]
     if any(s != seeds[0] for s in seeds):
         raise ValueError(f"every budget must use the same seeds (paired over budgets); got {seeds}.")
@@ -79,8 +101,8 @@ def collect(paths: Sequence[str], kind: str) -> dict:
                            "direction": DIRECTION[paired_comparison(last[claim][col]["differences"],
                                                                     first[claim][col]["differences"]).verdict]}
                      for col in last[claim]} for claim in last}
-    return {"kind": kind, "sources": list(paths), "epochs": epochs, "seeds": seeds[0], "budgets": budgets,
-            "trend": {"from_epochs": epochs[0], "to_epochs": epochs[-1], "claims": trend}}
+    return {"kind": kind, "axis": axis, "sources": list(paths), axis: epochs, "seeds": seeds[0], "budgets": budgets,
+            "trend": {f"from_{axis}": epochs[0], f"to_{axis}": epochs[-1], "claims": trend}}
 
 
 def _table(header, rows) -> str:
@@ -96,29 +118,38 @@ def markdown(summary: dict) -> str:
     """RESULTS' tables, generated from the summary: values per budget (mean ± sample std over seeds), then every
     claim's paired difference at every budget and its trend first → last."""
     b0 = summary["budgets"][0]
-    if summary["kind"] == "table3_2":
+    axis = summary.get("axis", "epochs")
+    unit = " ep." if axis == "epochs" else ""
+    if summary["kind"] == "table3_1":
+        methods = list(b0["table_3_1"])
+        vals = [[f"{b[axis]}", f"{100 * np.mean(b['test_accuracy']):.1f}"]
+                + [f"{np.mean(b['table_3_1'][m]):.2f} ± {np.std(b['table_3_1'][m], ddof=1):.2f}" for m in methods]
+                for b in summary["budgets"]]
+        first = _table([axis, "test accuracy %"] + methods, vals)
+        digits, col_name = 2, "method"
+    elif summary["kind"] == "table3_2":
         methods, rfs = list(b0["table_3_2"]), list(next(iter(b0["table_3_2"].values())))
-        vals = [[f"{b['epochs']}", rf] + [f"{np.mean(b['table_3_2'][m][rf]):.3f} ± {np.std(b['table_3_2'][m][rf], ddof=1):.3f}"
+        vals = [[f"{b[axis]}", rf] + [f"{np.mean(b['table_3_2'][m][rf]):.3f} ± {np.std(b['table_3_2'][m][rf], ddof=1):.3f}"
                                           for m in methods] for b in summary["budgets"] for rf in rfs]
-        first = _table(["epochs", "RF"] + methods, vals)
+        first = _table([axis, "RF"] + methods, vals)
         digits, col_name = 3, "RF"
     else:
         orders = list(b0["score_per_seed"])
         methods = list(b0["score_per_seed"][orders[0]])
-        vals = [[f"{b['epochs']}", o.upper()] + [f"{np.mean(b['score_per_seed'][o][m]):.3f} ± "
+        vals = [[f"{b[axis]}", o.upper()] + [f"{np.mean(b['score_per_seed'][o][m]):.3f} ± "
                                                  f"{np.std(b['score_per_seed'][o][m], ddof=1):.3f}" for m in methods]
                 for b in summary["budgets"] for o in orders]
-        first = _table(["epochs", "order"] + methods, vals)
+        first = _table([axis, "order"] + methods, vals)
         digits, col_name = 3, "method"
-    names = [f"{b['epochs']} ep." for b in summary["budgets"]]
+    names = [f"{b[axis]}{unit}" for b in summary["budgets"]]
     rows = []
     for claim, cols in summary["trend"]["claims"].items():
         for col, t in cols.items():
             rows.append([claim.upper() if summary["kind"] == "road" else claim, col]
                         + [_cell(b["paired"][claim][col], digits) for b in summary["budgets"]]
                         + [f"{t['direction']} ({t['mean']:+.{digits}f}, t {t['t']:.2f})"])
-    header = (["claim" if summary["kind"] == "table3_2" else "order", col_name] + names
-              + [f"trend {summary['trend']['from_epochs']} → {summary['trend']['to_epochs']} ep."])
+    header = ({"table3_1": ["claim"], "table3_2": ["claim"], "road": ["order"]}[summary["kind"]] + [col_name] + names
+              + [f"trend {summary['trend'][f'from_{axis}']} → {summary['trend'][f'to_{axis}']}{unit}"])
     return first + "\n\n" + _table(header, rows)
 
 
@@ -126,6 +157,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="*", help="one run directory (or collected JSON) per budget, increasing epochs")
     p.add_argument("--kind", required=True, choices=sorted(KINDS))
+    p.add_argument("--axis", default="epochs", choices=AXES, help="what changes between the budgets")
     p.add_argument("--out", required=True, help="the summary JSON (numbers only)")
     p.add_argument("--markdown", action="store_true", help="only print the RESULTS tables of --out")
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
@@ -133,7 +165,7 @@ def main(argv=None) -> dict:
         with open(a.out) as f:
             summary = json.load(f)
     else:
-        summary = collect(a.runs, a.kind)
+        summary = collect(a.runs, a.kind, axis=a.axis)
         summary["command"] = "python -m experiments.budget_axis " + " ".join(sys.argv[1:] if argv is None else argv)
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out, "w") as f:

@@ -85,3 +85,31 @@ def test_road_axis_from_road_json_files(tmp_path):
     assert s["budgets"][0]["score_per_seed"]["morf"]["fullgrad"] == pytest.approx([0.4, 0.4, 0.4])
     md = budget_axis.markdown(s)
     assert "| 8 | LERF |" in md and "| LERF | random |" in md
+
+
+def _table3_1_run(tmp_path, width, edge, epochs=4):
+    """fullgrad_digits --digit-flip-only --seeds results: no abs flips ``edge * (1 + s/10)`` better than gradient."""
+    methods = ("gradient", "fullgrad", "fullgrad_noabs")
+    table = {m: [5.0 + s + (m == "fullgrad_noabs") * edge * (1 + s / 10) for s in range(3)] for m in methods}
+    paired = {m: paired_comparison(table["fullgrad_noabs"], table[m]).as_dict() for m in methods
+              if m != "fullgrad_noabs"}
+    d = tmp_path / f"df_w{width}_e{epochs}"
+    d.mkdir()
+    (d / "results_seeds.json").write_text(json.dumps(
+        {"epochs": epochs, "width": width, "seeds": [0, 1, 2], "test_accuracy": [0.98] * 3, "num_eights": [100] * 3,
+         "table_3_1": table, "table_3_1_paired_noabs": paired}))
+    return str(d)
+
+
+def test_table3_1_axis_over_width(tmp_path):
+    runs = [_table3_1_run(tmp_path, w, e) for w, e in ((0.125, 1.0), (0.25, 2.0), (0.5, 4.0))]
+    s = budget_axis.collect(runs, "table3_1", axis="width")
+    assert s["axis"] == "width" and s["width"] == [0.125, 0.25, 0.5]
+    t = s["trend"]["claims"]["fullgrad_noabs>"]["gradient"]
+    assert t["differences"] == pytest.approx([3.0, 3.3, 3.6]) and t["direction"] == "toward thesis"
+    md = budget_axis.markdown(s)
+    assert "| width | test accuracy % |" in md and "| 0.5 | 98.0 |" in md and "trend 0.125 → 0.5 |" in md
+    with pytest.raises(ValueError, match="increasing --epochs"):  # the default axis: epochs do not increase
+        budget_axis.collect(runs, "table3_1")
+    with pytest.raises(ValueError, match="must not change"):  # along width, epochs must be fixed
+        budget_axis.collect([runs[0], _table3_1_run(tmp_path, 0.5, 1.0, epochs=8)], "table3_1", axis="width")
