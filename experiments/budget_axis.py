@@ -63,7 +63,7 @@ def _budget_table3_1(raw: dict) -> dict:
         raise ValueError("a table3_1 budget needs fullgrad_digits --seeds (>= 2 seeds) with Table 3.1.")
     return {"epochs": raw["epochs"], "width": raw["width"], "seeds": raw["seeds"],
             "test_accuracy": raw["test_accuracy"], "num_eights": raw["num_eights"], "table_3_1": raw["table_3_1"],
-            "paired": {"fullgrad_noabs>": raw["table_3_1_paired_noabs"]}}
+            "paired": {"fullgrad_noabs vs": raw["table_3_1_paired_noabs"]}}
 
 
 def _budget_road(raw: dict) -> dict:

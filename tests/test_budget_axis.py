@@ -105,7 +105,7 @@ def test_table3_1_axis_over_width(tmp_path):
     runs = [_table3_1_run(tmp_path, w, e) for w, e in ((0.125, 1.0), (0.25, 2.0), (0.5, 4.0))]
     s = budget_axis.collect(runs, "table3_1", axis="width")
     assert s["axis"] == "width" and s["width"] == [0.125, 0.25, 0.5]
-    t = s["trend"]["claims"]["fullgrad_noabs>"]["gradient"]
+    t = s["trend"]["claims"]["fullgrad_noabs vs"]["gradient"]
     assert t["differences"] == pytest.approx([3.0, 3.3, 3.6]) and t["direction"] == "toward thesis"
     md = budget_axis.markdown(s)
     assert "| width | test accuracy % |" in md and "| 0.5 | 98.0 |" in md and "trend 0.125 → 0.5 |" in md

@@ -74,6 +74,7 @@ def test_table_3_1_budget_axis_matches_the_raw_runs():
 # ----------------------------------------------------------------- Table 3.2 and ROAD over budgets (issue 25)
 
 @pytest.mark.parametrize("name,kind,heading", [
+    ("ch3_table3_1_width", "table3_1", "Table 3.1 over classifier width"),
     ("ch3_table3_2_budgets", "table3_2", "Table 3.2 over training budgets"),
     ("ch3_road_budgets", "road", "ROAD over training budgets")])
 def test_budget_axes_are_self_consistent_and_generate_the_results_tables(name, kind, heading):
@@ -82,12 +83,15 @@ def test_budget_axes_are_self_consistent_and_generate_the_results_tables(name, k
     from experiments import budget_axis
 
     raw = results_json(name)
+    axis = raw.get("axis", "epochs")
     assert raw["kind"] == kind and len(raw["budgets"]) >= 3 and len(raw["seeds"]) >= 3
-    assert raw["epochs"] == sorted(raw["epochs"]) and len(set(raw["epochs"])) == len(raw["epochs"])
+    assert raw[axis] == sorted(raw[axis]) and len(set(raw[axis])) == len(raw[axis])
     for b in raw["budgets"]:
         for claim, cols in b["paired"].items():
             for col, p in cols.items():
-                if kind == "table3_2":
+                if kind == "table3_1":  # FullGrad (no abs) minus the method: a>b = no abs flips better
+                    want = paired_comparison(b["table_3_1"]["fullgrad_noabs"], b["table_3_1"][col])
+                elif kind == "table3_2":
                     a, c = claim.split("<")
                     want = paired_comparison(b["table_3_2"][c][col], b["table_3_2"][a][col])  # b - a: thesis order
                 else:
