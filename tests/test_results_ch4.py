@@ -15,7 +15,8 @@ import pytest
 from experiments import gradient_angle as GA
 from experiments import scale_sweep
 from gradjax.statistics import paired_comparison
-from tests.results_check import assert_reported, results_json, section
+from tests.results_check import (assert_reported, assert_sweep_self_consistent, assert_sweep_tables_in,
+                                 results_json, section)
 
 T41 = "ch4_table4_1_sweep"
 T41_HEADING = "Table 4.1 — budget sweep with paired statistics"
@@ -40,35 +41,14 @@ def _same_pc(pc, stored):
 
 
 def test_table4_1_sweep_is_self_consistent(t41):
-    assert t41["script"] == "distill_fullgrad"
-    assert len(t41["budgets"]) >= 3, "a scale axis needs >= 3 budgets"
+    assert_sweep_self_consistent(t41, "distill_fullgrad")
     steps = [b["student_steps"] for b in t41["budgets"].values()]
     assert all(len(s) == 1 for s in steps) and [s[0] for s in steps] == sorted({s[0] for s in steps})
-    for name, b in t41["budgets"].items():
-        for claim in t41["claims"]:
-            a_row, b_row = claim.split(">")
-            for col, stored in b["paired"][claim].items():
-                a = np.asarray(b["accuracy"][a_row][col]["runs"]) * 100
-                c = np.asarray(b["accuracy"][b_row][col]["runs"]) * 100
-                assert len(a) == len(c) >= 3, f"{name} {claim} n={col}: needs >= 3 paired seeds"
-                _same_pc(paired_comparison(a, c), stored)
-        for row in b["accuracy"].values():
-            for cell in row.values():
-                assert cell["mean"] == pytest.approx(np.mean(cell["runs"]), abs=1e-12)
-                assert cell["std"] == pytest.approx(np.std(cell["runs"], ddof=1), abs=1e-12)  # sample std
-    first, last = list(t41["budgets"])[0], list(t41["budgets"])[-1]
-    assert (t41["trend"]["from"], t41["trend"]["to"]) == (first, last)
-    for claim, cols in t41["trend"]["claims"].items():
-        for col, t in cols.items():
-            again = scale_sweep.trend(t41["budgets"][first]["paired"][claim][col],
-                                      t41["budgets"][last]["paired"][claim][col])
-            assert again["direction"] == t["direction"] and again["mean"] == pytest.approx(t["mean"])
 
 
 def test_table4_1_results_are_generated_from_the_sweep_file(t41):
     text = section(T41_HEADING)
-    for line in scale_sweep.markdown(t41).splitlines():
-        assert line in text, f"RESULTS lacks the generated line: {line}"
+    assert_sweep_tables_in(text, t41)
     teacher = {b["teacher_accuracy"] for b in t41["budgets"].values()}
     assert len(teacher) == 1, "every budget distils from the same (cached) teacher"
     assert_reported(text, 100 * teacher.pop(), 2, what="the teacher's accuracy")
