@@ -96,11 +96,12 @@ def collect(paths: Sequence[str], kind: str, *, axis: str = "epochs") -> dict:
     if any(s != seeds[0] for s in seeds):
         raise ValueError(f"every budget must use the same seeds (paired over budgets); got {seeds}.")
     first, last = budgets[0]["paired"], budgets[-1]["paired"]
-    trend = {claim: {col: {**paired_comparison(last[claim][col]["differences"],
-                                               first[claim][col]["differences"]).as_dict(),
-                           "direction": DIRECTION[paired_comparison(last[claim][col]["differences"],
-                                                                    first[claim][col]["differences"]).verdict]}
-                     for col in last[claim]} for claim in last}
+
+    def trend_of(claim: str, col: str) -> dict:
+        pc = paired_comparison(last[claim][col]["differences"], first[claim][col]["differences"])
+        return {**pc.as_dict(), "direction": DIRECTION[pc.verdict]}
+
+    trend = {claim: {col: trend_of(claim, col) for col in last[claim]} for claim in last}
     return {"kind": kind, "axis": axis, "sources": list(paths), axis: epochs, "seeds": seeds[0], "budgets": budgets,
             "trend": {f"from_{axis}": epochs[0], f"to_{axis}": epochs[-1], "claims": trend}}
 
@@ -108,6 +109,11 @@ def collect(paths: Sequence[str], kind: str, *, axis: str = "epochs") -> dict:
 def _table(header, rows) -> str:
     return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
                      + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
+
+
+def _mean_std(values, digits: int) -> str:
+    """``"mean ± sample std"`` of per-seed values."""
+    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
 
 
 def _cell(p: dict, digits: int) -> str:
@@ -123,21 +129,20 @@ def markdown(summary: dict) -> str:
     if summary["kind"] == "table3_1":
         methods = list(b0["table_3_1"])
         vals = [[f"{b[axis]}", f"{100 * np.mean(b['test_accuracy']):.1f}"]
-                + [f"{np.mean(b['table_3_1'][m]):.2f} ± {np.std(b['table_3_1'][m], ddof=1):.2f}" for m in methods]
+                + [_mean_std(b["table_3_1"][m], 2) for m in methods]
                 for b in summary["budgets"]]
         first = _table([axis, "test accuracy %"] + methods, vals)
         digits, col_name = 2, "method"
     elif summary["kind"] == "table3_2":
         methods, rfs = list(b0["table_3_2"]), list(next(iter(b0["table_3_2"].values())))
-        vals = [[f"{b[axis]}", rf] + [f"{np.mean(b['table_3_2'][m][rf]):.3f} ± {np.std(b['table_3_2'][m][rf], ddof=1):.3f}"
-                                          for m in methods] for b in summary["budgets"] for rf in rfs]
+        vals = [[f"{b[axis]}", rf] + [_mean_std(b["table_3_2"][m][rf], 3) for m in methods]
+                for b in summary["budgets"] for rf in rfs]
         first = _table([axis, "RF"] + methods, vals)
         digits, col_name = 3, "RF"
     else:
         orders = list(b0["score_per_seed"])
         methods = list(b0["score_per_seed"][orders[0]])
-        vals = [[f"{b[axis]}", o.upper()] + [f"{np.mean(b['score_per_seed'][o][m]):.3f} ± "
-                                                 f"{np.std(b['score_per_seed'][o][m], ddof=1):.3f}" for m in methods]
+        vals = [[f"{b[axis]}", o.upper()] + [_mean_std(b["score_per_seed"][o][m], 3) for m in methods]
                 for b in summary["budgets"] for o in orders]
         first = _table([axis, "order"] + methods, vals)
         digits, col_name = 3, "method"
