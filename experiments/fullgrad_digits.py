@@ -163,7 +163,7 @@ def run(args) -> dict:
     maps: dict[str, np.ndarray] = {}
     timings: dict[str, float] = {}
     curves, table32 = {}, {}
-    pp_only = getattr(args, "pixel_perturbation_only", False)
+    pp_only = args.pixel_perturbation_only
     # --pixel-perturbation-only: just the methods whose maps Table 3.2's rows reuse as they are
     needed = {m for m, o in TABLE_ROWS.values() if not o} if pp_only else set(saliency.SALIENCY_METHODS)
     if not args.digit_flip_only:
